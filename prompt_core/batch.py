@@ -115,11 +115,11 @@ def build_prefill(plans: list[RowPlan], tok_start: list[int], virtual: list[torc
 
 
 def build_decode(ids: torch.Tensor, prefix: torch.Tensor, tok_start: torch.Tensor, lengths: torch.Tensor,
-                 dtype: torch.dtype) -> StepInputs:
-    """One new token per row, written at slot `lengths` (all tensors [n], on the device; no Python per row)."""
+                 kv_len: int, dtype: torch.dtype) -> StepInputs:
+    """One new token per row, written at slot `lengths` (all tensors [n], on the device; no Python per row).
+    kv_len: max(lengths) + 1, passed in by the caller, who knows it without a device sync."""
     slots = lengths[:, None]                                          # [n, 1]
     positions = prefix[:, None] + (slots - tok_start[:, None])        # [n, 1]
-    kv_len = int(lengths.max()) + 1
     mask = attention_mask(prefix, tok_start, tok_start[:, None], tok_start[:, None], slots, kv_len, dtype)
     return StepInputs(ids=ids[:, None], virt=torch.full_like(slots, -1), virtual_table=None,
                       positions=positions, slots=slots, mask=mask)

@@ -1,0 +1,247 @@
+"""The engine: add requests, then `step()` until they finish. One step = admit, prefill the newcomers, decode all.
+
+Not thread-safe by itself: AsyncEngine drives it from one thread. `make_sequence` (validation and tokenization) is
+safe to call from any thread, so bad input fails in the caller before it reaches the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prompt_core.layout import plan_row
+from prompt_core.model import LoadedModel
+from prompt_core.spec import PromptTensors
+
+from .model_runner import ModelRunner
+from .request import (EngineRequest, InputTooLong, InvalidRequest, RequestOutput, Sequence)
+from .scheduler import Scheduler, SchedulerConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 64        # rows decoded together
+    max_prefill_tokens: int = 4096  # queries admitted into one prefill
+    max_input_tokens: int = 2048    # prompt tokens of one request (template, virtual tokens and input)
+    max_new_tokens: int = 1024      # the largest max_new_tokens a request may ask for
+    tenant_weights: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_prefill_tokens", "max_input_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+
+
+class EngineObserver(Protocol):
+    def step_done(self, batch_size: int, running: int, waiting: int) -> None: ...
+    def request_finished(self, out: RequestOutput, tenant: str, task_key: str) -> None: ...
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None,
+                 observer: EngineObserver | None = None):
+        self.config = config or EngineConfig()
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.observer = observer
+        self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, self.config.max_batch_size)
+        self.scheduler = Scheduler(SchedulerConfig(self.config.max_batch_size, self.config.max_prefill_tokens,
+                                                   dict(self.config.tenant_weights)))
+        eos = loaded.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self._tok_lock = threading.Lock()
+        self._labels: dict[str, list[list[int]]] = {}  # verbalizer tokens per prompt key
+
+    # ---- requests in
+    def make_sequence(self, req: EngineRequest) -> Sequence:
+        """Validate and tokenize a request. Raises InvalidRequest / InputTooLong for bad input."""
+        spec = req.prompt.spec
+        if req.mode == "classify" and not spec.labels:
+            raise InvalidRequest(f"task {req.prompt.key} has no labels, so it cannot classify")
+        if req.sampling.max_new_tokens > self.config.max_new_tokens:
+            raise InputTooLong(f"max_new_tokens is {req.sampling.max_new_tokens}; this server allows at most "
+                               f"{self.config.max_new_tokens}")
+        if len(req.text) > 32 * self.config.max_input_tokens:  # cheap bound before tokenizing a huge text
+            raise InputTooLong(f"input has {len(req.text)} characters; the limit is {self.config.max_input_tokens} tokens")
+        with self._tok_lock:
+            labels = None
+            if req.mode == "classify":
+                labels = self._labels.get(req.prompt.key)
+                if labels is None:
+                    labels = [self.tokenizer(lab.verbalizer, add_special_tokens=False)["input_ids"] for lab in spec.labels]
+                    self._labels[req.prompt.key] = labels
+            try:
+                plan = plan_row(spec, self.tokenizer, req.text, with_labels=req.mode == "classify", label_ids=labels)
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
+        if plan.num_tokens > self.config.max_input_tokens:
+            raise InputTooLong(f"the prompt has {plan.num_tokens} tokens; the limit is {self.config.max_input_tokens}")
+        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
+        return Sequence(request=req, plan=plan, seed=seed, read_offset=0)
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def add_request(self, req: EngineRequest) -> Sequence:
+        seq = self.make_sequence(req)
+        self.add(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Cancel a request; it leaves the batch at the next step."""
+        seq.cancelled = True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- the step
+    def step(self) -> list[RequestOutput]:
+        outputs = self._reap_cancelled()
+        admitted = self.scheduler.schedule()
+        if admitted:
+            outputs += self._prefill(admitted)
+        if self.runner.num_rows:
+            outputs += self._decode()
+        if self.observer:
+            self.observer.step_done(self.runner.num_rows, self.scheduler.num_running, self.scheduler.num_waiting)
+        return outputs
+
+    def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        now = time.monotonic()
+        for s in seqs:
+            s.scheduled_at = now
+        ready, outputs = [], []
+        tensors: list[PromptTensors | None] = []
+        for s in seqs:  # a prompt that fails to load fails its own request only
+            try:
+                tensors.append(s.request.prompt.load())
+                ready.append(s)
+            except Exception as e:  # noqa: BLE001 - reported to that request
+                log.warning("prompt %s failed to load: %s", s.request.prompt.key, e)
+                outputs.append(self._finish(s, "error", error=f"task prompt could not be loaded: {e}"))
+        results = self._run_prefill(ready, tensors, outputs)
+        for s, res in results:
+            if s.is_classify:
+                outputs.append(self._classified(s, res))
+            else:
+                outputs.append(self._append_token(s, res))
+        self._release_finished(s for s, _ in results)
+        return outputs
+
+    def _run_prefill(self, seqs, tensors, outputs) -> list[tuple[Sequence, object]]:
+        """Prefill together; if the batch fails, retry one by one so a bad request fails alone."""
+        if not seqs:
+            return []
+        try:
+            return list(zip(seqs, self.runner.prefill(seqs, tensors)))
+        except Exception as e:  # noqa: BLE001
+            if len(seqs) == 1:
+                log.exception("prefill failed for %s", seqs[0].request_id)
+                outputs.append(self._finish(seqs[0], "error", error=f"internal error: {type(e).__name__}"))
+                return []
+            return [r for s, t in zip(seqs, tensors) for r in self._run_prefill([s], [t], outputs)]
+
+    def _decode(self) -> list[RequestOutput]:
+        seqs = list(self.runner.seqs)
+        kv_len = max(s.plan.prefix + s.plan.num_tokens + len(s.output_ids) for s in seqs)
+        try:
+            tokens = self.runner.decode(kv_len)
+        except Exception as e:  # noqa: BLE001 - the batch state is unknown: end its requests, keep serving
+            log.exception("decode step failed")
+            outputs = [self._finish(s, "error", error=f"internal error: {type(e).__name__}") for s in seqs]
+            self.runner.release(seqs)
+            return outputs
+        outputs = [self._append_token(s, t) for s, t in zip(seqs, tokens)]
+        self._release_finished(seqs)
+        return outputs
+
+    # ---- post-processing
+    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        self.scheduler.charge_output(seq)
+        sampling = seq.request.sampling
+        if token in self.eos_ids:
+            return self._finish(seq, "stop")
+        seq.output_ids.append(token)
+        delta = self._detokenize(seq)
+        if sampling.stop:
+            window = max(map(len, sampling.stop)) + len(delta)
+            start = max(0, len(seq.text) - window)
+            hits = [i for i in (seq.text.find(stop, start) for stop in sampling.stop) if i >= 0]
+            if hits:
+                cut = min(hits)
+                delta = delta[: max(0, len(delta) - (len(seq.text) - cut))]
+                seq.text = seq.text[:cut]
+                return self._finish(seq, "stop", new_tokens=[token], new_text=delta, truncated=True)
+        if len(seq.output_ids) >= sampling.max_new_tokens:
+            return self._finish(seq, "length", new_tokens=[token], new_text=delta)
+        return RequestOutput(seq.request_id, [token], delta, finished=False)
+
+    def _detokenize(self, seq: Sequence) -> str:
+        """Incremental detokenization: only text that can no longer change is emitted (no split characters)."""
+        with self._tok_lock:
+            prefix = self.tokenizer.decode(seq.output_ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+            full = self.tokenizer.decode(seq.output_ids[seq.prefix_offset:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.output_ids)
+            seq.text += delta
+            return delta
+        return ""
+
+    def _classified(self, seq: Sequence, scores: list[float]) -> RequestOutput:
+        top = max(scores)
+        exp = [math.exp(s - top) for s in scores]
+        total = sum(exp)
+        seq.label_scores = scores
+        out = self._finish(seq, "stop")
+        out.labels = [lab.name for lab in seq.request.prompt.spec.labels]
+        out.label_probs = [e / total for e in exp]
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, *, error: str | None = None, new_tokens: list[int] | None = None,
+                new_text: str = "", truncated: bool = False) -> RequestOutput:
+        seq.finish_reason, seq.error = reason, error
+        if seq.output_ids and not truncated:  # flush text held back for a split character
+            with self._tok_lock:
+                full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if full.startswith(seq.text) and len(full) > len(seq.text):
+                new_text += full[len(seq.text):]
+                seq.text = full
+        now = time.monotonic()
+        out = RequestOutput(seq.request_id, new_tokens or [], new_text, finished=True, finish_reason=reason,
+                            text=seq.text, prompt_tokens=seq.prompt_tokens, completion_tokens=len(seq.output_ids),
+                            error=error,
+                            queue_wait_s=(seq.scheduled_at or now) - seq.arrival,
+                            ttft_s=(seq.first_token_at - seq.arrival) if seq.first_token_at else None)
+        if self.observer:
+            self.observer.request_finished(out, seq.tenant, seq.request.prompt.key)
+        return out
+
+    def _release_finished(self, seqs) -> None:
+        done = [s for s in seqs if s.finish_reason is not None]
+        if done:
+            self.runner.release(done)
+            self.scheduler.finish(done)
+
+    def _reap_cancelled(self) -> list[RequestOutput]:
+        outputs = []
+        for queue in self.scheduler.waiting.values():
+            for s in [s for s in queue if s.cancelled]:
+                queue.remove(s)
+                outputs.append(self._finish(s, "cancelled"))
+        running = [s for s in self.scheduler.running if s.cancelled]
+        for s in running:
+            outputs.append(self._finish(s, "cancelled"))
+        self._release_finished(running)
+        return outputs

@@ -1,0 +1,79 @@
+"""A slot cache: one preallocated key/value buffer per layer, one row per running request.
+
+Rows stay compact (0..n-1), so a decode step reads a view of the buffer instead of concatenating or filtering the
+whole cache. Each row holds its prefix key/values in slots [0, P) and its tokens from slot P on. Buffers grow by
+doubling, so memory follows the real batch and lengths rather than the configured maxima.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class SlotCache(Cache):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(layers=[])
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.dtype, self.device = dtype, device
+        self.keys: list[torch.Tensor] = []    # per layer [rows, H_kv, slots, Dh]
+        self.values: list[torch.Tensor] = []
+        self._alloc(8, 256)
+        # set by `prepare` before each forward
+        self._rows: slice | torch.Tensor = slice(0, 0)
+        self._slots: torch.Tensor | None = None
+        self._kv_len = 0
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return self.keys[0].shape[0], self.keys[0].shape[2]
+
+    def _alloc(self, rows: int, slots: int) -> None:
+        shape = (rows, self.kv_heads, slots, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+        for old, new in ((self.keys, new_k), (self.values, new_v)):
+            for o, n in zip(old, new):
+                n[: o.shape[0], :, : o.shape[2]] = o
+        self.keys, self.values = new_k, new_v
+
+    def ensure(self, rows: int, slots: int) -> None:
+        have_rows, have_slots = self.capacity
+        if rows <= have_rows and slots <= have_slots:
+            return
+        grow = lambda have, need: have if need <= have else max(need, 2 * have)  # noqa: E731
+        self._alloc(grow(have_rows, rows), grow(have_slots, slots))
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def prepare(self, rows: slice, slots: torch.Tensor, kv_len: int) -> None:
+        """The next forward runs rows `rows` (a contiguous range), writing its queries at `slots` [n, Q] and
+        attending over the first `kv_len` slots."""
+        self._rows, self._slots, self._kv_len = rows, slots, kv_len
+
+    def write_prefix(self, row: int, prefix: torch.Tensor) -> None:
+        """Copy a prefix [L, 2, H_kv, T, Dh] into slots [0, T) of a row."""
+        T = prefix.shape[3]
+        for layer in range(self.num_layers):
+            self.keys[layer][row, :, :T] = prefix[layer, 0]
+            self.values[layer][row, :, :T] = prefix[layer, 1]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        for buf in self.keys + self.values:
+            buf[dst, :, :length] = buf[src, :, :length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write this step's keys/values [n, H_kv, Q, Dh] at their slots; return the rows' first kv_len slots."""
+        k, v = self.keys[layer_idx][self._rows], self.values[layer_idx][self._rows]     # views [n, H, S, Dh]
+        n = key_states.shape[0]
+        row_idx = torch.arange(n, device=key_states.device)[:, None]                     # [n, 1]
+        k[row_idx, :, self._slots] = key_states.transpose(1, 2).to(self.dtype)          # [n, Q, H, Dh]
+        v[row_idx, :, self._slots] = value_states.transpose(1, 2).to(self.dtype)
+        return k[:, :, : self._kv_len], v[:, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._kv_len, 0

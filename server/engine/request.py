@@ -1,0 +1,156 @@
+"""Requests as the engine sees them: what to run, with which prompt, and how to sample. No torch here."""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+from prompt_core.layout import RowPlan
+from prompt_core.spec import PromptSpec, PromptTensors
+
+
+class EngineError(Exception):
+    """Base of the errors the engine reports to callers."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """Bad input from a user (HTTP 422)."""
+
+
+class InputTooLong(InvalidRequest):
+    """The prompt plus the requested tokens do not fit the configured limits (HTTP 413)."""
+
+
+class EngineOverloaded(EngineError):
+    """The global queue is full (HTTP 503)."""
+
+
+class EngineStopped(EngineError):
+    """The engine is shutting down or its loop died (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding. temperature 0 means greedy; a seed makes sampling reproducible."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise InvalidRequest(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed!r}")
+        if any(not s for s in self.stop):
+            raise InvalidRequest("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class PromptRef:
+    """A task prompt as the engine needs it. `load` returns device-ready tensors (None for a hard prompt); it is
+    called at prefill only, since after prefill a row's virtual tokens and prefix live in its cache."""
+    key: str  # unique per content, e.g. "sentiment@3"
+    spec: PromptSpec
+    load: Callable[[], PromptTensors | None] = lambda: None
+
+
+Mode = Literal["generate", "classify"]
+
+
+@dataclass
+class EngineRequest:
+    request_id: str
+    prompt: PromptRef
+    text: str
+    mode: Mode = "generate"
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    tenant: str = "default"
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """Engine state of one request."""
+    request: EngineRequest
+    plan: RowPlan
+    status: Status = Status.WAITING
+    row: int = -1                          # row in the model runner's batch while running
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None       # "stop", "length", "cancelled", "error"
+    error: str | None = None
+    label_scores: list[float] | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    cancelled: bool = False
+    seed: int = 0                          # the sampling seed in use (drawn at random when none was given)
+    # incremental detokenization offsets (see LLMEngine._detokenize)
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def is_classify(self) -> bool:
+        return self.request.mode == "classify"
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Real and virtual input tokens (prefix slots not counted)."""
+        return self.plan.num_tokens
+
+    @property
+    def kv_extent(self) -> int:
+        """Cache slots this sequence's row uses now (an upper bound)."""
+        return self.plan.prefix + self.plan.num_queries + len(self.output_ids)
+
+    @property
+    def cost_tokens(self) -> int:
+        """Queries the prefill computes: the prompt plus any label tokens."""
+        return self.plan.num_queries
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step produced for one request (a delta, plus the final state once finished)."""
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    text: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    labels: list[str] | None = None
+    label_probs: list[float] | None = None
+    error: str | None = None
+    queue_wait_s: float | None = None
+    ttft_s: float | None = None

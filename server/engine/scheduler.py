@@ -1,0 +1,101 @@
+"""Which waiting requests join the batch at the next step. Pure Python: the scheduler never touches tensors.
+
+Tenants share batch capacity by weighted virtual-token counters (S-LoRA's VTC): admitting a request charges its
+tenant for input tokens, each generated token charges it again, and the next admission goes to the waiting tenant
+with the smallest counter. A tenant that returns from idle starts at the smallest active counter, so it cannot bank
+credit, and a flooding tenant cannot starve a light one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .request import Sequence, Status
+
+
+@dataclass
+class SchedulerConfig:
+    max_batch_size: int = 64         # running rows
+    max_prefill_tokens: int = 4096   # queries admitted into one prefill (at least one request always fits)
+    tenant_weights: dict[str, float] = field(default_factory=dict)
+    input_cost: float = 1.0
+    output_cost: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
+            raise ValueError("max_batch_size and max_prefill_tokens must be positive")
+        if any(w <= 0 for w in self.tenant_weights.values()):
+            raise ValueError("tenant weights must be positive")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.waiting: dict[str, deque[Sequence]] = {}
+        self.running: list[Sequence] = []
+        self.counters: dict[str, float] = {}
+
+    @property
+    def num_waiting(self) -> int:
+        return sum(len(q) for q in self.waiting.values())
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_work(self) -> bool:
+        return bool(self.running) or any(self.waiting.values())
+
+    def _weight(self, tenant: str) -> float:
+        return self.config.tenant_weights.get(tenant, 1.0)
+
+    def _active_tenants(self) -> set[str]:
+        return {t for t, q in self.waiting.items() if q} | {s.tenant for s in self.running}
+
+    def add(self, seq: Sequence) -> None:
+        tenant = seq.tenant
+        active = self._active_tenants()
+        if tenant not in active:
+            floor = min((self.counters.get(t, 0.0) for t in active), default=0.0)
+            self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
+        self.waiting.setdefault(tenant, deque()).append(seq)
+
+    def remove_waiting(self, seq: Sequence) -> bool:
+        queue = self.waiting.get(seq.tenant)
+        if queue and seq in queue:
+            queue.remove(seq)
+            return True
+        return False
+
+    def schedule(self) -> list[Sequence]:
+        """Admit waiting sequences, fairest tenant first, within the batch-size and prefill-token limits."""
+        admitted: list[Sequence] = []
+        tokens = 0
+        while len(self.running) + len(admitted) < self.config.max_batch_size:
+            candidates = [t for t, q in self.waiting.items() if q]
+            if not candidates:
+                break
+            tenant = min(candidates, key=lambda t: self.counters.get(t, 0.0))
+            seq = self.waiting[tenant][0]
+            if admitted and tokens + seq.cost_tokens > self.config.max_prefill_tokens:
+                break  # it stays at the head of its queue for the next step
+            self.waiting[tenant].popleft()
+            admitted.append(seq)
+            tokens += seq.cost_tokens
+            self.counters[tenant] = self.counters.get(tenant, 0.0) + \
+                self.config.input_cost * seq.cost_tokens / self._weight(tenant)
+        for seq in admitted:
+            seq.status = Status.RUNNING
+        self.running.extend(admitted)
+        return admitted
+
+    def charge_output(self, seq: Sequence, tokens: int = 1) -> None:
+        self.counters[seq.tenant] = self.counters.get(seq.tenant, 0.0) + \
+            self.config.output_cost * tokens / self._weight(seq.tenant)
+
+    def finish(self, seqs: list[Sequence]) -> None:
+        done = {id(s) for s in seqs}
+        self.running = [s for s in self.running if id(s) not in done]
+        for s in seqs:
+            s.status = Status.FINISHED
