@@ -31,6 +31,7 @@ class ModelRunner:
         self.prefix, self.tok_start, self.lengths, self.last_token = long(), long(), long(), long()
         self.temperature, self.top_p = real(), real()
         self.top_k, self.seed, self.step = long(), long(), long()
+        self.trace: dict[str, list[torch.Tensor]] | None = None  # request id -> logits per step (tests, debugging)
         self._row_state = [self.prefix, self.tok_start, self.lengths, self.last_token, self.temperature,
                            self.top_p, self.top_k, self.seed, self.step]
 
@@ -63,6 +64,7 @@ class ModelRunner:
             gi = torch.tensor(gen, device=self.device)
             logits = F.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
             r = rows[gi]
+            self._record(logits, [seqs[i] for i in gen])
             toks = sample(logits, self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r], self.step[r])
             self.last_token[r] = toks
             self.step[r] += 1
@@ -96,12 +98,19 @@ class ModelRunner:
         self.cache.prepare(slice(0, n), step.slots, kv_len)
         hidden = F.hidden_states(self.model, step, self.cache)                     # [n, 1, D]
         logits = F.logits(self.model, hidden[:, 0])                                # [n, V]
+        self._record(logits, self.seqs)
         toks = sample(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n], self.step[:n])
         self.lengths[:n] += 1
         self.step[:n] += 1
         self.last_token[:n] = toks
         return toks.tolist()
 
+    def _record(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        if self.trace is not None:
+            for row, s in zip(logits.cpu(), seqs):
+                self.trace.setdefault(s.request_id, []).append(row)
+
+    @torch.inference_mode()
     def release(self, seqs: list[Sequence]) -> None:
         """Free the rows of finished sequences, keeping rows compact by moving the last row into each hole."""
         for row in sorted((s.row for s in seqs if 0 <= s.row < self.num_rows), reverse=True):
