@@ -207,7 +207,8 @@ def extract_archive(data: bytes | BinaryIO | Path, dest_parent: Path, *, filenam
             root = content_root(tmp)
             detect_layout(root)
             return tmp, root
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, OSError,
+                NotImplementedError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise InvalidPrompt(f"archive {filename!r} is corrupt or truncated: {type(e).__name__}: {e}") from None
         except BaseException:

@@ -142,7 +142,8 @@ def tensors_to_dict(spec: PromptSpec, tensors: PromptTensors | None) -> dict[str
     return {want: t.detach().to(device="cpu", dtype=torch.float32).contiguous()}
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes) -> None:
+    """Write and fsync, so a later rename publishes complete bytes."""
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
@@ -168,8 +169,8 @@ def write_artifact(directory: Path, manifest: TaskManifest, tensors: PromptTenso
     manifest = replace(manifest, tensors_sha256=sha)
     manifest.check()
     if blob is not None:
-        _fsync_write(directory / TENSORS_NAME, blob)
-    _fsync_write(directory / MANIFEST_NAME, (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        write_durably(directory / TENSORS_NAME, blob)
+    write_durably(directory / MANIFEST_NAME, (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
     return manifest
 
 

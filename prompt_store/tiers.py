@@ -1,0 +1,202 @@
+"""Lazy tensor loading through three tiers: disk -> host memory -> device, each an LRU with a byte budget.
+
+Why: 10,000+ tasks cannot all live on the accelerator, but a hot set must be there without a disk read per request.
+Entries are keyed by `id@version` plus the sha256 of the tensor file, so an evicted and reloaded entry is always the
+same bytes and a re-upload can never be confused with its predecessor. Device entries are in the model's dtype and
+the engine's layout (virtual [T, D], prefix [L, 2, H_kv, T, Dh]).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Hashable
+
+import torch
+
+from prompt_core.spec import PromptTensors
+
+TierKey = tuple[str, str]  # (id@version, tensors sha256)
+
+
+@dataclass
+class TierStats:
+    """Counters exported as metrics (the API turns these into Prometheus gauges/counters)."""
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    resident_bytes: int = 0
+    budget_bytes: int = 0
+    entries: int = 0
+    pinned: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Entry:
+    value: PromptTensors
+    nbytes: int
+    pinned: bool = False
+
+
+@dataclass
+class LRUTier:
+    """An LRU with a byte budget. Pinned entries are never evicted (and still count toward the budget).
+
+    Not thread-safe by itself; TierCache holds the lock."""
+    name: str
+    budget_bytes: int
+    entries: "OrderedDict[Hashable, _Entry]" = field(default_factory=OrderedDict)
+    stats: TierStats = field(default_factory=TierStats)
+
+    def __post_init__(self) -> None:
+        self.stats.budget_bytes = self.budget_bytes
+
+    def get(self, key: Hashable) -> PromptTensors | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            self.stats.misses += 1
+            return None
+        self.entries.move_to_end(key)
+        self.stats.hits += 1
+        return entry.value
+
+    def put(self, key: Hashable, value: PromptTensors, pinned: bool = False) -> bool:
+        """Insert, evicting least-recently-used unpinned entries until it fits. Returns False (not cached) if it
+        cannot fit even after evicting everything unpinned."""
+        nbytes = value.nbytes
+        old = self.entries.pop(key, None)
+        if old is not None:
+            self.stats.resident_bytes -= old.nbytes
+            pinned = pinned or old.pinned
+        if nbytes > self.budget_bytes and not pinned:
+            self._sync()
+            return False
+        for victim in [k for k, e in self.entries.items() if not e.pinned]:
+            if self.stats.resident_bytes + nbytes <= self.budget_bytes:
+                break
+            self.stats.resident_bytes -= self.entries.pop(victim).nbytes
+            self.stats.evictions += 1
+        if self.stats.resident_bytes + nbytes > self.budget_bytes and not pinned:
+            self._sync()
+            return False
+        self.entries[key] = _Entry(value, nbytes, pinned)
+        self.stats.resident_bytes += nbytes
+        self._sync()
+        return True
+
+    def set_pinned(self, key: Hashable, pinned: bool) -> bool:
+        entry = self.entries.get(key)
+        if entry is None:
+            return False
+        entry.pinned = pinned
+        self._sync()
+        return True
+
+    def discard(self, match: Callable[[Hashable], bool]) -> int:
+        """Drop every entry whose key matches (a deleted task); not counted as evictions."""
+        gone = [k for k in self.entries if match(k)]
+        for k in gone:
+            self.stats.resident_bytes -= self.entries.pop(k).nbytes
+        self._sync()
+        return len(gone)
+
+    def _sync(self) -> None:
+        self.stats.entries = len(self.entries)
+        self.stats.pinned = sum(1 for e in self.entries.values() if e.pinned)
+
+
+@dataclass
+class DiskStats:
+    """The disk tier is the store itself: it never evicts, so its counters are reads, bytes read and failures."""
+    reads: int = 0
+    bytes_read: int = 0
+    errors: int = 0
+    resident_bytes: int = 0  # tensor bytes of all live tasks on disk (set by the store)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class TierCache:
+    """disk -> host -> device. `get(key, load)` returns device-ready tensors, loading through the tiers as needed.
+
+    load(key) must return fp32 CPU tensors read from disk and checked against the sha256 in the key."""
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 host_budget_bytes: int = 1 << 30, device_budget_bytes: int = 256 << 20) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.host = LRUTier("host", host_budget_bytes)
+        self.dev = LRUTier("device", device_budget_bytes)
+        self.disk = DiskStats()
+        self._pins: set[TierKey] = set()
+        self._lock = threading.Lock()
+        self._pin_memory = self.device.type == "cuda"
+
+    def get(self, key: TierKey, load: Callable[[TierKey], PromptTensors]) -> PromptTensors:
+        with self._lock:
+            hit = self.dev.get(key)
+            if hit is not None:
+                return hit
+            host = self.host.get(key)
+        if host is None:
+            try:
+                fresh = load(key)
+            except Exception:
+                with self._lock:
+                    self.disk.errors += 1
+                raise
+            host = self._to_host(fresh)                                     # model dtype, CPU (pinned on CUDA)
+            with self._lock:
+                self.disk.reads += 1
+                self.disk.bytes_read += fresh.nbytes
+                self.host.put(key, host, pinned=key in self._pins)
+        on_device = host.to(self.device, self.dtype)                          # shares storage on CPU
+        with self._lock:
+            self.dev.put(key, on_device, pinned=key in self._pins)
+        return on_device
+
+    def _to_host(self, t: PromptTensors) -> PromptTensors:
+        host = t.to("cpu", self.dtype)
+        if self._pin_memory:
+            host = PromptTensors(*(None if x is None else x.pin_memory() for x in (host.virtual, host.prefix)))
+        return host
+
+    def pin(self, key: TierKey, load: Callable[[TierKey], PromptTensors] | None = None) -> None:
+        """Keep this entry resident in host and device tiers (loading it now if `load` is given)."""
+        with self._lock:
+            self._pins.add(key)
+            self.host.set_pinned(key, True)
+            self.dev.set_pinned(key, True)
+        if load is not None:
+            self.get(key, load)
+
+    def unpin(self, key: TierKey) -> None:
+        with self._lock:
+            self._pins.discard(key)
+            self.host.set_pinned(key, False)
+            self.dev.set_pinned(key, False)
+
+    def preload(self, keys: list[TierKey], load: Callable[[TierKey], PromptTensors]) -> int:
+        """Warm the tiers (e.g. a configured hot list at start-up); returns how many loaded."""
+        n = 0
+        for key in keys:
+            self.get(key, load)
+            n += 1
+        return n
+
+    def discard_task(self, key: str) -> int:
+        """Drop a deleted version ("id@N") or every version of a deleted task ("id@"), pinned or not."""
+        match = lambda k: k[0] == key or (key.endswith("@") and k[0].startswith(key))  # noqa: E731
+        with self._lock:
+            self._pins = {k for k in self._pins if not match(k)}
+            return self.host.discard(match) + self.dev.discard(match)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"disk": self.disk.to_dict(), "host": self.host.stats.to_dict(),
+                    "device": self.dev.stats.to_dict()}
