@@ -1,0 +1,58 @@
+"""`python -m server [--host H] [--port P] [--model M] [--store DIR] [--auth-file PATH] [limits...]`.
+
+Every flag is also an environment variable PROMPTSERVE_<NAME> (see server/config.py and docs/api.md).
+
+SIGTERM or SIGINT drains: /ready turns 503 and new requests are refused at once, the listening socket closes,
+in-flight requests get up to --shutdown-grace-s to finish, whatever is left is cancelled, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic import ValidationError
+
+from server.config import Settings
+from server.main import create_app
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn stops accepting and waits for open requests; we also refuse new work on kept-alive connections."""
+
+    def __init__(self, config: uvicorn.Config, runtime):
+        super().__init__(config)
+        self.runtime = runtime
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.runtime.draining:
+            logging.getLogger("server").info("signal %s: draining for up to %.0f s", sig,
+                                             self.runtime.settings.shutdown_grace_s)
+        self.runtime.draining = True
+        super().handle_exit(sig, frame)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = Settings(_cli_parse_args=sys.argv[1:] if argv is None else argv)
+        settings.check_bind()
+    except (ValidationError, ValueError) as e:
+        print(f"python -m server: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except ValueError as e:  # a bad auth file
+        print(f"python -m server: {e}", file=sys.stderr)
+        return 2
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=True,
+                            lifespan="on")
+    server = DrainingServer(config, app.state.runtime)
+    server.run()
+    return 0 if server.started else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""What routes receive: the caller's tenant, the engine, the store and the server's runtime state.
+
+`Runtime` is created by `server.main.create_app` and filled in by its lifespan; routes never reach for globals.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from server.auth import OPEN_TENANT, KeyRing, Principal
+from server.config import Settings
+from server.metrics import Metrics
+
+from .errors import ApiError, unauthorized
+from .limits import TenantLimiter
+
+from prompt_core.model import LoadedModel
+from prompt_store.store import PromptStore
+from server.engine.async_engine import AsyncEngine
+
+
+@dataclass
+class Runtime:
+    """Everything one server instance holds; `draining` is set on SIGTERM so new work is refused at once."""
+    settings: Settings
+    keyring: KeyRing
+    metrics: Metrics
+    limiter: TenantLimiter
+    loaded: LoadedModel | None = None
+    store: PromptStore | None = None
+    engine: AsyncEngine | None = None
+    draining: bool = False
+    started_at: float = field(default_factory=time.time)
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+_bearer = HTTPBearer(auto_error=False, description="an API key from the auth file")
+
+
+def get_principal(rt: RuntimeDep,
+                  creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
+    """The caller. Without an auth file everyone is the one open tenant (as admin, since there is no one else)."""
+    if rt.keyring.open:
+        return Principal(tenant=OPEN_TENANT, admin=True, open=True)
+    if creds is None or not creds.credentials:
+        raise unauthorized("missing API key: send Authorization: Bearer <key>")
+    principal = rt.keyring.authenticate(creds.credentials)
+    if principal is None:
+        raise unauthorized("invalid API key")
+    return principal
+
+
+def get_engine(rt: RuntimeDep) -> AsyncEngine:
+    if rt.draining:
+        raise ApiError(503, "unavailable", "the server is shutting down", {"Retry-After": "1", "Connection": "close"})
+    if rt.engine is None or not rt.engine.ready:
+        raise ApiError(503, "unavailable", "the engine is not running", {"Retry-After": "1"})
+    return rt.engine
+
+
+def get_store(rt: RuntimeDep) -> PromptStore:
+    if rt.store is None:
+        raise ApiError(503, "unavailable", "the prompt store is not open", {"Retry-After": "1"})
+    return rt.store
+
+
+TenantDep = Annotated[Principal, Depends(get_principal)]
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+StoreDep = Annotated[PromptStore, Depends(get_store)]

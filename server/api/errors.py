@@ -1,0 +1,118 @@
+"""Every failure becomes `{"error": {"type", "message"}}` here, and only here.
+
+Routes raise domain errors (the store's StoreError subclasses, the engine's EngineError subclasses, ApiError for
+what the HTTP layer itself refuses); the handlers below pick the status. Nothing else builds an error response.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from prompt_store.errors import (CorruptArtifact, Forbidden, InvalidPrompt, PayloadTooLarge, QuotaExceeded,
+                                 StoreError, TaskNotFound)
+from server.engine.request import EngineError, EngineOverloaded, EngineStopped, InputTooLong, InvalidRequest
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error the HTTP layer raises itself (auth, quotas, limits); carries its status, type and headers."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type_, message, headers or {}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; its engine requests were cancelled."""
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+def rate_limited(message: str, retry_after_s: float) -> ApiError:
+    return ApiError(429, "rate_limited", message, {"Retry-After": str(max(1, int(retry_after_s + 0.999)))})
+
+
+def overloaded(message: str) -> ApiError:
+    return ApiError(503, "overloaded", message, {"Retry-After": "1"})
+
+
+# status and type per domain error; the first matching class wins (subclasses before bases)
+_STORE = [(TaskNotFound, 404, "not_found"), (Forbidden, 403, "forbidden"), (PayloadTooLarge, 413, "payload_too_large"),
+          (QuotaExceeded, 429, "quota_exceeded"), (InvalidPrompt, 422, "invalid_request"),
+          (CorruptArtifact, 500, "corrupt_artifact"), (StoreError, 400, "invalid_request")]
+_ENGINE = [(InputTooLong, 413, "input_too_long"), (InvalidRequest, 422, "invalid_request"),
+           (EngineOverloaded, 503, "overloaded"), (EngineStopped, 503, "unavailable"), (EngineError, 500, "internal")]
+_HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
+
+
+def status_of(exc: Exception) -> tuple[int, str]:
+    """(HTTP status, error type) of a domain error; also used to report errors inside an SSE stream."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.type
+    for table in (_STORE, _ENGINE):
+        for cls, status, type_ in table:
+            if isinstance(exc, cls):
+                return status, type_
+    return 500, "internal"
+
+
+def error_json(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+
+
+def _field_path(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def validation_message(errors: list[dict]) -> str:
+    """`body.max_new_tokens: Input should be greater than or equal to 1; body.input: Field required`."""
+    parts = [f"{_field_path(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors[:20]]
+    more = f" (and {len(errors) - 20} more)" if len(errors) > 20 else ""
+    return "; ".join(parts) + more
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_json(422, "invalid_request", validation_message(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 404 and message == "Not Found":
+            message = "no such endpoint"
+        return error_json(exc.status_code, _HTTP_TYPES.get(exc.status_code, "error"), message,
+                          getattr(exc, "headers", None))
+
+    @app.exception_handler(ApiError)
+    async def _api(_: Request, exc: ApiError) -> JSONResponse:
+        return error_json(exc.status, exc.type, exc.message, exc.headers)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(_: Request, __: ClientGone) -> JSONResponse:  # nobody reads it; 499 as nginx logs it
+        return error_json(499, "client_closed_request", "the client disconnected; the request was cancelled")
+
+    async def _domain(request: Request, exc: Exception) -> JSONResponse:
+        status, type_ = status_of(exc)
+        if status >= 500:
+            log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        headers = {"Retry-After": "1"} if status == 503 else None
+        return error_json(status, type_, str(exc) or type_, headers)
+
+    app.add_exception_handler(StoreError, _domain)
+    app.add_exception_handler(EngineError, _domain)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_json(500, "internal", "internal server error")

@@ -1,0 +1,95 @@
+"""Per-tenant admission: concurrent requests and a token rate, both answered with 429 and Retry-After.
+
+The token rate is a bucket that may go into debt: a request is admitted while the tenant's balance is positive and
+is charged its real prompt and completion tokens when it finishes, so nothing is estimated up front. A tenant that
+overspends waits until the bucket refills past zero. Fair sharing of batch capacity among admitted requests is the
+engine scheduler's job; this only keeps one tenant from holding every queue slot.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+from server.auth import KeyRing
+
+from .errors import rate_limited
+
+
+@dataclass
+class TenantState:
+    in_flight: int = 0
+    balance: float = 0.0        # tokens; refills at rate/60 per second up to `burst`
+    updated: float = field(default_factory=time.monotonic)
+
+
+class Admission:
+    """A held slot: release it exactly once, with the tokens the request used."""
+
+    def __init__(self, limiter: "TenantLimiter", tenant: str, requests: int = 1):
+        self._limiter, self.tenant, self.requests, self._released = limiter, tenant, requests, False
+
+    def release(self, tokens: int = 0) -> None:
+        if not self._released:
+            self._released = True
+            self._limiter._release(self.tenant, tokens, self.requests)
+
+
+class TenantLimiter:
+    def __init__(self, keyring: KeyRing, max_concurrent: int, tokens_per_minute: int):
+        self._keyring = keyring
+        self._max_concurrent = max_concurrent
+        self._tpm = tokens_per_minute
+        self._tenants: dict[str, TenantState] = {}
+        self._lock = threading.Lock()
+
+    def limits(self, tenant: str) -> tuple[int, int]:
+        pol = self._keyring.policy(tenant)
+        conc = pol.max_concurrent if pol.max_concurrent is not None else self._max_concurrent
+        tpm = pol.tokens_per_minute if pol.tokens_per_minute is not None else self._tpm
+        return conc, tpm
+
+    def in_flight(self, tenant: str) -> int:
+        with self._lock:
+            st = self._tenants.get(tenant)
+            return st.in_flight if st else 0
+
+    def acquire(self, tenant: str, requests: int = 1) -> Admission:
+        """Hold `requests` slots (a classify list or completions list counts each input), or raise 429."""
+        conc, tpm = self.limits(tenant)
+        with self._lock:
+            st = self._tenants.get(tenant)
+            if st is None:
+                st = self._tenants[tenant] = TenantState(balance=float(tpm))
+            self._refill(st, tpm)
+            if tpm and st.balance <= 0:
+                wait = -st.balance / (tpm / 60.0) + 0.001
+                raise rate_limited(f"tenant {tenant!r} is over its {tpm} tokens per minute; retry in "
+                                   f"{math.ceil(wait)} s", wait)
+            if requests > conc:
+                raise rate_limited(f"this call holds {requests} requests but tenant {tenant!r} may run {conc} at "
+                                   f"once; split it", 1)
+            if st.in_flight + requests > conc:
+                raise rate_limited(f"tenant {tenant!r} already has {st.in_flight} requests in flight (limit {conc})",
+                                   1)
+            st.in_flight += requests
+        return Admission(self, tenant, requests)
+
+    def _release(self, tenant: str, tokens: int, requests: int) -> None:
+        _, tpm = self.limits(tenant)
+        with self._lock:
+            st = self._tenants[tenant]
+            st.in_flight -= requests
+            self._refill(st, tpm)
+            if tpm:
+                st.balance -= tokens
+
+    @staticmethod
+    def _refill(st: TenantState, tpm: int) -> None:
+        now = time.monotonic()
+        if tpm:
+            st.balance = min(float(tpm), st.balance + (now - st.updated) * tpm / 60.0)
+        st.updated = now
+

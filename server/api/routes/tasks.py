@@ -1,0 +1,186 @@
+"""Task registry: upload (multipart archive or JSON hard prompt), list, read, delete, export.
+
+Visibility and ownership are the store's rules, applied with the caller's tenant: another tenant's private task
+is a 404 everywhere, and a visible task that the caller does not own is a 403 for changes.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path as FsPath
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from prompt_core.spec import PromptKind, PromptSpec
+from prompt_store.errors import PayloadTooLarge
+
+from ..access import find_visible, list_visible, store_tenant, task_public
+from ..deps import RuntimeDep, StoreDep, TenantDep
+from ..errors import ApiError
+from ..schemas import ErrorResponse, HardTaskCreate, TaskList, TaskMetadata, TaskPublic
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+TaskRef = Annotated[str, Path(description="a task id, or id@version", max_length=140)]
+TaskId = Annotated[str, Path(description="a task id", max_length=128)]
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422, 429)}
+MAX_FORM_TEXT = 1 << 20  # task_id and metadata parts
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["task_id", "adapter"],
+            "properties": {
+                "task_id": {"type": "string", "maxLength": 128},
+                "adapter": {"type": "string", "format": "binary",
+                            "description": ".zip or .tar.gz of a PEFT adapter directory or a native artifact"},
+                "metadata": {"type": "string", "description": "JSON: " + ", ".join(TaskMetadata.model_fields)},
+            }}},
+        "application/json": {"schema": HardTaskCreate.model_json_schema(ref_template="#/components/schemas/{model}")},
+    },
+}
+
+
+def _validation_error(e: ValidationError, prefix: tuple) -> RequestValidationError:
+    return RequestValidationError([{**err, "loc": (*prefix, *err["loc"])} for err in e.errors()])
+
+
+def _limited(request: Request, limit: int) -> Request:
+    """The same request, whose body stream raises PayloadTooLarge past `limit` bytes (chunked uploads too)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"upload expected at most {limit} bytes, found {declared}")
+    seen = 0
+
+    async def receive():
+        nonlocal seen
+        message = await request.receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise PayloadTooLarge(f"upload expected at most {limit} bytes, found more")
+        return message
+
+    return Request(request.scope, receive)
+
+
+@router.post("", status_code=201, response_model=TaskPublic, openapi_extra={"requestBody": _UPLOAD_BODY},
+             responses=ERRORS)
+async def create_task(request: Request, principal: TenantDep, store: StoreDep, rt: RuntimeDep,
+                      response: Response) -> TaskPublic:
+    """Upload a soft prompt (multipart: task_id, adapter archive, optional metadata JSON) or create a hard prompt
+    (JSON body). An existing id gets a new version."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    tenant = store_tenant(principal)
+    if ctype == "application/json":
+        raw = await _limited(request, rt.settings.max_upload_bytes).body()
+        try:
+            body = HardTaskCreate.model_validate_json(raw)
+        except ValidationError as e:
+            raise _validation_error(e, ("body",)) from None
+        meta = body.model_dump(exclude={"task_id", "kind"}, exclude_none=True)
+        record = await run_in_threadpool(store.create, body.task_id, tenant, spec=PromptSpec(kind=PromptKind.HARD),
+                                         metadata=meta, admin=principal.admin)
+    elif ctype == "multipart/form-data":
+        form = await _limited(request, rt.settings.max_upload_bytes).form(max_files=1, max_fields=2,
+                                                                            max_part_size=MAX_FORM_TEXT)
+        try:
+            task_id, adapter, meta = form.get("task_id"), form.get("adapter"), form.get("metadata")
+            errors = []
+            if not isinstance(task_id, str) or not task_id:
+                errors.append({"type": "missing", "loc": ("body", "task_id"), "msg": "a text field is required"})
+            if not isinstance(adapter, UploadFile):
+                errors.append({"type": "missing", "loc": ("body", "adapter"),
+                               "msg": "a file (.zip or .tar.gz) is required"})
+            if meta is not None and not isinstance(meta, str):
+                errors.append({"type": "string_type", "loc": ("body", "metadata"), "msg": "must be JSON text"})
+            if errors:
+                raise RequestValidationError(errors)
+            try:
+                metadata = TaskMetadata.model_validate_json(meta) if meta else TaskMetadata()
+            except ValidationError as e:
+                raise _validation_error(e, ("body", "metadata")) from None
+            data = await adapter.read()
+            record = await run_in_threadpool(store.create_from_archive, task_id, tenant, data,
+                                             filename=adapter.filename or "", metadata=metadata.model_dump(
+                                                 exclude_none=True), admin=principal.admin)
+        finally:
+            await form.close()
+    else:
+        raise ApiError(415, "unsupported_media_type",
+                       f"expected multipart/form-data (an adapter archive) or application/json (a hard prompt), "
+                       f"found {ctype or 'no content type'!r}")
+    response.headers["Location"] = f"/v1/tasks/{record.id}@{record.version}"
+    return task_public(record)
+
+
+@router.get("", response_model=TaskList, responses=ERRORS)
+def list_tasks(principal: TenantDep, store: StoreDep) -> TaskList:
+    """The latest version of every task this tenant may use: its own and public ones."""
+    return TaskList(data=[task_public(r) for r in list_visible(store, principal)])
+
+
+@router.get("/{task_id}", response_model=TaskPublic, responses=ERRORS)
+def get_task(task_id: TaskRef, principal: TenantDep, store: StoreDep) -> TaskPublic:
+    return task_public(find_visible(store, principal, task_id))
+
+
+@router.get("/{task_id}/versions", response_model=TaskList, responses=ERRORS)
+def list_versions(task_id: TaskId, principal: TenantDep, store: StoreDep) -> TaskList:
+    """Every live version, oldest first."""
+    return TaskList(data=[task_public(r) for r in store.versions(task_id, store_tenant(principal),
+                                                                 admin=principal.admin)])
+
+
+@router.delete("/{task_id}", status_code=204, response_class=Response, responses=ERRORS)
+def delete_task(task_id: TaskId, principal: TenantDep, store: StoreDep) -> Response:
+    """Remove every version from service at once (owner or admin only)."""
+    store.delete(task_id, store_tenant(principal), admin=principal.admin)
+    return Response(status_code=204)
+
+
+@router.get("/{task_id}/export", response_class=Response, responses={
+    **ERRORS, 200: {"content": {"application/zip": {}, "application/gzip": {}}}})
+def export_task(task_id: TaskRef, principal: TenantDep, store: StoreDep,
+                format: Annotated[Literal["zip", "tar.gz"], Query(description="archive type")] = "zip",
+                layout: Annotated[Literal["peft", "native"], Query(
+                    description="peft: adapter_config.json + adapter_model.safetensors; native: task.json + "
+                                "prompt.safetensors")] = "peft") -> Response:
+    """A soft prompt as a PEFT adapter directory (or the native artifact), packed as .zip or .tar.gz."""
+    tenant = store_tenant(principal)
+    with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+        out = FsPath(tmp) / "adapter"
+        if layout == "peft":
+            record = store.export_peft(task_id, tenant, out, admin=principal.admin)
+        else:
+            record = store.export_artifact(task_id, tenant, out, admin=principal.admin)
+        name = f"{record.id}-v{record.version}"
+        data = _pack(out, name, format)
+    media = "application/zip" if format == "zip" else "application/gzip"
+    return Response(data, media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="{name}.{format}"', "X-Task": record.key})
+
+
+def _pack(directory: FsPath, name: str, fmt: str) -> bytes:
+    """Files under one top-level folder `name/`, the layout PEFT's from_pretrained expects after unpacking."""
+    buf = io.BytesIO()
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    if fmt == "zip":
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, f"{name}/{p.relative_to(directory).as_posix()}")
+    else:
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for p in files:
+                tf.add(p, f"{name}/{p.relative_to(directory).as_posix()}", recursive=False)
+    return buf.getvalue()
+

@@ -1,0 +1,291 @@
+"""Wire schemas, one per direction (requests in, responses out). Pydantic only: no torch, no engine imports.
+
+Limits that protect the server (list lengths, string sizes) live here so a hostile body fails validation (422)
+before it costs any tokenization. Limits that depend on settings (max_new_tokens) are checked by the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_INPUT_CHARS = 1_000_000   # the engine bounds tokens; this bounds memory before tokenizing
+MAX_BATCH_INPUTS = 64         # inputs of one classify / completions call
+MAX_STOP = 16
+MAX_STOP_CHARS = 256
+
+Input = Annotated[str, Field(max_length=MAX_INPUT_CHARS)]
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
+class Strict(BaseModel):
+    """Our native bodies reject unknown fields, so a typo ("max_tokens" for "max_new_tokens") is a 422, not ignored."""
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- errors
+
+class ErrorBody(BaseModel):
+    type: str = Field(description="machine-readable kind: invalid_request, not_found, rate_limited, ...")
+    message: str = Field(description="what was wrong, for a human")
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every failure."""
+    error: ErrorBody
+
+
+# ---- tasks
+
+Visibility = Literal["private", "public"]
+TaskType = Literal["generate", "classify"]
+Labels = list[Annotated[str, Field(min_length=1, max_length=128)]] | dict[str, Annotated[str, Field(min_length=1)]]
+
+
+class TaskMetadata(Strict):
+    """The optional `metadata` part of an upload (JSON text). Fields left out come from the adapter, if it has them."""
+    task_type: TaskType | None = None
+    labels: Labels | None = Field(None, max_length=256)
+    template: str | None = Field(None, max_length=20_000, description="must hold exactly one {input}")
+    description: str | None = Field(None, max_length=4_000)
+    visibility: Visibility | None = None
+    generation: dict[str, Any] | None = Field(None, description="defaults such as max_new_tokens, temperature")
+
+
+class HardTaskCreate(Strict):
+    """JSON body of POST /v1/tasks for a hard prompt (no tensors)."""
+    task_id: str = Field(min_length=1, max_length=128, examples=["sentiment"])
+    kind: Literal["hard"] = "hard"
+    template: str = Field(max_length=20_000, examples=["Review: {input}\nSentiment:"])
+    task_type: TaskType | None = None
+    labels: Labels | None = Field(None, max_length=256)
+    description: str = Field("", max_length=4_000)
+    visibility: Visibility = "private"
+    generation: dict[str, Any] | None = None
+
+
+class LabelPublic(BaseModel):
+    name: str
+    verbalizer: str
+
+
+class TaskPublic(BaseModel):
+    """A task version as clients see it."""
+    id: str
+    version: int
+    kind: str
+    num_virtual_tokens: int
+    sha256: str | None = Field(description="sha256 of the tensor file; null for hard prompts")
+    task_type: TaskType
+    labels: list[LabelPublic]
+    template: str
+    description: str
+    visibility: Visibility
+    owner: str
+    generation: dict[str, Any]
+    created_at: str
+
+
+class TaskList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[TaskPublic]
+
+
+# ---- native generate / classify
+
+class SamplingFields(Strict):
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, else 64")
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 is greedy (the default)")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, description="0 disables it")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="the same seed gives the same text")
+    stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
+
+
+class GenerateRequest(SamplingFields):
+    input: Input
+    stream: bool = Field(False, description="Server-Sent Events: one `token` event per token, then `done`")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    id: str
+    task: str = Field(description="the task version that served it, id@version")
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled", "error"]
+    usage: Usage
+
+
+class TokenEvent(BaseModel):
+    """`event: token` of a generate stream."""
+    index: int
+    id: int | None = Field(description="token id; null on an event that only flushes text held back at the end")
+    text: str = Field(description="text this token completes; may be empty while a character is split")
+
+
+class ClassifyRequest(Strict):
+    input: Input | Annotated[list[Input], Field(min_length=1, max_length=MAX_BATCH_INPUTS)]
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    scores: dict[str, float]
+
+
+# ---- OpenAI-compatible
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class OpenAIBase(BaseModel):
+    """OpenAI clients send fields we do not use (user, stream_options, ...): ignore those, refuse what changes output."""
+    model_config = ConfigDict(extra="ignore")
+    model: str = Field(min_length=1, description="a task id, or id@version")
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
+    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    logprobs: Any = Field(None, description="not supported: only null/false")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: Any) -> Any:
+        if v not in (None, False, 0):
+            raise ValueError("logprobs are not supported")
+        return None
+
+
+class CompletionRequest(OpenAIBase):
+    prompt: Input | Annotated[list[Input], Field(min_length=1, max_length=MAX_BATCH_INPUTS)]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = Field(False, description="not supported: only false")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, Field(max_length=MAX_INPUT_CHARS)] | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(OpenAIBase):
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+    system_fingerprint: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: CompletionUsage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---- ops
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready", "draining"]
+    model: str | None = None
+    tasks: int | None = None
+    detail: str | None = None

@@ -1,0 +1,151 @@
+"""Running engine requests for a route: admission, submission, waiting, and cancellation when the client leaves.
+
+Every route that generates or classifies goes through `Job`, so quotas are charged, slots are freed and
+disconnects cancel work the same way for the native and the OpenAI endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from server.auth import Principal
+from server.engine.async_engine import AsyncEngine, RequestStream
+from server.engine.request import EngineRequest, Mode, PromptRef, RequestOutput, SamplingParams
+
+from .deps import Runtime
+from .errors import ApiError, ClientGone
+from .limits import Admission
+
+log = logging.getLogger("server.requests")
+
+DEFAULT_MAX_NEW_TOKENS = 64
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=None, top_k=None, seed=None,
+             stop=None) -> SamplingParams:
+    """Request fields win over the task's generation defaults, which win over greedy with 64 tokens."""
+    def pick(value, name, fallback):
+        return value if value is not None else defaults.get(name, fallback)
+
+    stops = stop if stop is not None else defaults.get("stop") or ()
+    if isinstance(stops, str):
+        stops = (stops,)
+    return SamplingParams(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+                          temperature=float(pick(temperature, "temperature", 0.0)),
+                          top_p=float(pick(top_p, "top_p", 1.0)), top_k=int(pick(top_k, "top_k", 0)),
+                          seed=seed, stop=tuple(stops))
+
+
+@dataclass
+class Job:
+    """One route's engine requests (one per input), holding the tenant's admission until all have finished."""
+    rt: Runtime
+    streams: list[RequestStream]
+    admission: Admission
+    id: str
+    finals: list[RequestOutput | None] = field(default_factory=list)
+    _closed: bool = False
+
+    @classmethod
+    def start(cls, rt: Runtime, engine: AsyncEngine, principal: Principal, prompt: PromptRef, texts: list[str],
+              mode: Mode, params: SamplingParams, prefix: str = "req") -> "Job":
+        """Admit (429), then submit every input (422/413/503 raise here, before any response is sent)."""
+        admission = rt.limiter.acquire(principal.tenant, len(texts))
+        job_id = new_id(prefix)
+        streams: list[RequestStream] = []
+        try:
+            for i, text in enumerate(texts):
+                rid = job_id if len(texts) == 1 else f"{job_id}-{i}"
+                streams.append(engine.submit(EngineRequest(request_id=rid, prompt=prompt, text=text, mode=mode,
+                                                           sampling=params, tenant=principal.tenant)))
+        except BaseException:
+            for s in streams:
+                s.cancel()
+            admission.release(0)
+            raise
+        if rt.settings.log_requests:
+            log.info("%s tenant=%s task=%s mode=%s inputs=%r", job_id, principal.tenant, prompt.key, mode, texts)
+        else:
+            log.debug("%s tenant=%s task=%s mode=%s inputs=%d", job_id, principal.tenant, prompt.key, mode, len(texts))
+        return cls(rt=rt, streams=streams, admission=admission, id=job_id, finals=[None] * len(streams))
+
+    def close(self) -> None:
+        """Cancel whatever has not finished and release the admission with the tokens actually used."""
+        if self._closed:
+            return
+        self._closed = True
+        for s in self.streams:
+            s.cancel()
+        used = sum(f.prompt_tokens + f.completion_tokens for f in self.finals if f is not None)
+        self.admission.release(used)
+
+    async def results(self, request: Request) -> list[RequestOutput]:
+        """Wait for every final output; if the client disconnects first, cancel all and raise ClientGone."""
+        async def collect() -> None:
+            for i, s in enumerate(self.streams):
+                self.finals[i] = await s.result()
+
+        work = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise ClientGone()
+            work.result()
+            return [f for f in self.finals if f is not None]
+        finally:
+            for t in (work, gone):
+                t.cancel()
+            self.close()
+
+    async def events(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(input index, delta) as they come from all streams; close() must run afterwards (routes use finally)."""
+        if len(self.streams) == 1:
+            async for out in self.streams[0]:
+                if out.finished:
+                    self.finals[0] = out
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
+
+        async def pump(i: int, s: RequestStream) -> None:
+            async for out in s:
+                await queue.put((i, out))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(self.streams)
+            while remaining:
+                i, out = await queue.get()
+                if out.finished:
+                    self.finals[i] = out
+                    remaining -= 1
+                yield i, out
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+async def wait_disconnect(request: Request) -> None:
+    """Returns when the client has gone. The body was already read, so the next ASGI message is the disconnect."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def check_output(out: RequestOutput) -> RequestOutput:
+    """An engine-side failure of one request becomes a 500 for that request alone."""
+    if out.finish_reason == "error":
+        raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
+    return out

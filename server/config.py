@@ -1,0 +1,80 @@
+"""Deployment settings: every option is a `python -m server --flag` and a `PROMPTSERVE_<NAME>` environment variable.
+
+Read once, when the server starts (never at import), so tests build servers with their own settings.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
+
+
+class Settings(BaseSettings):
+    """Command-line flags win over the environment, which wins over these defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="PROMPTSERVE_", cli_kebab_case=True, cli_implicit_flags=True,
+                                      cli_prog_name="python -m server", extra="ignore", validate_default=True)
+
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
+    model: str = Field("default", description="'default' (the embedded SmolLM2-135M-Instruct), a directory or a hub id")
+    store: Path = Field(Path("./data/store"), description="prompt store directory (shared by replicas)")
+    auth_file: Path | None = Field(None, description="JSON file of API keys; without it the server is one open tenant")
+    allow_insecure_bind: bool = Field(False, description="allow a non-loopback host without an auth file")
+    device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device such as cuda:1")
+    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+
+    max_batch_size: int = Field(64, ge=1, description="rows in one engine step")
+    max_prefill_tokens: int = Field(4096, ge=1, description="tokens prefilled in one engine step")
+    max_input_tokens: int = Field(2048, ge=1, description="longest accepted input, task prompt included (413 above)")
+    max_new_tokens: int = Field(1024, ge=1, description="most tokens one request may generate (422 above)")
+    max_queue: int = Field(1024, ge=1, description="requests waiting for a batch slot, all tenants together (503 above)")
+
+    max_concurrent: int = Field(64, ge=1, description="requests in flight per tenant (429 above)")
+    tokens_per_minute: int = Field(0, ge=0, description="tokens in+out per tenant per minute, 0 for no limit (429)")
+    max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest upload body (413 above)")
+    max_tasks_per_tenant: int = Field(1000, ge=1, description="tasks one tenant may own (429 above)")
+
+    shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated origins allowed by CORS; empty turns CORS off")
+    log_requests: bool = Field(False, description="log request texts (never tensors); off by default for privacy")
+    log_level: str = Field("info", description="debug, info, warning or error")
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [o.strip() for o in v.split(",") if o.strip()]
+        return v
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        v = v.lower()
+        if v not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError(f"expected debug, info, warning, error or critical, found {v!r}")
+        return v
+
+    def check_bind(self) -> None:
+        """Without keys, anyone who can reach the port owns every task: refuse that beyond loopback unless asked."""
+        if self.auth_file is None and not self.allow_insecure_bind and not is_loopback(self.host):
+            raise ValueError(
+                f"refusing to bind {self.host!r} without an auth file: anyone who reaches it could use and delete "
+                "every task. Pass --auth-file PATH, or --allow-insecure-bind (PROMPTSERVE_ALLOW_INSECURE_BIND=1) "
+                "if the network in front of it is trusted.")
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
