@@ -68,3 +68,19 @@ def test_required_views_exist():
     # queue and the cache tiers
     assert "promptserve_waiting_requests" in joined and "promptserve_running_requests" in joined
     assert "sum by (tier)" in joined
+
+
+def test_contract_metrics_are_what_the_server_registers():
+    """The names queried above are the server's own: build its registry (no model needed) and compare types."""
+    from server.metrics import Metrics
+
+    tiers = {t: {"hits": 1, "misses": 1, "evictions": 0, "resident_bytes": 10} for t in ("disk", "host", "device")}
+    registered = {}
+    for fam in Metrics(tier_stats=lambda: tiers).registry.collect():
+        exposed = fam.name + "_total" if fam.type == "counter" else fam.name  # how the text format names it
+        registered[exposed] = fam
+    for name, kind in METRICS.items():
+        assert name in registered, f"the server does not export {name}"
+        assert registered[name].type == kind, (name, registered[name].type, kind)
+    tier_labels = {s.labels.get("tier") for s in registered["promptserve_prompt_cache_hits_total"].samples}
+    assert tier_labels == {"disk", "host", "device"}
