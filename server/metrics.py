@@ -98,9 +98,11 @@ class Metrics:
             self.queue_wait.observe(out.queue_wait_s)
         if out.ttft_s is not None:
             self.ttft.observe(out.ttft_s)
-            duration = getattr(out, "duration_s", None)
-            if duration is not None and out.completion_tokens > 1:
-                self.tpot.observe(max(0.0, duration - out.ttft_s) / (out.completion_tokens - 1))
+
+    def observe_tpot(self, out, duration_s: float) -> None:
+        """Decode time per token after the first; the API measures the duration from its submit to the end."""
+        if out.ttft_s is not None and out.completion_tokens > 1 and out.finish_reason in ("stop", "length"):
+            self.tpot.observe(max(0.0, duration_s - out.ttft_s) / (out.completion_tokens - 1))
 
     # -- HTTP --
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
@@ -54,7 +55,12 @@ class Job:
     admission: Admission
     id: str
     finals: list[RequestOutput | None] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.monotonic)
     _closed: bool = False
+
+    def _final(self, i: int, out: RequestOutput) -> None:
+        self.finals[i] = out
+        self.rt.metrics.observe_tpot(out, time.monotonic() - self.submitted_at)
 
     @classmethod
     def start(cls, rt: Runtime, engine: AsyncEngine, principal: Principal, prompt: PromptRef, texts: list[str],
@@ -93,7 +99,7 @@ class Job:
         """Wait for every final output; if the client disconnects first, cancel all and raise ClientGone."""
         async def collect() -> None:
             for i, s in enumerate(self.streams):
-                self.finals[i] = await s.result()
+                self._final(i, await s.result())
 
         work = asyncio.ensure_future(collect())
         gone = asyncio.ensure_future(wait_disconnect(request))
@@ -113,7 +119,7 @@ class Job:
         if len(self.streams) == 1:
             async for out in self.streams[0]:
                 if out.finished:
-                    self.finals[0] = out
+                    self._final(0, out)
                 yield 0, out
             return
         queue: asyncio.Queue[tuple[int, RequestOutput]] = asyncio.Queue()
@@ -128,7 +134,7 @@ class Job:
             while remaining:
                 i, out = await queue.get()
                 if out.finished:
-                    self.finals[i] = out
+                    self._final(i, out)
                     remaining -= 1
                 yield i, out
         finally:
