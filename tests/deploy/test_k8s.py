@@ -11,9 +11,10 @@ from functools import lru_cache
 import pytest
 import yaml
 
-from kubernetes_validate import utils as kv  # noqa: E402  (a dev dependency: a missing one must fail, not skip)
+# kubernetes-validate is a dev dependency: when it is missing this module fails to import instead of skipping.
+from kubernetes_validate import utils as kv
 
-from ._helpers import DEPLOY, METRICS  # noqa: E402
+from ._helpers import DEPLOY, METRICS
 
 K8S = DEPLOY / "k8s"
 OVERLAYS = ["cpu", "gpu"]
