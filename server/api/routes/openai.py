@@ -50,6 +50,12 @@ def models(principal: TenantDep, store: StoreDep) -> ModelList:
                            for r in list_visible(store, principal)])
 
 
+@router.get("/models/{model}", response_model=ModelCard, responses=ERRORS)
+def model(model: str, principal: TenantDep, store: StoreDep) -> ModelCard:
+    r = find_visible(store, principal, model)
+    return ModelCard(id=model, created=created_epoch(r), owned_by=r.tenant or "promptserve")
+
+
 @router.post("/completions", response_model=CompletionResponse, responses={
     **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream is true"}})
 async def completions(body: CompletionRequest, request: Request, principal: TenantDep, store: StoreDep,

@@ -1,0 +1,119 @@
+"""The OpenAI-compatible endpoints with the official `openai` client against a live server."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from .conftest import ACME, GLOBEX, hard_task, live_server, native_soft_prompt, pack, upload
+
+
+@pytest.fixture(scope="module")
+def server(module_tmp):
+    with live_server(module_tmp) as s:
+        with s.client(ACME) as c:
+            assert hard_task(c, "qa").status_code == 201
+            assert hard_task(c, "chat", "{input}").status_code == 201
+            assert upload(c, "soft", pack(native_soft_prompt("p_tuning", T=3, seed=2))).status_code == 201
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=ACME, max_retries=0, timeout=60) as client:
+        yield client
+
+
+def native(server, task, text, n, **kw):
+    with server.client(ACME) as c:
+        return c.post(f"/v1/tasks/{task}/generate", json={"input": text, "max_new_tokens": n, **kw}).json()
+
+
+def test_models_lists_the_tenants_tasks(oai):
+    ids = {m.id for m in oai.models.list()}
+    assert {"qa", "chat", "soft"} <= ids
+    m = oai.models.retrieve("qa")
+    assert m.id == "qa" and m.object == "model" and m.owned_by == "acme"
+    with pytest.raises(openai.NotFoundError):
+        oai.models.retrieve("missing")
+
+
+def test_completion_greedy_equals_native_generate(server, oai):
+    r = oai.completions.create(model="qa", prompt="What is 2+2?", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.model == "qa" and len(r.choices) == 1
+    choice = r.choices[0]
+    assert choice.index == 0 and choice.finish_reason in ("stop", "length")
+    expected = native(server, "qa", "What is 2+2?", 6)
+    assert choice.text == expected["text"]
+    assert r.usage.completion_tokens == expected["usage"]["completion_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_completion_prompt_list_gives_one_choice_each_in_order(server, oai):
+    prompts = ["Name a color.", "Name an animal.", "Name a city."]
+    r = oai.completions.create(model="soft", prompt=prompts, max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for prompt, choice in zip(prompts, r.choices):
+        assert choice.text == native(server, "soft", prompt, 4)["text"]
+
+
+def test_completion_stream(server, oai):
+    chunks = list(oai.completions.create(model="qa", prompt="What is 2+2?", max_tokens=6, temperature=0,
+                                         stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == native(server, "qa", "What is 2+2?", 6)["text"]
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] in ("stop", "length") and all(f is None for f in finishes[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_completion_stream_of_a_list(oai):
+    chunks = list(oai.completions.create(model="qa", prompt=["a", "b"], max_tokens=3, temperature=0, stream=True))
+    done = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert sorted(done) == [0, 1]
+
+
+def test_temperature_defaults_to_one_and_seed_reproduces(oai):
+    a = oai.completions.create(model="qa", prompt="Once upon a time", max_tokens=8, seed=7)
+    b = oai.completions.create(model="qa", prompt="Once upon a time", max_tokens=8, seed=7)
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_chat_applies_the_chat_template_then_the_task(server, oai):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hi."}]
+    r = oai.chat.completions.create(model="chat", messages=messages, max_tokens=6, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    tokenizer = server.runtime.engine.engine.tokenizer
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = native(server, "chat", rendered, 6)
+    assert r.choices[0].message.content == expected["text"]
+    assert r.usage.prompt_tokens == expected["usage"]["prompt_tokens"]
+
+
+def test_chat_stream(server, oai):
+    messages = [{"role": "user", "content": "Say hi."}]
+    chunks = list(oai.chat.completions.create(model="chat", messages=messages, max_tokens=6, temperature=0,
+                                              stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    full = oai.chat.completions.create(model="chat", messages=messages, max_tokens=6, temperature=0)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_errors_reach_the_client_as_openai_errors(server, oai):
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.completions.create(model="missing", prompt="x", max_tokens=2)
+    assert e.value.body["type"] == "not_found"  # the client unwraps {"error": {...}}
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.completions.create(model="qa", prompt="x", max_tokens=2, n=3)
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.completions.create(model="qa", prompt="x", max_tokens=0)
+    with pytest.raises(openai.AuthenticationError):
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong-key-0123456789", max_retries=0) as bad:
+            bad.models.list()
+    # another tenant sees none of acme's private tasks
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=GLOBEX, max_retries=0) as other:
+        assert {m.id for m in other.models.list()} == set()
+        with pytest.raises(openai.NotFoundError):
+            other.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}], max_tokens=2)
