@@ -38,8 +38,10 @@ COPY . /app
 RUN --mount=type=cache,target=/root/.cache/pip \
     VENV=system EXTRAS='' bash scripts/install.sh
 
-# Bake the default model in: convert the embedded GGUF once, at build time, into PROMPTSERVE_CACHE.
+# Bake the default model in: convert the embedded GGUF once, at build time, into PROMPTSERVE_CACHE. Anything the
+# conversion left in HF_HOME is root's, so drop it: at run time the non-root user creates its own.
 RUN python -c "from prompt_core.model import ensure_default_model_dir; print(ensure_default_model_dir())" \
+ && rm -rf /tmp/huggingface \
  && install -d -o app -g app -m 0750 /data
 
 ENV PROMPTSERVE_STORE=/data \
