@@ -31,8 +31,9 @@ def hidden_states(model: PreTrainedModel, step: StepInputs, cache) -> torch.Tens
 
 
 def logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on only the hidden states asked for. [..., D] -> [..., V] in fp32."""
-    return model.get_output_embeddings()(hidden).float()
+    """LM head on only the hidden states asked for. [..., D] -> [..., V], at least fp32."""
+    out = model.get_output_embeddings()(hidden)
+    return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
 def last_logits(model: PreTrainedModel, hidden: torch.Tensor, readout: Readout) -> torch.Tensor:
