@@ -2,7 +2,7 @@
 # The one install recipe: README, CI and the Dockerfile all run this script.
 #   VENV=.venv        where to install (VENV=system installs into the current interpreter, as the image does)
 #   EXTRAS=dev        which optional dependency groups ("" for a serving-only install)
-#   TORCH_SPEC=torch==2.13.0   a CPU build by default; for a GPU build see the README
+#   TORCH_SPEC=torch==2.13.0   a CPU build by default; for a CUDA build see docs/runbook.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
