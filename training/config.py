@@ -1,0 +1,73 @@
+"""Training settings in one dataclass, validated once, so the loop and the CLI agree on what a run is."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from prompt_core.spec import Label
+
+METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+TASKS = ("generate", "classify")
+INITS = ("random", "sample-vocab", "text")
+ENCODERS = ("mlp", "lstm")
+
+# Learning rates that train each method well on the 135M default model (PEFT's examples use the same order).
+DEFAULT_LR = {"prompt-tuning": 3e-2, "p-tuning": 1e-3, "prefix-tuning": 1e-2}
+
+
+@dataclass
+class TrainConfig:
+    method: str
+    task: str
+    data: Path
+    out: Path
+    eval_data: Path | None = None
+    model: str | None = None
+    labels: tuple[Label, ...] = ()
+    template: str = "{input}"
+    virtual_tokens: int | None = None     # None: from the template's <v:N> markers, else 8
+    epochs: int = 10
+    lr: float | None = None               # None: DEFAULT_LR[method]
+    batch_size: int = 8
+    seed: int = 0
+    init: str = "text"                    # prompt tuning (and the prefix without reparameterization)
+    init_text: str | None = None          # None: the template's text with the input removed
+    encoder: str = "mlp"                  # p-tuning
+    encoder_hidden: int = 128             # p-tuning encoder / prefix reparameterization width
+    prefix_projection: bool = False       # prefix tuning with PEFT's Embedding->Linear->Tanh->Linear
+    eval_fraction: float = 0.2            # held out of --data when --eval is absent
+    patience: int = 3                     # epochs without a better held-out score before stopping
+    max_steps: int | None = None          # stop (and checkpoint) after this many optimizer steps in total
+    resume: bool = False
+    max_new_tokens: int = 32
+    device: str | None = None
+    dtype: str | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.init not in INITS:
+            raise ValueError(f"--init must be one of {INITS}, got {self.init!r}")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"--encoder must be one of {ENCODERS}, got {self.encoder!r}")
+        for name in ("epochs", "batch_size", "encoder_hidden", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.lr is None:
+            self.lr = DEFAULT_LR[self.method]
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        self.data, self.out = Path(self.data), Path(self.out)
+        self.eval_data = Path(self.eval_data) if self.eval_data else None
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(data=str(self.data), out=str(self.out), eval_data=str(self.eval_data) if self.eval_data else None,
+                 labels=[[lab.name, lab.verbalizer] for lab in self.labels])
+        return d
