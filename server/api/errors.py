@@ -104,7 +104,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def _domain(request: Request, exc: Exception) -> JSONResponse:
         status, type_ = status_of(exc)
-        if status >= 500:
+        if status >= 500 and status != 503:  # 503 is backpressure, not a fault
             log.error("%s %s failed: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
         headers = {"Retry-After": "1"} if status == 503 else None
         return error_json(status, type_, str(exc) or type_, headers)
