@@ -142,12 +142,13 @@ def tensors_to_dict(spec: PromptSpec, tensors: PromptTensors | None) -> dict[str
     return {want: t.detach().to(device="cpu", dtype=torch.float32).contiguous()}
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path, data: bytes, fsync: bool = True) -> None:
     """Write and fsync, so a later rename publishes complete bytes."""
     with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def encode_tensors(spec: PromptSpec, tensors: PromptTensors | None) -> bytes | None:

@@ -62,6 +62,7 @@ class StoreConfig:
     preload: list[str] = field(default_factory=list)   # refs loaded into the tiers at start-up
     pin: list[str] = field(default_factory=list)       # refs loaded and never evicted
     base_model: str = ""                               # base_model_name_or_path written into PEFT exports
+    fsync: bool = True                                 # False only for benchmarks/tests: no crash safety
     archive: ArchiveLimits = field(default_factory=ArchiveLimits)
 
 
@@ -118,17 +119,19 @@ class TaskRecord:
 
 @dataclass
 class _Task:
-    """In-memory index entry: live versions of one id and who owns it."""
+    """In-memory index entry: live versions of one id and who owns it. Rebuilt, never mutated, on change."""
     id: str
     owner: str
     versions: dict[int, TaskRecord]
+    latest: TaskRecord = field(init=False)
 
-    @property
-    def latest(self) -> TaskRecord:
-        return self.versions[max(self.versions)]
+    def __post_init__(self) -> None:
+        self.latest = self.versions[max(self.versions)]
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: Path, fsync: bool = True) -> None:
+    if not fsync:
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -136,11 +139,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: Path, data: dict, staging: Path) -> None:
+def _write_json_atomic(path: Path, data: dict, staging: Path, fsync: bool = True) -> None:
     tmp = staging / f"{path.name}.{uuid.uuid4().hex}"
-    write_durably(tmp, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    write_durably(tmp, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), fsync)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    _fsync_dir(path.parent, fsync)
 
 
 def _normalize_labels(labels) -> list[dict]:
@@ -184,6 +187,7 @@ class PromptStore:
         self._lock = threading.RLock()
         self._flock_depth = 0
         self._disk_total = 0  # tensor bytes of live versions, kept incrementally
+        self._owned: dict[str, int] = {}  # live tasks per owner, kept incrementally (quota checks are O(1))
         self._tasks: dict[str, _Task] = {}
         self._generation = -1
         self.quarantined: list[dict] = []    # {"path", "reason"} moved aside by this process
@@ -307,7 +311,7 @@ class PromptStore:
         staging = self._new_staging()
         try:
             if blob is not None:
-                write_durably(staging / TENSORS_NAME, blob)
+                write_durably(staging / TENSORS_NAME, blob, self.config.fsync)
             with self._exclusive():
                 task = self._rescan_task(task_id)
                 self._check_write(task, task_id, tenant, admin, creating=True)
@@ -317,16 +321,17 @@ class PromptStore:
                 if visibility is None:
                     manifest.visibility = task.latest.visibility if task is not None else "private"
                 write_durably(staging / MANIFEST_NAME,
-                              (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
-                _fsync_dir(staging)
+                              (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
+                              self.config.fsync)
+                _fsync_dir(staging, self.config.fsync)
                 self._before_publish()
                 task_dir = self.tasks_dir / task_id
                 if not task_dir.is_dir():
                     task_dir.mkdir()
-                    _fsync_dir(self.tasks_dir)
+                    _fsync_dir(self.tasks_dir, self.config.fsync)
                 final = task_dir / f"v{manifest.version}"
                 os.rename(staging, final)   # the publish: all or nothing
-                _fsync_dir(task_dir)
+                _fsync_dir(task_dir, self.config.fsync)
                 self._bump_generation(task_id)
                 self._rescan_task(task_id)
                 rec = self._tasks[task_id].versions[manifest.version]
@@ -357,7 +362,7 @@ class PromptStore:
             through = self._next_version(task_id) - 1
             _write_json_atomic(self.tasks_dir / task_id / TOMBSTONE_NAME,
                                {"deleted_through": through, "deleted_at": utc_now(), "by": tenant or ""},
-                               self.staging_dir)
+                               self.staging_dir, self.config.fsync)
             self._bump_generation(task_id)
             self._rescan_task(task_id)
             trash = self._new_staging()
@@ -475,7 +480,7 @@ class PromptStore:
             return
         if creating and tenant is not None and not admin:
             with self._lock:
-                owned = sum(1 for t in self._tasks.values() if t.owner == tenant)
+                owned = self._owned.get(tenant, 0)
             if owned >= self.config.max_tasks_per_tenant:
                 raise QuotaExceeded(f"tenant {tenant!r} expected at most {self.config.max_tasks_per_tenant} tasks, "
                                     f"found {owned} already")
@@ -613,7 +618,9 @@ class PromptStore:
         gen, changes = self._read_generation()
         gen = max(gen, 0) + 1
         changes = (changes + [(gen, task_id)])[-_CHANGE_LOG:]
-        _write_json_atomic(self.root / GENERATION_NAME, {"generation": gen, "changes": changes}, self.staging_dir)
+        # a hint for replicas, not data: no fsync (after a crash a torn file reads as unreadable -> full rescan)
+        _write_json_atomic(self.root / GENERATION_NAME, {"generation": gen, "changes": changes}, self.staging_dir,
+                           fsync=False)
         with self._lock:
             if self._generation == gen - 1:  # we were up to date; stay so without a rescan
                 self._generation = gen
@@ -711,6 +718,8 @@ class PromptStore:
             task = _Task(task_id, owner, versions)
             self._tasks[task_id] = task
             self._disk_total += self._task_bytes(task) - self._task_bytes(old)
+            self._count_owner(old, -1)
+            self._count_owner(task, +1)
             if old is not None:
                 for n in set(old.versions) - set(versions):
                     self.tiers.discard_task(f"{task_id}@{n}")
@@ -721,6 +730,7 @@ class PromptStore:
             old = self._tasks.pop(task_id, None)
             if old is not None:
                 self._disk_total -= self._task_bytes(old)
+                self._count_owner(old, -1)
                 self.tiers.discard_task(f"{task_id}@")
 
     def _quarantine(self, path: Path, reason: str, key: str | None = None) -> None:
@@ -735,6 +745,10 @@ class PromptStore:
         except OSError as e:  # read-only volume: skip it in memory only
             log.error("could not move %s to quarantine (%s); skipping it", path, e)
         self.quarantined.append({"path": str(path), "reason": reason})
+
+    def _count_owner(self, task: _Task | None, delta: int) -> None:
+        if task is not None:
+            self._owned[task.owner] = self._owned.get(task.owner, 0) + delta
 
     def _disk_bytes(self) -> None:
         self.tiers.disk.resident_bytes = self._disk_total

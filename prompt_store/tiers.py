@@ -71,20 +71,29 @@ class LRUTier:
         old = self.entries.pop(key, None)
         if old is not None:
             self.stats.resident_bytes -= old.nbytes
+            self.stats.pinned -= old.pinned
             pinned = pinned or old.pinned
         if nbytes > self.budget_bytes and not pinned:
             self._sync()
             return False
-        for victim in [k for k, e in self.entries.items() if not e.pinned]:
-            if self.stats.resident_bytes + nbytes <= self.budget_bytes:
-                break
-            self.stats.resident_bytes -= self.entries.pop(victim).nbytes
-            self.stats.evictions += 1
+        if self.stats.resident_bytes + nbytes > self.budget_bytes:
+            need = self.stats.resident_bytes + nbytes - self.budget_bytes
+            victims = []
+            for k, e in self.entries.items():  # oldest first; stops as soon as enough is freed
+                if need <= 0:
+                    break
+                if not e.pinned:
+                    victims.append(k)
+                    need -= e.nbytes
+            for k in victims:
+                self.stats.resident_bytes -= self.entries.pop(k).nbytes
+                self.stats.evictions += 1
         if self.stats.resident_bytes + nbytes > self.budget_bytes and not pinned:
             self._sync()
             return False
         self.entries[key] = _Entry(value, nbytes, pinned)
         self.stats.resident_bytes += nbytes
+        self.stats.pinned += pinned
         self._sync()
         return True
 
@@ -92,6 +101,7 @@ class LRUTier:
         entry = self.entries.get(key)
         if entry is None:
             return False
+        self.stats.pinned += int(pinned) - int(entry.pinned)
         entry.pinned = pinned
         self._sync()
         return True
@@ -100,13 +110,14 @@ class LRUTier:
         """Drop every entry whose key matches (a deleted task); not counted as evictions."""
         gone = [k for k in self.entries if match(k)]
         for k in gone:
-            self.stats.resident_bytes -= self.entries.pop(k).nbytes
+            entry = self.entries.pop(k)
+            self.stats.resident_bytes -= entry.nbytes
+            self.stats.pinned -= entry.pinned
         self._sync()
         return len(gone)
 
     def _sync(self) -> None:
         self.stats.entries = len(self.entries)
-        self.stats.pinned = sum(1 for e in self.entries.values() if e.pinned)
 
 
 @dataclass
