@@ -15,7 +15,6 @@ import uvicorn
 from pydantic import ValidationError
 
 from server.config import Settings
-from server.main import create_app
 
 
 class DrainingServer(uvicorn.Server):
@@ -31,6 +30,9 @@ class DrainingServer(uvicorn.Server):
                                              self.runtime.settings.shutdown_grace_s)
         self.runtime.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals after shutdown (exit status "killed by SIGTERM"); a completed drain
+        # is a clean exit, so report 0 instead
+        self._captured_signals.clear()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m server: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.main import create_app  # torch and the engine load only once the settings are known to be sane
+
     try:
         app = create_app(settings)
     except ValueError as e:  # a bad auth file

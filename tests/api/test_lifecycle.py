@@ -1,0 +1,210 @@
+"""`python -m server` as operators run it: flags and env, the bind guard, graceful shutdown on SIGTERM, readiness.
+
+The shutdown tests run the server as a subprocess (SIGTERM goes to a real process). Waits are bounded by
+deadlines and keyed on observable events (a log line, a token, the process exiting), never on bare sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.auth import KeyRing, hash_key
+from server.config import Settings
+
+from .conftest import ACME, assert_error, hard_task, live_server, sse_events, write_auth_file
+
+REPO = Path(__file__).resolve().parents[2]
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
+
+
+class ServerProcess:
+    """`python -m server --port 0 ...` with its log read on a thread, so the chosen port and events can be awaited."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        full_env = {**os.environ, "PROMPTSERVE_STORE": str(tmp / "store"), "PROMPTSERVE_DEVICE": "cpu",
+                    **(env or {})}
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", *args], cwd=REPO, env=full_env,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        port = self.wait_for(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", 120).group(1)
+        self.url = f"http://127.0.0.1:{port}"
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout_s: float) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        rx = re.compile(pattern)
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.log.append(line)
+            m = rx.search(line)
+            if m:
+                return m
+        raise AssertionError(f"no log line matching {pattern!r} within {timeout_s} s:\n{''.join(self.log[-30:])}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+
+
+def stream_in_thread(url: str, task: str, max_new_tokens: int, first_token: threading.Event) -> dict:
+    """Run a streaming generate on a thread; `result` gets the events (or the exception that ended it)."""
+    result: dict = {"events": []}
+
+    def run() -> None:
+        try:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                with c.stream("POST", f"/v1/tasks/{task}/generate",
+                              json={"input": COUNTING, "max_new_tokens": max_new_tokens, "stream": True}) as r:
+                    result["status"] = r.status_code
+                    for event in sse_events(r.iter_lines()):
+                        result["events"].append(event)
+                        first_token.set()
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            result["error"] = e
+        finally:
+            first_token.set()
+
+    result["thread"] = threading.Thread(target=run, daemon=True)
+    result["thread"].start()
+    return result
+
+
+def refused(url: str) -> bool:
+    """A new request is refused: the listening socket is closed, or the server answers 503 while draining."""
+    try:
+        r = httpx.post(f"{url}/v1/tasks/count/generate", json={"input": "x", "max_new_tokens": 1}, timeout=10)
+    except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError):
+        return True
+    return r.status_code == 503
+
+
+def test_sigterm_finishes_in_flight_refuses_new_and_exits(tmp_path):
+    server = ServerProcess(tmp_path, "--shutdown-grace-s", "60")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert c.get("/ready").status_code == 200
+            assert hard_task(c, "count", "{input}").status_code == 201
+        started = threading.Event()
+        inflight = stream_in_thread(server.url, "count", 24, started)
+        assert started.wait(60) and inflight["events"], inflight
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for(r"draining", 10)
+        assert refused(server.url)
+        inflight["thread"].join(60)
+        events = inflight["events"]
+        assert "error" not in inflight, inflight.get("error")
+        assert events[-1][0] == "done", events[-3:]
+        done = json.loads(events[-1][1])
+        assert done["finish_reason"] == "length" and done["usage"]["completion_tokens"] == 24
+        assert server.proc.wait(timeout=60) == 0
+        assert time.monotonic() - t0 < 60
+    finally:
+        server.close()
+
+
+def test_sigterm_cancels_what_outlives_the_grace_period(tmp_path):
+    server = ServerProcess(tmp_path, "--shutdown-grace-s", "1")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert hard_task(c, "count", "{input}").status_code == 201
+        started = threading.Event()
+        inflight = stream_in_thread(server.url, "count", 1000, started)  # minutes of work on this CPU
+        assert started.wait(60) and inflight["events"]
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0
+        assert time.monotonic() - t0 < 1 + 15  # the grace period, plus cancelling and closing
+        inflight["thread"].join(30)
+        assert not any(e == "done" for e, _ in inflight["events"])  # it was cut off, not completed
+    finally:
+        server.close()
+
+
+def test_refuses_a_public_bind_without_an_auth_file(tmp_path):
+    for args, env in ((["--host", "0.0.0.0"], {}), ([], {"PROMPTSERVE_HOST": "0.0.0.0"})):
+        p = subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, **env, "PROMPTSERVE_STORE": str(tmp_path)}, timeout=120)
+        assert p.returncode == 2 and "auth file" in p.stderr, p.stderr
+
+
+def test_settings_from_flags_env_and_defaults(monkeypatch, tmp_path):
+    s = Settings()
+    assert (s.host, s.port, s.model, s.auth_file, s.cors_origins, s.log_requests) == \
+        ("127.0.0.1", 8000, "default", None, [], False)
+    monkeypatch.setenv("PROMPTSERVE_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("PROMPTSERVE_CORS_ORIGINS", "https://a.example, https://b.example")
+    monkeypatch.setenv("PROMPTSERVE_ALLOW_INSECURE_BIND", "true")
+    monkeypatch.setenv("PROMPTSERVE_PORT", "9000")
+    s = Settings(_cli_parse_args=["--port", "9100", "--tokens-per-minute", "600", "--store", str(tmp_path)])
+    assert s.max_batch_size == 7 and s.port == 9100 and s.tokens_per_minute == 600 and s.store == tmp_path
+    assert s.cors_origins == ["https://a.example", "https://b.example"] and s.allow_insecure_bind
+    Settings(host="0.0.0.0", allow_insecure_bind=True).check_bind()
+    Settings(host="::1").check_bind()
+    Settings(host="0.0.0.0", auth_file=tmp_path / "a.json").check_bind()
+    with pytest.raises(ValueError, match="auth file"):
+        Settings(host="0.0.0.0", allow_insecure_bind=False).check_bind()
+    with pytest.raises(ValueError):
+        Settings(max_batch_size=0)
+
+
+def test_auth_file_keys_plain_and_hashed(tmp_path):
+    ring = KeyRing.load(write_auth_file(tmp_path / "auth.json", {"acme": {"weight": 2, "max_concurrent": 3}}))
+    assert ring.authenticate(ACME).tenant == "acme"
+    assert ring.authenticate("globex-key-0123456789abcdef").tenant == "globex"  # stored as sha256:<hex>
+    assert ring.authenticate("admin-key-0123456789abcdef").admin
+    assert ring.authenticate(hash_key(ACME)) is None and ring.authenticate("") is None
+    assert ring.policy("acme").weight == 2 and ring.policy("acme").max_concurrent == 3
+    for bad in ({"keys": {}}, {"keys": {"short": {"tenant": "a"}}}, {"keys": {"sha256:zz": {"tenant": "a"}}},
+                {"keys": {ACME: {"tenant": "../x"}}}, {"keys": {ACME: {"tenant": "a", "admin": "yes"}}}):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="auth file"):
+            KeyRing.load(tmp_path / "bad.json")
+
+
+def test_cors_is_off_by_default_and_on_when_configured(tmp_path):
+    for origins, allowed in (([], False), (["https://app.example"], True)):
+        with live_server(tmp_path / str(allowed), cors_origins=origins) as server, server.client() as c:
+            r = c.options("/v1/tasks", headers={"Origin": "https://app.example",
+                                                "Access-Control-Request-Method": "GET"})
+            assert (r.headers.get("access-control-allow-origin") == "https://app.example") is allowed
+
+
+def test_ready_fails_when_the_engine_loop_dies(tmp_path):
+    with live_server(tmp_path, auth=False) as server, server.client() as c:
+        assert hard_task(c, "qa").status_code == 201
+        assert c.get("/ready").status_code == 200
+
+        def boom():
+            raise RuntimeError("injected engine failure")
+
+        server.runtime.engine.engine.step = boom  # the loop thread's next step raises
+        r = c.post("/v1/tasks/qa/generate", json={"input": "x", "max_new_tokens": 2})
+        assert_error(r, 500)
+        ready = c.get("/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+        assert_error(c.post("/v1/tasks/qa/generate", json={"input": "x"}), 503, "unavailable")
+        assert c.get("/health").status_code == 200  # alive, but out of rotation
