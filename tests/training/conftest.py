@@ -54,3 +54,12 @@ def classify_file(tmp_path) -> Path:
 @pytest.fixture
 def generate_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "gen.jsonl", GENERATE_ROWS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny ops on a shared 2-core CI box: a second torch thread only adds synchronisation waits (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
