@@ -134,7 +134,7 @@ class LLMEngine:
                 outputs.append(self._classified(s, res))
             else:
                 outputs.append(self._append_token(s, res))
-        self._release_finished(s for s, _ in results)
+        self._release_finished(seqs)  # finished at prefill (classified, EOS, failed) leave at once
         return outputs
 
     def _run_prefill(self, seqs, tensors, outputs) -> list[tuple[Sequence, object]]:

@@ -1,0 +1,113 @@
+"""Engine behaviour around the batch: limits, sampling per request, stop strings, cancellation, failure isolation."""
+
+from __future__ import annotations
+
+import pytest
+
+from prompt_core.spec import PromptKind, PromptSpec, make_labels
+from server.engine.request import EngineRequest, InputTooLong, InvalidRequest, SamplingParams
+from tests.helpers import greedy, new_engine, prompt_ref, random_prompt, run, tiny_llama
+
+HARD = prompt_ref("hard@1", PromptSpec(PromptKind.HARD, 0, "Say: {input}"), None)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return tiny_llama()
+
+
+def test_limits_give_clear_errors(loaded):
+    engine = new_engine(loaded, max_input_tokens=16, max_new_tokens=8)
+    with pytest.raises(InputTooLong, match="limit is 16"):
+        engine.add_request(EngineRequest("a", HARD, "word " * 40, sampling=greedy(3)))
+    with pytest.raises(InputTooLong, match="at most 8"):
+        engine.add_request(EngineRequest("b", HARD, "hi", sampling=SamplingParams(max_new_tokens=9)))
+    with pytest.raises(InvalidRequest, match="no labels"):
+        engine.add_request(EngineRequest("c", HARD, "hi", mode="classify"))
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(temperature=float("nan")),
+                dict(top_p=0.0), dict(top_k=-1), dict(stop=("",))):
+        with pytest.raises(InvalidRequest):
+            SamplingParams(**bad)
+    assert not engine.has_work()  # nothing half-added
+    outs = run(engine, [EngineRequest("ok", HARD, "hi", sampling=greedy(3))])
+    assert outs["ok"].finish_reason in ("length", "stop")
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(loaded):
+    sampling = SamplingParams(max_new_tokens=8, temperature=1.0, top_p=0.9, seed=42)
+    alone = run(new_engine(loaded), [EngineRequest("s", HARD, "hello", sampling=sampling)])["s"]
+    crowd = [EngineRequest(f"o{i}", HARD, f"other text {i}", sampling=SamplingParams(max_new_tokens=8,
+             temperature=1.0, seed=i)) for i in range(4)]
+    together = run(new_engine(loaded), crowd + [EngineRequest("s", HARD, "hello", sampling=sampling)])["s"]
+    assert together.text == alone.text and together.completion_tokens == alone.completion_tokens
+    other_seed = run(new_engine(loaded), [EngineRequest("s", HARD, "hello", sampling=SamplingParams(
+        max_new_tokens=8, temperature=1.0, top_p=0.9, seed=43))])["s"]
+    assert other_seed.text != alone.text
+
+
+def test_stop_strings_cut_the_text(loaded):
+    full = run(new_engine(loaded), [EngineRequest("f", HARD, "hello", sampling=greedy(12))])["f"]
+    assert len(full.text) > 4
+    stop = full.text[2:4]
+    cut = run(new_engine(loaded), [EngineRequest("c", HARD, "hello", sampling=SamplingParams(
+        max_new_tokens=12, stop=(stop,)))])["c"]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+
+
+def test_streamed_deltas_add_up_to_the_text(loaded):
+    engine = new_engine(loaded)
+    engine.add_request(EngineRequest("d", HARD, "hello", sampling=greedy(10)))
+    deltas, final = [], None
+    while engine.has_work():
+        for out in engine.step():
+            deltas.append(out.new_text)
+            final = out if out.finished else final
+    assert "".join(deltas) == final.text and final.completion_tokens == 10
+
+
+def test_cancel_frees_the_row(loaded):
+    engine = new_engine(loaded)
+    seqs = [engine.add_request(EngineRequest(f"r{i}", HARD, "hello", sampling=greedy(50))) for i in range(3)]
+    engine.step()
+    assert engine.runner.num_rows == 3
+    engine.abort(seqs[1])
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs["r1"].finish_reason == "cancelled"
+    assert engine.runner.num_rows == 2 and seqs[2].row == 1  # the last row moved into the hole
+
+
+def test_a_failing_prompt_fails_alone(loaded):
+    def broken():
+        raise OSError("prompt.safetensors: sha256 mismatch")
+
+    bad = prompt_ref("bad@1", PromptSpec(PromptKind.PROMPT_TUNING, 4), None)
+    bad = type(bad)(bad.key, bad.spec, broken)
+    good_spec = PromptSpec(PromptKind.PREFIX_TUNING, 3, labels=make_labels(["yes", "no"]))
+    good = prompt_ref("good@1", good_spec, random_prompt(loaded, PromptKind.PREFIX_TUNING, 3, 0))
+    requests = [EngineRequest("g1", good, "is it?", sampling=greedy(4)), EngineRequest("b", bad, "hi"),
+                EngineRequest("g2", good, "really", mode="classify")]
+    engine = new_engine(loaded)
+    outs = run(engine, requests)
+    assert outs["b"].finish_reason == "error" and "sha256 mismatch" in outs["b"].error
+    alone = run(new_engine(loaded), [requests[0], requests[2]])
+    assert outs["g1"].text == alone["g1"].text and outs["g1"].error is None
+    assert outs["g2"].label_probs == pytest.approx(alone["g2"].label_probs, abs=1e-5)
+
+
+def test_an_exception_in_the_batched_forward_fails_only_its_request(loaded, monkeypatch):
+    engine = new_engine(loaded)
+    real = engine.runner.prefill
+
+    def flaky(seqs, tensors):  # injected fault: any batch holding request "x" raises
+        if any(s.request_id == "x" for s in seqs):
+            raise RuntimeError("injected")
+        return real(seqs, tensors)
+
+    monkeypatch.setattr(engine.runner, "prefill", flaky)
+    requests = [EngineRequest(i, HARD, f"input {i}", sampling=greedy(4)) for i in ("a", "x", "b")]
+    outs = run(engine, requests)
+    assert outs["x"].finish_reason == "error"
+    expected = run(new_engine(loaded), [requests[0], requests[2]])
+    assert outs["a"].text == expected["a"].text and outs["b"].text == expected["b"].text
+    assert engine.runner.num_rows == 0
