@@ -1,0 +1,181 @@
+#!/usr/bin/env python
+"""Fairness benchmark (not CI): does a tenant flooding the server starve a light tenant?
+
+Two tenants share one server. The light tenant sends a steady trickle of small generate requests, first on an idle
+server (its baseline), then while the heavy tenant floods the server with many concurrent long requests. The script
+prints the light tenant's latency percentiles in both phases and the ratio of its p95 under load to its p95 idle
+(goal: at most 2x). For contrast it runs the same trickle with the heavy tenant's key, i.e. what the light client
+would get if the server only queued first-come first-served, without tenant fair sharing.
+
+    python scripts/bench_fairness.py                      # starts `python -m server` itself on a free port
+    python scripts/bench_fairness.py --url http://host:8000 --heavy-key K1 --light-key K2
+
+Heavy requests are queued beyond the batch size on purpose (see --heavy-concurrency and --max-batch-size), so the
+scheduler has to choose whom to admit: that choice is what this measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY_KEY = "bench-heavy-key-0123456789"
+LIGHT_KEY = "bench-light-key-0123456789"
+TASK = "bench-fairness"
+HEAVY_INPUT = "Write a long story about a dragon who learns to cook."
+LIGHT_INPUT = "What is the capital of France?"
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(args) -> tuple[subprocess.Popen, str, Path]:
+    """`python -m server` with a fresh store and two tenants; its log goes to a file (shown if it fails)."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-fairness-"))
+    auth = tmp / "auth.json"
+    auth.write_text(json.dumps({"keys": {HEAVY_KEY: {"tenant": "heavy"}, LIGHT_KEY: {"tenant": "light"}}}))
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--store", str(tmp / "store"),
+           "--auth-file", str(auth), "--max-batch-size", str(args.max_batch_size), "--max-concurrent", "1000",
+           "--max-queue", "4096", "--log-level", "warning"]
+    if args.device:
+        cmd += ["--device", args.device]
+    log = open(tmp / "server.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}", tmp
+
+
+async def one(client: httpx.AsyncClient, key: str, text: str, max_new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    r = await client.post(f"/v1/tasks/{TASK}/generate", headers={"Authorization": f"Bearer {key}"},
+                          json={"input": text, "max_new_tokens": max_new_tokens})
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+async def trickle(client, key: str, n: int, interval_s: float, max_new_tokens: int) -> list[float]:
+    """Open loop: one request every interval, whatever the latency of the previous ones."""
+    tasks = []
+    for _ in range(n):
+        tasks.append(asyncio.create_task(one(client, key, LIGHT_INPUT, max_new_tokens)))
+        await asyncio.sleep(interval_s)
+    return list(await asyncio.gather(*tasks))
+
+
+async def flood(client, key: str, stop: asyncio.Event, concurrency: int, max_new_tokens: int,
+                done: list[float]) -> None:
+    """Closed loop: `concurrency` clients each sending the next long request as soon as one finishes."""
+    async def worker() -> None:
+        while not stop.is_set():
+            done.append(await one(client, key, HEAVY_INPUT, max_new_tokens))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def phase(client, args, heavy_key: str, light_key: str, loaded: bool) -> tuple[list[float], int]:
+    stop = asyncio.Event()
+    heavy_done: list[float] = []
+    flooder = None
+    if loaded:
+        flooder = asyncio.create_task(flood(client, heavy_key, stop, args.heavy_concurrency, args.heavy_tokens,
+                                            heavy_done))
+        await asyncio.sleep(args.warmup_s)  # let the flood fill the batch and the queue
+    lat = await trickle(client, light_key, args.requests, args.interval_s, args.light_tokens)
+    stop.set()
+    if flooder is not None:
+        await flooder
+    return lat, len(heavy_done)
+
+
+def report(name: str, lat: list[float]) -> str:
+    return (f"{name:<34} n={len(lat):3d}  p50={percentile(lat, .5):6.2f}s  p95={percentile(lat, .95):6.2f}s  "
+            f"max={max(lat):6.2f}s  mean={statistics.mean(lat):6.2f}s")
+
+
+async def main_async(args) -> int:
+    url, proc, tmp = args.url, None, None
+    if url is None:
+        proc, url, tmp = start_server(args)
+    heavy_key, light_key = args.heavy_key or HEAVY_KEY, args.light_key or LIGHT_KEY
+    limits = httpx.Limits(max_connections=args.heavy_concurrency + args.requests + 8)
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    if (await client.get("/ready")).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+                    log = (tmp / "server.log").read_text()[-3000:] if tmp else ""
+                    raise SystemExit(f"the server at {url} did not become ready\n{log}")
+                await asyncio.sleep(0.2)
+            r = await client.post("/v1/tasks", headers={"Authorization": f"Bearer {heavy_key}"},
+                                  json={"task_id": TASK, "kind": "hard", "template": "Q: {input}\nA:",
+                                        "visibility": "public"})
+            if r.status_code not in (201, 403):  # 403: the task exists already (an earlier run on --url)
+                r.raise_for_status()
+            await one(client, light_key, LIGHT_INPUT, args.light_tokens)  # warm-up
+            print(f"server {url}; light: {args.requests} requests every {args.interval_s}s, {args.light_tokens} "
+                  f"tokens; heavy: {args.heavy_concurrency} concurrent, {args.heavy_tokens} tokens each; "
+                  f"batch {args.max_batch_size}")
+            idle, _ = await phase(client, args, heavy_key, light_key, loaded=False)
+            print(report("light tenant, idle server", idle), flush=True)
+            loaded, heavy_n = await phase(client, args, heavy_key, light_key, loaded=True)
+            print(report("light tenant, heavy tenant flooding", loaded), f" (heavy finished {heavy_n})", flush=True)
+            same, _ = await phase(client, args, heavy_key, heavy_key, loaded=True)
+            print(report("same trickle sent as the heavy tenant", same), "(no tenant separation: FIFO)", flush=True)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    ratio = percentile(loaded, .95) / percentile(idle, .95)
+    fifo = percentile(same, .95) / percentile(idle, .95)
+    print(f"\nlight tenant p95 under flood / idle p95 = {ratio:.2f}x  (goal <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
+    print(f"without tenant separation the same trickle gets {fifo:.2f}x")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--url", help="an existing server (default: start one)")
+    p.add_argument("--heavy-key", help="API key of the heavy tenant on --url")
+    p.add_argument("--light-key", help="API key of the light tenant on --url")
+    p.add_argument("--device", help="device for the started server (default: auto)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="batch size of the started server")
+    p.add_argument("--requests", type=int, default=20, help="light requests per phase")
+    p.add_argument("--interval-s", type=float, default=1.0, help="seconds between light requests")
+    p.add_argument("--light-tokens", type=int, default=8)
+    p.add_argument("--heavy-tokens", type=int, default=64)
+    p.add_argument("--heavy-concurrency", type=int, default=32, help="heavy clients in flight (queued past the batch)")
+    p.add_argument("--warmup-s", type=float, default=3.0, help="flood time before the light trickle starts")
+    args = p.parse_args()
+    return asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
