@@ -83,7 +83,8 @@ def train(cfg: TrainConfig, *, lm=None, accelerator: Accelerator | None = None, 
     total_steps = steps_per_epoch * cfg.epochs
     if main and not quiet:
         print(f"{cfg.method} {cfg.task}: {len(train_rows)} train / {len(held_rows)} held-out examples, "
-              f"{method.num_trainable():,} trained parameters, {world} process(es)")
+              f"{method.num_trainable():,} trained parameters, {world} process(es)"
+              + (f" ({accelerator.state.backend})" if world > 1 else ""))
 
     def score(tag: str) -> dict:
         with torch.no_grad():

@@ -281,3 +281,36 @@ def test_push_failure_is_a_clear_error(tmp_path):
     (tmp_path / "task.json").write_text("{}")
     with pytest.raises(ValueError, match="push to http://127.0.0.1:9/v1/tasks failed"):
         push(tmp_path, "http://127.0.0.1:9", "k", "t", timeout=2)
+
+
+# ---------------------------------------------------------------- two processes (gloo)
+def test_two_cpu_processes_match_one(tiny_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each takes half of every global batch and DDP averages the gradients,
+    so the prompt equals a one-process run with the whole batch."""
+    import os
+    import subprocess
+    import sys
+
+    train_file = write_jsonl(tmp_path / "train.jsonl", CLASSIFY_ROWS[:16])
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", CLASSIFY_ROWS[16:])
+    common = ["--method", "p-tuning", "--task", "classify", "--data", str(train_file), "--eval", str(eval_file),
+              "--model", str(tiny_dir), "--labels", "good,bad", "--epochs", "2", "--virtual-tokens", "4",
+              "--device", "cpu", "--lr", "1e-2"]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "training", "train",
+           "--out", str(tmp_path / "ddp"), "--batch-size", "4"] + common
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:  # a hung rendezvous must not leave workers behind
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "2 process(es) (gloo)" in stdout
+    assert cli_main(["train", "--out", str(tmp_path / "one"), "--batch-size", "8"] + common) == 0
+    two = load_file(str(tmp_path / "ddp" / "prompt.safetensors"))["virtual"]
+    one = load_file(str(tmp_path / "one" / "prompt.safetensors"))["virtual"]
+    torch.testing.assert_close(two, one, atol=1e-5, rtol=0)
