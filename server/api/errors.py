@@ -50,6 +50,7 @@ _STORE = [(TaskNotFound, 404, "not_found"), (Forbidden, 403, "forbidden"), (Payl
           (CorruptArtifact, 500, "corrupt_artifact"), (StoreError, 400, "invalid_request")]
 _ENGINE = [(InputTooLong, 413, "input_too_long"), (InvalidRequest, 422, "invalid_request"),
            (EngineOverloaded, 503, "overloaded"), (EngineStopped, 503, "unavailable"), (EngineError, 500, "internal")]
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
 _HTTP_TYPES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "invalid_request", 429: "rate_limited", 503: "unavailable"}
@@ -70,15 +71,20 @@ def error_json(status: int, type_: str, message: str, headers: dict[str, str] | 
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
 
 
+_UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _field_path(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc) or "body"
+    """`body.stop.0`, without pydantic's union-branch tags (`constrained-str`, `list[str]`) that name no field."""
+    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "-" in p or p in _UNION_TAGS))]
+    return ".".join(parts) or "body"
 
 
 def validation_message(errors: list[dict]) -> str:
     """`body.max_new_tokens: Input should be greater than or equal to 1; body.input: Field required`."""
-    parts = [f"{_field_path(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors[:20]]
-    more = f" (and {len(errors) - 20} more)" if len(errors) > 20 else ""
-    return "; ".join(parts) + more
+    parts = list(dict.fromkeys(f"{_field_path(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors))
+    more = f" (and {len(parts) - 20} more)" if len(parts) > 20 else ""
+    return "; ".join(parts[:20]) + more
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -89,6 +95,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 400 and message == _FASTAPI_BODY_ERROR:  # e.g. invalid UTF-8: still a bad body
+            return error_json(422, "invalid_request", "body: expected JSON text encoded as UTF-8")
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint"
         return error_json(exc.status_code, _HTTP_TYPES.get(exc.status_code, "error"), message,

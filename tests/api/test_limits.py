@@ -21,7 +21,7 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # the model keeps counting instead 
 @pytest.fixture(scope="module")
 def server(module_tmp):
     tenants = {"acme": {"max_concurrent": 1}, "metered": {"tokens_per_minute": 20}}
-    with live_server(module_tmp, tenants=tenants, max_queue=3, max_concurrent=8) as s:
+    with live_server(module_tmp, tenants=tenants, max_queue=3, max_concurrent=8, max_tasks_per_tenant=2) as s:
         with s.client(ADMIN) as admin:
             assert hard_task(admin, "qa", visibility="public").status_code == 201
             assert hard_task(admin, "count", "{input}", visibility="public").status_code == 201
@@ -89,6 +89,16 @@ def test_503_when_the_global_queue_is_full(server):
         server.wait_idle()
     with server.client(GLOBEX) as globex:
         assert globex.post("/v1/tasks/qa/generate", json={"input": "x", "max_new_tokens": 1}).status_code == 200
+
+
+def test_429_when_a_tenant_owns_too_many_tasks(server):
+    with server.client(GLOBEX) as globex:
+        for i in range(2):
+            assert hard_task(globex, f"mine-{i}").status_code == 201
+        assert hard_task(globex, "mine-0", "New: {input}").status_code == 201  # a new version is not a new task
+        assert_error(hard_task(globex, "mine-2"), 429, "quota_exceeded")
+        assert globex.delete("/v1/tasks/mine-1").status_code == 204
+        assert hard_task(globex, "mine-2").status_code == 201
 
 
 def test_stream_disconnect_cancels_and_frees_the_slot(server):

@@ -163,8 +163,11 @@ def test_422_names_the_field_paths(acme):
     assert "body.stop" in err["message"]
     err = assert_error(acme.post("/v1/tasks/qa/generate", json={"input": "x", "max_tokens": 3}), 422)
     assert "body.max_tokens" in err["message"]  # a typo is refused, not ignored
-    assert_error(acme.post("/v1/tasks/qa/generate", content=b"{not json", headers={"content-type":
-                                                                                      "application/json"}), 422)
+    for raw in (b"{not json", b'{"input": "\xff\xfe"}', b"[]", b""):  # invalid JSON, invalid UTF-8, no object
+        assert_error(acme.post("/v1/tasks/qa/generate", content=raw, headers={"content-type": "application/json"}),
+                     422, "invalid_request")
+    err = assert_error(acme.post("/v1/tasks/qa/classify", json={"input": []}), 422)
+    assert err["message"].startswith("body.input: ")  # union branches are not named in the path
     err = assert_error(hard_task(acme, "bad-template", "no slot here"), 422)
     assert "{input}" in err["message"]
     err = assert_error(acme.post("/v1/tasks", json={"task_id": "x", "template": "{input}", "kind": "soft"}), 422)
