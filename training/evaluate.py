@@ -1,9 +1,9 @@
 """The evaluation harness shared by soft prompts and hard-prompt baselines.
 
 Classify: argmax over `label_scores`, exactly as the server. Generate: greedy decoding on prompt_core (prefill, then
-`build_decode` steps on the same cache), cut at EOS or the first newline after
-some text (every example answer is one line), then
-exact match (after stripping surrounding whitespace) and token F1 (SQuAD-style, lower-cased, whitespace tokens).
+`build_decode` steps on the same cache), cut at EOS or at a newline after some text (every example answer is one
+line), then exact match (after stripping surrounding whitespace) and token F1 (SQuAD-style, lower-cased, whitespace
+tokens).
 """
 
 from __future__ import annotations
