@@ -352,6 +352,8 @@ def run_peft_sequential(loaded: LoadedModel, tasks: list[Task], requests: list[E
             else:
                 wrappers[kind].load_adapter(d, adapter_name=name)
             names[key] = (kind, name)
+    for w in wrappers.values():
+        w.to(device=loaded.device, dtype=loaded.dtype)
     load_s = time.perf_counter() - t_load
 
     def greedy(model_fn, ids: list[int], n: int) -> list[int]:
@@ -432,16 +434,43 @@ def warnings_off():
         yield
 
 
-def matmul_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best fp32 torch.mm FLOP/s over `repeats` runs of an n x n by n x n product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_flops(n: int = 2048, repeats: int = 10, device: torch.device = torch.device("cpu"),
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Best torch.mm FLOP/s over `repeats` runs of an n x n by n x n product (the model's dtype, on its device).
+    On CPU with one torch thread the product runs on this thread, so its CPU time (time.thread_time) is also used:
+    it excludes the time other users' processes held the core, and the larger (stricter) figure is returned."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
+    sync(device)
+    best_wall = best_cpu = float("inf")
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.thread_time()
+        torch.mm(a, b)
+        sync(device)
+        best_wall = min(best_wall, time.perf_counter() - t)
+        best_cpu = min(best_cpu, time.thread_time() - c)
+    cpu_ok = device.type == "cpu" and torch.get_num_threads() == 1 and best_cpu > 0
+    return 2 * n ** 3 / (min(best_wall, best_cpu) if cpu_ok else best_wall)
+
+
+def copy_bandwidth(mib: int = 256, repeats: int = 5, device: torch.device = torch.device("cpu")) -> float:
+    """Best bytes/s of copying a `mib` MiB fp32 tensor (read + write counted)."""
+    x = torch.randn(mib * 2**18, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
     best = float("inf")
     for _ in range(repeats):
+        sync(device)
         t = time.perf_counter()
-        torch.mm(a, b)
+        y.copy_(x)
+        sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * x.numel() * 4 / best
 
 
 def flops_per_token(model) -> tuple[float, dict]:
@@ -522,12 +551,17 @@ def standard(loaded: LoadedModel, args) -> dict:
                                tokens_out=peft_tokens)
     agree = sum(1 for k, v in peft_tokens.items() if mixed_tokens.get(k) == v)
     peft.extra["token_agreement"] = f"{agree}/{len(peft_tokens)} requests generate the same tokens as the engine"
-    peak = matmul_flops(args.mm_size)
+    peak = matmul_flops(args.mm_size, device=loaded.device, dtype=loaded.dtype)
     fpt, fdetail = flops_per_token(loaded.model)
     bound = peak / fpt
-    print(f"\ncompute bound: torch.mm {args.mm_size}^2 best {peak / 1e9:.1f} GFLOP/s / {fpt / 1e9:.3f} GFLOP per token "
+    bw = copy_bandwidth(device=loaded.device)
+    wbytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    bw_bound = args.batch * bw / wbytes  # decode streams every weight once per step
+    print(f"\ncompute bound: torch.mm {args.mm_size}^2 {loaded.dtype} best {peak / 1e9:.1f} GFLOP/s / {fpt / 1e9:.3f} GFLOP per token "
           f"({fdetail['non_embedding_params'] / 1e6:.1f}M non-embedding params, V x D = {fdetail['vocab']} x "
-          f"{fdetail['hidden']}) = {bound:.0f} tokens/s")
+          f"{fdetail['hidden']}) = {bound:.0f} tokens/s ({torch.get_num_threads()} thread(s))")
+    print(f"memory: copy {bw / 1e9:.1f} GB/s; weights {wbytes / 2**20:.0f} MiB streamed per decode step -> at most "
+          f"{bw_bound:.0f} tokens/s at batch {args.batch} (not the bottleneck when this exceeds the compute bound)")
     print(f"PEFT: {len(peft_reqs)} of {len(reqs)} requests served one at a time ({peft.extra['decoding']}); its "
           f"tokens/s is the estimate for the whole workload. {peft.extra['token_agreement']}. Adapter loading "
           f"({peft.extra['adapters']} adapters) took {peft.extra['adapter_load_s']:.1f} s, not counted.\n")
@@ -540,6 +574,8 @@ def standard(loaded: LoadedModel, args) -> dict:
               f"overall, {e['decode_full_batch_tok_per_s']:.0f} tok/s at batch {args.batch} "
               f"({e['decode_full_batch_step_ms']:.0f} ms/step, {e['decode_full_batch_steps']} steps) = "
               f"{e['decode_full_batch_tok_per_s'] / bound:.0%} of the compute bound")
+    if loaded.device.type == "cuda":
+        print(f"  peak CUDA memory allocated: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     print(f"  peak RSS of the process (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     print()
     verdicts = [
@@ -552,7 +588,10 @@ def standard(loaded: LoadedModel, args) -> dict:
                 0.5, f"({mixed.extra['decode_full_batch_tok_per_s']:.0f} vs {bound:.0f} tok/s)"),
     ]
     res.update({"results": {r.name: r.summary() for r in (mixed, single, hf, peft)},
-                "bound": {"matmul_flops": peak, "flops_per_token": fpt, "tok_per_s": bound, **fdetail},
+                "bound": {"matmul_flops": peak, "flops_per_token": fpt, "tok_per_s": bound, "copy_bytes_per_s": bw,
+                          "weight_bytes": wbytes, "bandwidth_tok_per_s_at_batch": bw_bound, **fdetail},
+                "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if loaded.device.type == "cuda"
+                else None,
                 "verdicts": verdicts, "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "load_end": load_avg()})
     return res
@@ -619,7 +658,8 @@ def profile_decode(loaded: LoadedModel, args, steps: int = 8, top: int = 25) -> 
             engine.step()
         load = load_avg()
         t = time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loaded.device.type == "cuda" else [])
+        with profile(activities=acts, record_shapes=True) as prof:
             for _ in range(steps):
                 with record_function("## engine.step"):
                     engine.step()

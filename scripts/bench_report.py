@@ -1,0 +1,386 @@
+#!/usr/bin/env python
+"""Regenerate docs/benchmarks.md and its plots (docs/img/bench_*.png) from one run:
+
+    .venv/bin/python scripts/bench_report.py --threads 1            # full: ~10-15 min on the 2-core CPU box
+    .venv/bin/python scripts/bench_report.py --threads 1 --quick    # smaller sizes, ~2-4 min (to check the script)
+
+It runs, in this process and on this machine: the standard workload with its four baselines (scripts/bench_engine.py),
+the sweeps (throughput against batch size, distinct tasks in flight, virtual-token count), latency percentiles,
+classify against separate generate calls, and a torch.profiler breakdown of a decode step at batch 64. Then it writes
+the markdown with every figure next to its baselines and PASS/FAIL per target.
+
+Text between `<!-- notes:begin -->` and `<!-- notes:end -->` in the existing docs/benchmarks.md is kept (analysis
+written by hand). `--http-json` adds a table written by `scripts/bench_http.py --json`; `--gpu-log` adds the output
+of scripts/bench_gpu.sh verbatim. `--save-json` / `--from-json` store or re-render the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
+
+
+# ------------------------------------------------------------------------------------------------------- measuring
+
+def measure(args) -> dict:
+    import torch
+
+    import bench_engine as B
+    from prompt_core.model import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    eargs = argparse.Namespace(
+        quick=args.quick, model="default", device=args.device, dtype=args.dtype, requests=64, tasks=32,
+        new_tokens=32, virtual_tokens=16, batch=64, peft_requests=16, peft_recompute=False, keep_eos=False,
+        mm_size=2048, threads=args.threads, tasks_requests=None, tasks_new_tokens=8)
+    if args.quick:
+        eargs.requests, eargs.tasks, eargs.new_tokens, eargs.peft_requests, eargs.batch = 16, 8, 16, 4, 16
+    t_start = time.time()
+    with B.warnings_off():
+        loaded = load_model(None, args.device, args.dtype)
+    res = B.standard(loaded, eargs)
+    res["command"] = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+
+    # throughput against batch size: B requests, mixed tasks, engine and hf generate at the same batch
+    print("\nsweep: batch size")
+    batches = [1, 4, 8, 16] if args.quick else [1, 8, 16, 32, 64]
+    tasks = B.make_tasks(loaded, eargs.tasks, eargs.virtual_tokens, seed=1)
+    sweep_b = []
+    for b in batches:
+        reqs = B.make_requests(tasks, b, eargs.new_tokens, prefix=f"b{b}_")
+        e = B.run_engine(loaded, reqs, f"engine_b{b}", max_batch=b)
+        h = B.run_hf_generate(loaded, [r.text for r in reqs], eargs.new_tokens, b)
+        sweep_b.append({"batch": b, "engine": e.summary(), "hf": h.summary()})
+        print(f"  batch {b:>3}: engine {e.tps:6.1f} tok/s (decode {e.extra['decode_tok_per_s']:.0f}), "
+              f"hf generate {h.tps:6.1f} tok/s -> {e.tps / h.tps:.2f}x  load {e.load}")
+    res["sweep_batch"] = sweep_b
+
+    # throughput against distinct tasks in flight: the same requests over n tasks
+    print("\nsweep: distinct tasks")
+    counts = [1, 8, 64] if args.quick else [1, 8, 64, 512]
+    n_req = 64 if args.quick else 512
+    new_tok = 8
+    sweep_t = []
+    for n in counts:
+        ts = B.make_tasks(loaded, n, eargs.virtual_tokens, seed=100 + n, tag=f"n{n}_")
+        reqs = B.make_requests(ts, n_req, new_tok, prefix=f"n{n}_", texts=B.CLASSIFY_TEXTS)
+        r = B.run_engine(loaded, reqs, f"tasks_{n}", max_batch=eargs.batch)
+        sweep_t.append({"tasks": n, "requests": n_req, "new_tokens": new_tok, "engine": r.summary()})
+        print(f"  {n:>4} tasks: {r.tps:6.1f} tok/s, {r.rps:5.2f} req/s  load {r.load}")
+    res["sweep_tasks"] = sweep_t
+    base = sweep_t[0]["engine"]["tok_per_s"]
+    res["verdicts"].append(B.verdict(f"{counts[-1]} tasks / 1 task", sweep_t[-1]["engine"]["tok_per_s"] / base, 0.9,
+                                     f"({sweep_t[-1]['engine']['tok_per_s']:.1f} vs {base:.1f} tok/s)"))
+
+    # throughput against virtual-token count (soft kinds only; T = 0 is hard prompts)
+    print("\nsweep: virtual tokens")
+    sweep_v = []
+    for T in ([0, 8, 32] if args.quick else [0, 8, 32, 128]):
+        ts = B.make_tasks(loaded, eargs.tasks, T, kinds=B.KINDS[1:], seed=200 + T, tag=f"v{T}_")
+        reqs = B.make_requests(ts, eargs.requests, eargs.new_tokens, prefix=f"v{T}_")
+        r = B.run_engine(loaded, reqs, f"virtual_{T}", max_batch=eargs.batch)
+        sweep_v.append({"virtual_tokens": T, "engine": r.summary()})
+        print(f"  T={T:>3}: {r.tps:6.1f} tok/s, TTFT p50 {1000 * r.summary()['ttft_p50']:.0f} ms  load {r.load}")
+    res["sweep_virtual"] = sweep_v
+
+    print("\nclassify")
+    c = B.classify_vs_generate(loaded, eargs)
+    res["classify"] = {"classify": c["classify"].summary(), "generate": c["generate"].summary(),
+                       "longest_verbalizer_tokens": c["longest_verbalizer_tokens"]}
+    res["verdicts"].append(B.verdict("classify / separate generate calls (req/s)",
+                                     c["classify"].rps / c["generate"].rps, 1.0,
+                                     f"({c['classify'].rps:.1f} vs {c['generate'].rps:.1f} req/s)"))
+    pargs = argparse.Namespace(**{**vars(eargs), "batch": 16 if args.quick else 64})
+    res["profile"] = B.profile_decode(loaded, pargs)
+    res["total_s"] = time.time() - t_start
+    res["load_end"] = B.load_avg()
+    return res
+
+
+# ------------------------------------------------------------------------------------------------------- plotting
+
+def plots(res: dict, img: Path) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img.mkdir(parents=True, exist_ok=True)
+    out = {}
+    bound = res["bound"]["tok_per_s"]
+
+    def save(fig, name):
+        path = img / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        out[name] = f"img/{name}"
+
+    sb = res["sweep_batch"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    xs = [d["batch"] for d in sb]
+    ax.plot(xs, [d["engine"]["tok_per_s"] for d in sb], "o-", label="engine (mixed tasks), end to end")
+    ax.plot(xs, [d["engine"]["decode_tok_per_s"] for d in sb], "o--", label="engine, decode steps only")
+    ax.plot(xs, [d["hf"]["tok_per_s"] for d in sb], "s-", label="HF generate, no prompts")
+    ax.axhline(bound, color="gray", ls=":", label=f"compute bound {bound:.0f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (requests)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("Throughput vs batch size")
+    ax.legend(fontsize=8)
+    save(fig, "bench_batch.png")
+
+    st = res["sweep_tasks"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([d["tasks"] for d in st], [d["engine"]["tok_per_s"] for d in st], "o-")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("distinct tasks over the requests")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"Throughput vs distinct tasks ({st[0]['requests']} requests)")
+    save(fig, "bench_tasks.png")
+
+    sv = res["sweep_virtual"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([d["virtual_tokens"] for d in sv], [d["engine"]["tok_per_s"] for d in sv], "o-", label="tokens/s")
+    ax.set_xlabel("virtual tokens per prompt (0 = hard prompts)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot([d["virtual_tokens"] for d in sv], [1000 * d["engine"]["ttft_p50"] for d in sv], "s--", color="C1",
+             label="TTFT p50 (ms)")
+    ax2.set_ylabel("TTFT p50 (ms)")
+    ax.set_title("Throughput vs virtual-token count")
+    fig.legend(loc="lower left", fontsize=8)
+    save(fig, "bench_virtual.png")
+
+    r = res["results"]
+    names = list(r)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    w = 0.2
+    for i, (key, label) in enumerate([("ttft_p50", "TTFT p50"), ("lat_p50", "latency p50"),
+                                      ("lat_p95", "latency p95"), ("lat_p99", "latency p99")]):
+        ax.bar([j + (i - 1.5) * w for j in range(len(names))], [r[n][key] for n in names], w, label=label)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("Latency (all requests arrive at once; PEFT: service time per request)")
+    ax.legend(fontsize=8)
+    save(fig, "bench_latency.png")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- markdown
+
+def f1(x) -> str:
+    return "-" if x is None or x != x else f"{x:.1f}"
+
+
+def ms(x) -> str:
+    return "-" if x is None or x != x else f"{1000 * x:.0f}"
+
+
+def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_log: str | None) -> str:
+    env, b, r = res["env"], res["bound"], res["results"]
+    cfg = res["config"]
+    L = []
+    add = L.append
+    add("# Benchmarks\n")
+    add("Generated by `scripts/bench_report.py`; do not edit outside the notes block. Regenerate with:\n")
+    add(f"```\n.venv/bin/python scripts/bench_report.py --threads 1\n```\n")
+    add(f"This file: **{env['date_utc']}**, command `{res.get('command', '')}`, "
+        f"{env['cpus']} CPUs ({env['processor']}), torch {env['torch']}, **{env['threads']} torch thread(s)**, "
+        f"{res['device']} {res['dtype']}, whole run {res.get('total_s', 0) / 60:.1f} min. Load average at the start "
+        f"{r['engine_mixed']['load']}, at the end {res.get('load_end')}: the machine is shared by other engineers, so "
+        "wall-clock numbers are noisy; `tok/cpu-s` (tokens per second of this process's CPU time) is steadier.\n")
+    add("Scripts: `scripts/bench_engine.py` (in-process engine + baselines, `--quick`, `--profile`), "
+        "`scripts/bench_http.py` (HTTP load generator against `python -m server`), `scripts/bench_gpu.sh` (GPU host), "
+        "this report. None of it runs in CI, and nothing asserts on time.\n")
+
+    add("## Targets\n")
+    add("| target | measured | threshold | result |\n|---|---|---|---|")
+    for v in res["verdicts"]:
+        add(f"| {v['target']} {v['detail']} | {v['value']:.2f} | >= {v['threshold']} | "
+            f"{'PASS' if v['pass'] else '**FAIL**'} |")
+    add("")
+
+    add("## Standard workload\n")
+    add(f"{cfg['requests']} requests over {cfg['tasks']} tasks mixing hard, prompt tuning, P-tuning and prefix tuning "
+        f"(T = {cfg['virtual_tokens']} virtual tokens, random tensors on the model's scale), {cfg['new_tokens']} new "
+        f"tokens each, greedy, engine max batch {cfg['batch']}, all requests submitted at t0. EOS is disabled on the "
+        "engine instance and `min_new_tokens` is set for HF, so every system generates the same number of tokens; "
+        "tokens/s counts generated tokens only.\n")
+    add("| system | requests | tokens | wall s | req/s | tok/s | tok/cpu-s | TTFT p50 ms | TPOT p50 ms | "
+        "latency p50 / p95 / p99 ms | peak RSS MiB | vs single | vs HF | vs PEFT | vs bound |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, s in r.items():
+        rat = lambda k: f"{s['tok_per_s'] / r[k]['tok_per_s']:.2f}x"  # noqa: E731
+        add(f"| {name} | {s['requests']} | {s['tokens']} | {s['wall_s']:.1f} | {s['req_per_s']:.2f} | "
+            f"{s['tok_per_s']:.1f} | {f1(s.get('tok_per_cpu_s'))} | {ms(s['ttft_p50'])} | {ms(s['tpot_p50'])} | "
+            f"{ms(s['lat_p50'])} / {ms(s['lat_p95'])} / {ms(s['lat_p99'])} | {s['peak_rss_mb']:.0f} | "
+            f"{rat('engine_single_task')} | {rat('hf_generate')} | {rat('peft_sequential')} | "
+            f"{s['tok_per_s'] / b['tok_per_s']:.2f} |")
+    m = r["engine_mixed"]
+    p = r["peft_sequential"]
+    add("")
+    add(f"- Baseline *single*: the same engine and requests, all on one prompt-tuning task with T = "
+        f"{cfg['virtual_tokens']}.")
+    add("- Baseline *HF*: `model.generate` on the same input texts without any prompt, left padded, batch "
+        f"{cfg['batch']}, greedy, `min_new_tokens = max_new_tokens`. Its TTFT is `generate(max_new_tokens=1)` on "
+        "the same batch; all rows of a batch finish together.")
+    add(f"- Baseline *PEFT*: {p['requests']} of the {cfg['requests']} requests (the first ones, which cycle through "
+        f"every kind), one at a time, switching adapters (`set_adapter` on one `PeftModel` per PEFT type; hard "
+        f"prompts on the base model). Decoding: {p.get('decoding')} (prefill with `peft_model(input_ids=...)`, which "
+        "injects the prompt; each next token is the base model on the returned cache, as PEFT's generate does). A "
+        "sequential server's rate does not depend on how many requests it gets, so this subset's tokens/s is the "
+        f"estimate for all {cfg['requests']} (an extrapolation). {p.get('token_agreement')}. Adapter loading "
+        f"({p.get('adapter_load_s', 0):.1f} s) is not counted. Its latency is service time (no queueing).")
+    add(f"- Compute bound: best fp32 `torch.mm` {cfg['mm_size']}^2 = **{b['matmul_flops'] / 1e9:.1f} GFLOP/s** with "
+        f"{env['threads']} thread(s), divided by **{b['flops_per_token'] / 1e9:.3f} GFLOP/token** (2 x "
+        f"{b['non_embedding_params'] / 1e6:.1f}M non-embedding params + 2 x {b['vocab']} x {b['hidden']} LM head; "
+        f"attention over the context not counted) = **{b['tok_per_s']:.0f} tokens/s**. Memory: copy "
+        f"{b['copy_bytes_per_s'] / 1e9:.1f} GB/s, {b['weight_bytes'] / 2**20:.0f} MiB of weights per decode step "
+        f"-> at most {b['bandwidth_tok_per_s_at_batch']:.0f} tokens/s at batch {cfg['batch']}.")
+    e = m
+    add(f"- Engine, mixed: {e['steps']} steps; prefill {e['prefill_s']:.1f} s, decode {e['decode_s']:.1f} s, other "
+        f"(scheduling, detokenization, Python) {e['other_s']:.1f} s. Decode-only steps at batch {cfg['batch']}: "
+        f"{e['decode_full_batch_step_ms']:.0f} ms/step = **{e['decode_full_batch_tok_per_s']:.0f} tokens/s = "
+        f"{e['decode_full_batch_tok_per_s'] / b['tok_per_s']:.0%} of the compute bound**.")
+    add("")
+    add(f"![latency]({imgs['bench_latency.png']})\n")
+
+    add("## Throughput against batch size\n")
+    add(f"B requests from the mixed workload, engine max batch B, against HF generate at batch B "
+        f"({cfg['new_tokens']} new tokens).\n")
+    add("| batch | engine tok/s | engine decode-only tok/s | HF generate tok/s | engine / HF | engine / bound | load |")
+    add("|---|---|---|---|---|---|---|")
+    for d in res["sweep_batch"]:
+        add(f"| {d['batch']} | {d['engine']['tok_per_s']:.1f} | {d['engine']['decode_tok_per_s']:.0f} | "
+            f"{d['hf']['tok_per_s']:.1f} | {d['engine']['tok_per_s'] / d['hf']['tok_per_s']:.2f}x | "
+            f"{d['engine']['tok_per_s'] / b['tok_per_s']:.2f} | {d['engine']['load'][0]} |")
+    add(f"\n![batch]({imgs['bench_batch.png']})\n")
+
+    st = res["sweep_tasks"]
+    add("## Throughput against distinct tasks\n")
+    add(f"The same {st[0]['requests']} requests (short inputs, {st[0]['new_tokens']} new tokens, kinds mixed, engine "
+        f"max batch {cfg['batch']}) spread over N distinct tasks. At most {cfg['batch']} are in a batch at once; with "
+        f"N >= {cfg['batch']} every batch holds {cfg['batch']} different prompts.\n")
+    add("| tasks | tok/s | req/s | TTFT p50 ms | latency p99 ms | vs 1 task | load |\n|---|---|---|---|---|---|---|")
+    for d in st:
+        s = d["engine"]
+        add(f"| {d['tasks']} | {s['tok_per_s']:.1f} | {s['req_per_s']:.2f} | {ms(s['ttft_p50'])} | "
+            f"{ms(s['lat_p99'])} | {s['tok_per_s'] / st[0]['engine']['tok_per_s']:.2f}x | {s['load'][0]} |")
+    add(f"\n![tasks]({imgs['bench_tasks.png']})\n")
+
+    add("## Throughput against virtual-token count\n")
+    add(f"{cfg['requests']} requests over {cfg['tasks']} soft-prompt tasks (prompt tuning, P-tuning, prefix tuning; "
+        "T = 0 means hard prompts), same inputs.\n")
+    add("| virtual tokens | tok/s | TTFT p50 ms | TPOT p50 ms | latency p99 ms | load |\n|---|---|---|---|---|---|")
+    for d in res["sweep_virtual"]:
+        s = d["engine"]
+        add(f"| {d['virtual_tokens']} | {s['tok_per_s']:.1f} | {ms(s['ttft_p50'])} | {ms(s['tpot_p50'])} | "
+            f"{ms(s['lat_p99'])} | {s['load'][0]} |")
+    add(f"\n![virtual]({imgs['bench_virtual.png']})\n")
+
+    c = res["classify"]
+    add("## Classify\n")
+    add(f"{c['classify']['requests']} short inputs, 4 labels (one verbalizer of "
+        f"{c['longest_verbalizer_tokens']} tokens), classify mode (every label scored in one prefill) against the same "
+        f"number of separate generate calls with `max_new_tokens` = {c['longest_verbalizer_tokens']} (the longest "
+        "verbalizer), both through the engine, batched.\n")
+    add("| mode | req/s | latency p50 ms | p99 ms |\n|---|---|---|---|")
+    for k in ("classify", "generate"):
+        s = c[k]
+        add(f"| {s['name']} | {s['req_per_s']:.2f} | {ms(s['lat_p50'])} | {ms(s['lat_p99'])} |")
+    add("")
+
+    pr = res["profile"]
+    add("## Where a decode step spends its time\n")
+    add(f"torch.profiler over {pr['steps']} decode-only engine steps at batch {pr['batch']} (the mixed workload, "
+        f"~{cfg['virtual_tokens']}+ prompt tokens in the cache): **{pr['step_ms']:.0f} ms/step** wall (load "
+        f"{pr['load']}). Stages are marked by wrapping engine functions from the benchmark (inclusive time); "
+        "percentages are of the step's wall time.\n")
+    add("| stage | ms/step | % |\n|---|---|---|")
+    for d in pr["stages"]:
+        add(f"| {d['name'][3:]} | {d['cpu_total_ms']:.1f} | {d['pct']:.1f} |")
+    add("\n| aten op (self time) | ms/step | % | calls/step |\n|---|---|---|---|")
+    for d in pr["ops"][:15]:
+        add(f"| {d['name']} | {d['self_ms']:.2f} | {d['pct']:.1f} | {d['calls']} |")
+    add("\n| op, input shapes | ms/step | % |\n|---|---|---|")
+    for d in pr["op_shapes"][:10]:
+        add(f"| {d['name']} `{d['shapes']}` | {d['self_ms']:.2f} | {d['pct']:.1f} |")
+    add("")
+
+    add("## HTTP\n")
+    if http:
+        add(f"`{http.get('command', 'scripts/bench_http.py')}` against `python -m server` on the same machine, "
+            f"{http.get('date_utc', '')}, load {http.get('load')}.\n")
+        add("| mode | requests | ok | errors | req/s | tok/s | TTFT p50 ms | latency p50 / p95 / p99 ms |")
+        add("|---|---|---|---|---|---|---|---|")
+        for s in http["runs"]:
+            add(f"| {s['mode']} | {s['requests']} | {s['ok']} | {s['errors']} | {s['req_per_s']:.2f} | "
+                f"{s['tok_per_s']:.1f} | {ms(s.get('ttft_p50'))} | {ms(s['lat_p50'])} / {ms(s['lat_p95'])} / "
+                f"{ms(s['lat_p99'])} |")
+        add("")
+    else:
+        add("Not part of this run: `scripts/bench_http.py --help` (start `python -m server`, then run it; pass its "
+            "`--json` to `bench_report.py --http-json`).\n")
+
+    add("## GPU\n")
+    if gpu_log:
+        add("Output of `scripts/bench_gpu.sh`:\n\n```\n" + gpu_log.strip() + "\n```\n")
+    else:
+        add("Not run yet: no GPU host was available. `bash scripts/bench_gpu.sh` runs the engine benchmark in bf16 "
+            "in a few minutes and prints everything; pass its saved output to `bench_report.py --gpu-log`.\n")
+
+    add("## Notes\n")
+    add(NOTES_BEGIN)
+    add(notes.strip() if notes.strip() else "(analysis written by hand goes here; it survives regeneration)")
+    add(NOTES_END)
+    add("")
+    return "\n".join(L)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller sizes, to check the pipeline")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default; 1 on a shared box)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    p.add_argument("--http-json", type=Path, help="results of scripts/bench_http.py --json to include")
+    p.add_argument("--gpu-log", type=Path, help="saved output of scripts/bench_gpu.sh to include")
+    p.add_argument("--save-json", type=Path, help="also write the raw numbers here")
+    p.add_argument("--from-json", type=Path, help="render from saved raw numbers instead of measuring")
+    args = p.parse_args(argv)
+    if args.from_json:
+        res = json.loads(args.from_json.read_text())
+    else:
+        res = measure(args)
+    if args.save_json:
+        args.save_json.write_text(json.dumps(res, indent=1, default=str))
+    notes = ""
+    if args.out.exists():
+        old = args.out.read_text()
+        if NOTES_BEGIN in old and NOTES_END in old:
+            notes = old.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0]
+    imgs = plots(res, args.out.parent / "img")
+    http = json.loads(args.http_json.read_text()) if args.http_json else None
+    gpu = args.gpu_log.read_text() if args.gpu_log else None
+    args.out.write_text(render(res, imgs, notes, http, gpu))
+    print(f"\nwrote {args.out} and {len(imgs)} plots in {args.out.parent / 'img'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
