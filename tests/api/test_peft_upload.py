@@ -18,8 +18,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from prompt_core.model import resolve_model_path
 
-from tests.prompt_store.helpers import make_peft_config, peft_logits
-
 from .conftest import ACME, GLOBEX, assert_error, live_server, pack, sse_events, unpack, upload
 
 METHODS = ["prompt_tuning", "p_tuning_mlp", "p_tuning_lstm", "prefix_tuning"]
@@ -27,6 +25,23 @@ TEXT = "The capital of France is"
 STEPS = 3
 LABELS = {"yes": " yes", "no": " no", "maybe": " maybe so"}
 QUESTIONS = ["Is Paris in France?", "Is the moon made of cheese?"]
+
+
+def make_peft_config(method: str, T: int):
+    if method == "prompt_tuning":
+        return peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T)
+    if method.startswith("p_tuning"):
+        return peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=T, encoder_hidden_size=32,
+                                        encoder_reparameterization_type="LSTM" if method.endswith("lstm") else "MLP")
+    return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=T)
+
+
+@torch.no_grad()
+def peft_logits(model, ids: list[int]) -> torch.Tensor:
+    """PEFT's forward on one unpadded request (its generate is wrong for these methods with transformers 5.2x).
+    [T+S, V] for prompt/P-tuning, [S, V] for prefix tuning."""
+    input_ids = torch.tensor([ids])
+    return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits[0].float()
 
 
 def label_probs(model, tokenizer, text: str) -> dict[str, float]:
