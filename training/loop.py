@@ -8,9 +8,8 @@ held-out set (identical results, so early stopping agrees) and only the main pro
 from __future__ import annotations
 
 import json
-import math
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from prompt_core.fingerprint import fingerprint
 from prompt_core.model import load_model
+from prompt_core.spec import PromptSpec
 
 from .checkpoint import TrainState, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -25,8 +25,8 @@ from .curves import RunLog, plot_curves
 from .data import Example, load_jsonl, split_heldout
 from .evaluate import evaluate
 from .export import default_task_id, export_all, make_manifest, stored_bytes
-from .methods import build_method, make_spec
-from .objective import loss_fn, make_rows
+from .methods import SoftPrompt, build_method, make_spec
+from .objective import Row, loss_fn, make_rows
 
 RESULTS_NAME = "results.json"
 
@@ -53,121 +53,162 @@ def local_slice(global_batch: list[int], rank: int, world: int) -> list[int]:
     return global_batch[rank::world]
 
 
-def train(cfg: TrainConfig, *, lm=None, accelerator: Accelerator | None = None, quiet: bool = False) -> dict:
-    """Run (or resume) training and export the best prompt. `lm` lets tests pass a tiny model."""
-    t_start = time.perf_counter()
+@dataclass
+class Run:
+    """What one training run holds between its phases."""
+    cfg: TrainConfig
+    accelerator: Accelerator
+    model: torch.nn.Module
+    tokenizer: object
+    spec: PromptSpec
+    method: SoftPrompt                 # the prompt module itself (state, export)
+    wrapped: torch.nn.Module           # the same module as accelerate prepared it (DDP when distributed)
+    optimizer: torch.optim.Optimizer
+    train_rows: list[Row]
+    held_rows: list[Row]
+    state: TrainState
+    best: dict[str, torch.Tensor]      # the method's state at the best held-out epoch
+    log: RunLog
+    quiet: bool
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, text: str) -> None:
+        if self.main and not self.quiet:
+            print(text)
+
+    def checkpoint(self) -> None:
+        if self.main:
+            save_checkpoint(self.cfg.out, self.method, self.optimizer, self.state, self.best, self.cfg.to_json())
+        self.accelerator.wait_for_everyone()
+
+
+def setup(cfg: TrainConfig, lm, accelerator: Accelerator | None, quiet: bool) -> Run:
+    """Model, data, method and optimizer; restored from DIR/checkpoint with --resume."""
     accelerator = accelerator or Accelerator(cpu=cfg.device == "cpu")
-    main = accelerator.is_main_process
     torch.manual_seed(cfg.seed)
     if lm is None:
         lm = load_model(cfg.model, device=str(accelerator.device), dtype=cfg.dtype)
-    model, tokenizer = lm.model, lm.tokenizer
     train_ex, held_ex = load_splits(cfg)
     spec = make_spec(cfg, cfg.labels)
-    train_rows = make_rows(spec, tokenizer, train_ex, cfg.task, with_outputs=True)
-    held_rows = make_rows(spec, tokenizer, held_ex, cfg.task, with_outputs=False)
-    method = build_method(cfg, spec, model, tokenizer).to(accelerator.device)
+    method = build_method(cfg, spec, lm.model, lm.tokenizer).to(accelerator.device)
     optimizer = torch.optim.AdamW(method.parameters(), lr=cfg.lr, weight_decay=0.0)
     wrapped, optimizer = accelerator.prepare(method, optimizer)
-
     state, best = TrainState(), {}
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
         state, best, _ = load_checkpoint(cfg.out, method, optimizer)
-    log = RunLog(cfg.out, fresh=not cfg.resume, enabled=main)
+    main = accelerator.is_main_process
     if main and not cfg.resume:
         (cfg.out / "config.json").write_text(json.dumps(cfg.to_json(), indent=1, default=str) + "\n")
+    run = Run(cfg=cfg, accelerator=accelerator, model=lm.model, tokenizer=lm.tokenizer, spec=spec, method=method,
+              wrapped=wrapped, optimizer=optimizer,
+              train_rows=make_rows(spec, lm.tokenizer, train_ex, cfg.task, with_outputs=True),
+              held_rows=make_rows(spec, lm.tokenizer, held_ex, cfg.task, with_outputs=False),
+              state=state, best=best, log=RunLog(cfg.out, fresh=not cfg.resume, enabled=main), quiet=quiet)
+    world = accelerator.num_processes
+    run.say(f"{cfg.method} {cfg.task}: {len(run.train_rows)} train / {len(run.held_rows)} held-out examples, "
+            f"{method.num_trainable():,} trained parameters, {world} process(es)"
+            + (f" ({accelerator.state.backend})" if world > 1 else ""))
+    return run
+
+
+def train_epoch(run: Run) -> list[float] | None:
+    """The optimizer steps of the current epoch (from where a resumed run stopped). Returns the step losses, or
+    None when --max-steps stopped the run mid-epoch (after checkpointing)."""
+    cfg, state, acc = run.cfg, run.state, run.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    batches = epoch_batches(len(run.train_rows), cfg.batch_size, world, cfg.seed, state.epoch)
+    total_steps = len(batches) * cfg.epochs
     compute = loss_fn(cfg.task)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    steps_per_epoch = math.ceil(len(train_rows) / (cfg.batch_size * world))
-    total_steps = steps_per_epoch * cfg.epochs
-    if main and not quiet:
-        print(f"{cfg.method} {cfg.task}: {len(train_rows)} train / {len(held_rows)} held-out examples, "
-              f"{method.num_trainable():,} trained parameters, {world} process(es)"
-              + (f" ({accelerator.state.backend})" if world > 1 else ""))
-
-    def score(tag: str) -> dict:
-        with torch.no_grad():
-            virtual, prefix = method()
-            return evaluate(model, tokenizer, held_rows, cfg.task, virtual, prefix, cfg.batch_size * 2,
-                            cfg.max_new_tokens)
-
-    def checkpoint() -> None:
-        if main:
-            save_checkpoint(cfg.out, method, optimizer, state, best, cfg.to_json())
-        accelerator.wait_for_everyone()
-
-    stopped_early = False
-    while state.epoch < cfg.epochs and not state.finished:
-        batches = epoch_batches(len(train_rows), cfg.batch_size, world, cfg.seed, state.epoch)
-        losses: list[float] = []
-        bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
-                   disable=not main or quiet, leave=False)
+    losses: list[float] = []
+    bar = tqdm(total=len(batches), initial=state.step_in_epoch, desc=f"epoch {state.epoch + 1}/{cfg.epochs}",
+               disable=not run.main or run.quiet, leave=False)
+    try:
         for b in range(state.step_in_epoch, len(batches)):
-            rows = [train_rows[i] for i in local_slice(batches[b], rank, world)]
-            for group in optimizer.param_groups:  # linear decay, a function of the step alone: resumes exactly
+            rows = [run.train_rows[i] for i in local_slice(batches[b], rank, world)]
+            for group in run.optimizer.param_groups:  # linear decay, a function of the step alone: resumes exactly
                 group["lr"] = cfg.lr * (1.0 - state.global_step / total_steps)
-            virtual, prefix = wrapped()
-            loss = compute(model, rows, virtual, prefix)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            virtual, prefix = run.wrapped()
+            loss = compute(run.model, rows, virtual, prefix)
+            acc.backward(loss)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            value = acc.reduce(loss.detach(), reduction="mean").item()
             losses.append(value)
             state.step_in_epoch, state.global_step = b + 1, state.global_step + 1
-            log.write(type="step", epoch=state.epoch + 1, step=state.global_step, loss=value)
+            run.log.write(type="step", epoch=state.epoch + 1, step=state.global_step, loss=value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if cfg.max_steps is not None and state.global_step >= cfg.max_steps and b + 1 < len(batches):
-                bar.close()
-                checkpoint()
-                return {"stopped_at_step": state.global_step, "finished": False}
+                run.checkpoint()
+                return None
+    finally:
         bar.close()
-        metrics = score("held-out")
-        state.epoch += 1
-        state.step_in_epoch = 0
-        record = {k: v for k, v in metrics.items() if k != "predictions"}
-        record.update(epoch=state.epoch, step=state.global_step,
-                      train_loss=sum(losses) / max(1, len(losses)) if losses else float("nan"))
-        state.history.append(record)
-        log.write(type="epoch", **record)
-        if state.best_score is None or metrics["score"] > state.best_score:
-            state.best_score, state.best_epoch, state.bad_epochs = metrics["score"], state.epoch, 0
-            best = {k: v.detach().cpu().clone() for k, v in method.state_dict().items()}
-        else:
-            state.bad_epochs += 1
-        if main and not quiet:
-            shown = ", ".join(f"{k} {v:.1f}" for k, v in record.items() if k in ("accuracy", "exact_match", "token_f1"))
-            print(f"epoch {state.epoch}: train loss {record['train_loss']:.4f}, held-out {shown}")
-        if state.bad_epochs >= cfg.patience:
-            stopped_early = True
-            state.finished = True
-        if cfg.max_steps is not None and state.global_step >= cfg.max_steps and state.epoch < cfg.epochs:
-            checkpoint()
-            return {"stopped_at_step": state.global_step, "finished": False}
-        checkpoint()
-    state.finished = True
-    checkpoint()
+    return losses
 
-    # Export the best epoch's prompt: encoders applied once, then dropped.
-    method.load_state_dict({k: v.to(accelerator.device) for k, v in best.items()})
+
+def end_epoch(run: Run, losses: list[float]) -> None:
+    """Score the held-out set, keep the best prompt, decide on early stopping, checkpoint."""
+    cfg, state = run.cfg, run.state
+    with torch.no_grad():
+        virtual, prefix = run.method()
+        metrics = evaluate(run.model, run.tokenizer, run.held_rows, cfg.task, virtual, prefix, cfg.batch_size * 2,
+                           cfg.max_new_tokens)
+    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    record = {k: v for k, v in metrics.items() if k != "predictions"}
+    record.update(epoch=state.epoch, step=state.global_step,
+                  train_loss=sum(losses) / len(losses) if losses else float("nan"))
+    state.history.append(record)
+    run.log.write(type="epoch", **record)
+    if state.best_score is None or metrics["score"] > state.best_score:
+        state.best_score, state.best_epoch, state.bad_epochs = metrics["score"], state.epoch, 0
+        run.best = {k: v.detach().cpu().clone() for k, v in run.method.state_dict().items()}
+    else:
+        state.bad_epochs += 1
+    shown = ", ".join(f"{k} {v:.1f}" for k, v in record.items() if k in ("accuracy", "exact_match", "token_f1"))
+    run.say(f"epoch {state.epoch}: train loss {record['train_loss']:.4f}, held-out {shown}")
+    state.finished = state.bad_epochs >= cfg.patience or state.epoch >= cfg.epochs
+    run.checkpoint()
+
+
+def export(run: Run, seconds: float) -> dict:
+    """Write the best epoch's prompt (encoders applied once, then dropped), results.json and the curves."""
+    cfg, state, method = run.cfg, run.state, run.method
+    method.load_state_dict({k: v.to(run.accelerator.device) for k, v in run.best.items()})
     tensors = method.export_tensors()
-    fp = fingerprint(model)
     result: dict = {}
-    if main:
-        manifest = make_manifest(spec, cfg.task, fp, cfg.extra.get("task_id") or default_task_id(cfg.out),
-                                 cfg.extra.get("description", f"{cfg.method} ({cfg.task})"), cfg.max_new_tokens)
+    if run.main:
+        fp = fingerprint(run.model)
+        manifest = make_manifest(run.spec, cfg.task, fp, cfg.extra.get("task_id") or default_task_id(cfg.out),
+                                 cfg.extra.get("description") or f"{cfg.method} ({cfg.task})", cfg.max_new_tokens)
         export_all(cfg.out, manifest, tensors, method.peft_representable, fp, base_model=str(cfg.model or ""))
         result = {
             "method": cfg.method, "task": cfg.task, "best_epoch": state.best_epoch, "best_score": state.best_score,
-            "history": state.history, "stopped_early": stopped_early, "epochs_run": state.epoch,
-            "train_seconds": round(time.perf_counter() - t_start, 1), "trained_parameters": method.num_trainable(),
+            "history": state.history, "stopped_early": state.bad_epochs >= cfg.patience, "epochs_run": state.epoch,
+            "train_seconds": round(seconds, 1), "trained_parameters": method.num_trainable(),
             "stored_bytes": stored_bytes(cfg.out), "peft_export": method.peft_representable,
-            "train_examples": len(train_rows), "heldout_examples": len(held_rows), "finished": True,
+            "train_examples": len(run.train_rows), "heldout_examples": len(run.held_rows), "finished": True,
+            "resumed": cfg.resume,  # a resumed run's time is only its own part
         }
-        if cfg.resume:  # a resumed run's wall time is only its own part
-            result["resumed"] = True
         (cfg.out / RESULTS_NAME).write_text(json.dumps(result, indent=1) + "\n")
         plot_curves(cfg.out, f"{cfg.method} on {cfg.data.name}")
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return result
+
+
+def train(cfg: TrainConfig, *, lm=None, accelerator: Accelerator | None = None, quiet: bool = False) -> dict:
+    """Run (or resume) training and export the best prompt. `lm` lets tests pass a tiny model. Returns the results
+    (empty on processes other than the main one), or {"stopped_at_step", "finished": False} after --max-steps."""
+    t_start = time.perf_counter()
+    run = setup(cfg, lm, accelerator, quiet)
+    while not run.state.finished and run.state.epoch < cfg.epochs:
+        losses = train_epoch(run)
+        if losses is None:
+            return {"stopped_at_step": run.state.global_step, "finished": False}
+        end_epoch(run, losses)
+        if cfg.max_steps is not None and run.state.global_step >= cfg.max_steps and not run.state.finished:
+            return {"stopped_at_step": run.state.global_step, "finished": False}
+    return export(run, time.perf_counter() - t_start)
