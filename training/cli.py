@@ -123,7 +123,7 @@ def hard_prompt_eval(template: str, task: str, labels, data: str, lm, batch_size
     spec = PromptSpec(kind=PromptKind.HARD, template=template, labels=labels)
     names = {lab.name for lab in labels} if task == "classify" else None
     rows = make_rows(spec, lm.tokenizer, load_jsonl(data, task, names), task, with_outputs=False)
-    return evaluate(lm.model, lm.tokenizer, rows, task, None, None, batch_size, max_new_tokens)
+    return _named(evaluate(lm.model, lm.tokenizer, rows, task, None, None, batch_size, max_new_tokens), spec)
 
 
 def artifact_eval(directory: str, data: str, lm, batch_size: int = 16, max_new_tokens: int = 32) -> dict:
@@ -146,7 +146,15 @@ def artifact_eval(directory: str, data: str, lm, batch_size: int = 16, max_new_t
     dev = lm.model.get_input_embeddings().weight.device
     virtual = tensors.virtual.to(dev) if tensors and tensors.virtual is not None else None
     prefix = tensors.prefix.to(dev) if tensors and tensors.prefix is not None else None
-    return evaluate(lm.model, lm.tokenizer, rows, manifest.task_type, virtual, prefix, batch_size, max_new_tokens)
+    return _named(evaluate(lm.model, lm.tokenizer, rows, manifest.task_type, virtual, prefix, batch_size,
+                           max_new_tokens), spec)
+
+
+def _named(metrics: dict, spec) -> dict:
+    """Classify predictions as label names, for --json-out readers."""
+    if spec.labels:
+        metrics["predictions"] = [spec.labels[i].name for i in metrics["predictions"]]
+    return metrics
 
 
 def _guess_task(a: argparse.Namespace) -> str:

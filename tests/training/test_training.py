@@ -314,3 +314,24 @@ def test_two_cpu_processes_match_one(tiny_dir, tmp_path):
     two = load_file(str(tmp_path / "ddp" / "prompt.safetensors"))["virtual"]
     one = load_file(str(tmp_path / "one" / "prompt.safetensors"))["virtual"]
     torch.testing.assert_close(two, one, atol=1e-5, rtol=0)
+
+
+def test_labels_from_verbalizers_file_or_data(tmp_path, classify_file):
+    from training.data import resolve_labels
+
+    verb = tmp_path / "verb.json"
+    verb.write_text(json.dumps({"good": " fine", "bad": " awful"}))
+    assert [(lab.name, lab.verbalizer) for lab in resolve_labels(None, verb)] == [("good", " fine"), ("bad", " awful")]
+    assert [lab.name for lab in resolve_labels(None, None, load_jsonl(classify_file, "classify"))] == ["bad", "good"]
+    verb.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="verb.json: expected a JSON object"):
+        resolve_labels(None, verb)
+
+
+def test_training_never_imports_the_server():
+    import subprocess
+    import sys
+
+    code = ("import sys, training.cli, training.loop, training.push; "
+            "sys.exit(any(m == 'server' or m.startswith('server.') for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
