@@ -43,6 +43,15 @@ TaskType = Literal["generate", "classify"]
 Labels = list[Annotated[str, Field(min_length=1, max_length=128)]] | dict[str, Annotated[str, Field(min_length=1)]]
 
 
+class GenerationDefaults(Strict):
+    """A task's defaults for generate requests that leave these fields out."""
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0)
+    stop: list[StopStr] | None = Field(None, max_length=MAX_STOP)
+
+
 class TaskMetadata(Strict):
     """The optional `metadata` part of an upload (JSON text). Fields left out come from the adapter, if it has them."""
     task_type: TaskType | None = None
@@ -50,7 +59,7 @@ class TaskMetadata(Strict):
     template: str | None = Field(None, max_length=20_000, description="must hold exactly one {input}")
     description: str | None = Field(None, max_length=4_000)
     visibility: Visibility | None = None
-    generation: dict[str, Any] | None = Field(None, description="defaults such as max_new_tokens, temperature")
+    generation: GenerationDefaults | None = None
 
 
 class HardTaskCreate(Strict):
@@ -62,7 +71,7 @@ class HardTaskCreate(Strict):
     labels: Labels | None = Field(None, max_length=256)
     description: str = Field("", max_length=4_000)
     visibility: Visibility = "private"
-    generation: dict[str, Any] | None = None
+    generation: GenerationDefaults | None = None
 
 
 class LabelPublic(BaseModel):

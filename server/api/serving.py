@@ -17,7 +17,7 @@ from fastapi import Request
 
 from server.auth import Principal
 from server.engine.async_engine import AsyncEngine, RequestStream
-from server.engine.request import EngineRequest, Mode, PromptRef, RequestOutput, SamplingParams
+from server.engine.request import EngineRequest, InvalidRequest, Mode, PromptRef, RequestOutput, SamplingParams
 
 from .deps import Runtime
 from .errors import ApiError, ClientGone
@@ -41,10 +41,15 @@ def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=Non
     stops = stop if stop is not None else defaults.get("stop") or ()
     if isinstance(stops, str):
         stops = (stops,)
-    return SamplingParams(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
-                          temperature=float(pick(temperature, "temperature", 0.0)),
-                          top_p=float(pick(top_p, "top_p", 1.0)), top_k=int(pick(top_k, "top_k", 0)),
-                          seed=seed, stop=tuple(stops))
+    try:
+        return SamplingParams(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+                              temperature=float(pick(temperature, "temperature", 0.0)),
+                              top_p=float(pick(top_p, "top_p", 1.0)), top_k=int(pick(top_k, "top_k", 0)),
+                              seed=seed, stop=tuple(str(s) for s in stops))
+    except (TypeError, ValueError) as e:  # the task's stored defaults are not numbers: the user's to fix
+        if isinstance(e, InvalidRequest):
+            raise
+        raise InvalidRequest(f"the task's generation defaults are invalid: {e}") from None
 
 
 @dataclass

@@ -173,6 +173,8 @@ def test_422_names_the_field_paths(acme):
     err = assert_error(acme.post("/v1/tasks", json={"task_id": "x", "template": "{input}", "kind": "soft"}), 422)
     assert "body.kind" in err["message"]
     assert_error(hard_task(acme, "../escape"), 422)
+    err = assert_error(hard_task(acme, "bad-defaults", generation={"max_new_tokens": "many"}), 422)
+    assert "body.generation.max_new_tokens" in err["message"]
 
 
 def test_413_for_long_inputs_and_too_many_tokens(acme):
