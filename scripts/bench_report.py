@@ -43,7 +43,7 @@ def measure(args) -> dict:
     eargs = argparse.Namespace(
         quick=args.quick, model="default", device=args.device, dtype=args.dtype, requests=64, tasks=32,
         new_tokens=32, virtual_tokens=16, batch=64, peft_requests=16, peft_recompute=False, keep_eos=False,
-        mm_size=2048, threads=args.threads, tasks_requests=None, tasks_new_tokens=8)
+        mm_size=2048, repeats=args.repeats, threads=args.threads, tasks_requests=None, tasks_new_tokens=8)
     if args.quick:
         eargs.requests, eargs.tasks, eargs.new_tokens, eargs.peft_requests, eargs.batch = 16, 8, 16, 4, 16
     t_start = time.time()
@@ -134,6 +134,7 @@ def plots(res: dict, img: Path) -> dict[str, str]:
     ax.plot(xs, [d["hf"]["tok_per_s"] for d in sb], "s-", label="HF generate, no prompts")
     ax.axhline(bound, color="gray", ls=":", label=f"compute bound {bound:.0f}")
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("batch size (requests)")
     ax.set_ylabel("output tokens/s")
     ax.set_title("Throughput vs batch size")
@@ -319,6 +320,19 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
     add("\n| op, input shapes | ms/step | % |\n|---|---|---|")
     for d in pr["op_shapes"][:10]:
         add(f"| {d['name']} `{d['shapes']}` | {d['self_ms']:.2f} | {d['pct']:.1f} |")
+    if "ops_self_ms" in pr:
+        add(f"\naten ops' self time: {pr['ops_self_ms']:.0f} ms of the {pr['step_ms']:.0f} ms step; the rest is "
+            "Python, dispatch, and time other processes held the CPU.")
+    pf = pr.get("prefill")
+    if pf:
+        add(f"\n**Prefill step** ({pf['rows']} requests at once, Q = {pf['Q']} queries per row, {pf['real_queries']} "
+            f"real of {pf['computed_queries']} computed = {pf['real_queries'] / pf['computed_queries']:.0%}; "
+            f"followed by the first decode in the same engine step): {pf['wall_ms']:.0f} ms.\n")
+        add("| stage / op | ms | % |\n|---|---|---|")
+        for d in pf["stages"]:
+            add(f"| {d['name'][3:]} | {d['ms']:.1f} | {d['pct']:.1f} |")
+        for d in pf["ops"][:8]:
+            add(f"| {d['name']} | {d['ms']:.1f} | {d['pct']:.1f} |")
     add("")
 
     add("## HTTP\n")
@@ -355,6 +369,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller sizes, to check the pipeline")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default; 1 on a shared box)")
+    p.add_argument("--repeats", type=int, default=2, help="standard workload: interleaved runs, best kept")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
