@@ -56,6 +56,22 @@ def save_checkpoint(out: Path, method: torch.nn.Module, optimizer: torch.optim.O
     shutil.rmtree(old, ignore_errors=True)
 
 
+RESUME_KEYS = ("method", "task", "template", "virtual_tokens", "encoder", "encoder_hidden", "prefix_projection",
+               "labels", "seed", "batch_size", "data", "eval_data", "eval_fraction")
+
+
+def check_resumable(out: Path, config: dict) -> None:
+    """A checkpoint continues only the run that wrote it: other settings would silently train something else."""
+    path = Path(out) / CHECKPOINT_DIR / STATE
+    if not path.is_file():
+        raise ValueError(f"--resume: no checkpoint in {path.parent}")
+    saved = json.loads(path.read_text())["config"]
+    diffs = [f"{k}: checkpoint has {saved.get(k)!r}, this run {config.get(k)!r}"
+             for k in RESUME_KEYS if saved.get(k) != config.get(k)]
+    if diffs:
+        raise ValueError(f"--resume: {path.parent} belongs to another run ({'; '.join(diffs)})")
+
+
 def load_checkpoint(out: Path, method: torch.nn.Module, optimizer: torch.optim.Optimizer
                     ) -> tuple[TrainState, dict[str, torch.Tensor], dict]:
     """Restore method and optimizer in place; returns the state, the best tensors and the saved config."""

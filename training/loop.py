@@ -19,7 +19,7 @@ from prompt_core.fingerprint import fingerprint
 from prompt_core.model import load_model
 from prompt_core.spec import PromptSpec
 
-from .checkpoint import TrainState, load_checkpoint, save_checkpoint
+from .checkpoint import TrainState, check_resumable, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .curves import RunLog, plot_curves
 from .data import Example, load_jsonl, split_heldout
@@ -99,6 +99,7 @@ def setup(cfg: TrainConfig, lm, accelerator: Accelerator | None, quiet: bool) ->
     state, best = TrainState(), {}
     cfg.out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
+        check_resumable(cfg.out, cfg.to_json())
         state, best, _ = load_checkpoint(cfg.out, method, optimizer)
     main = accelerator.is_main_process
     if main and not cfg.resume:
@@ -194,7 +195,7 @@ def export(run: Run, seconds: float) -> dict:
             "resumed": cfg.resume,  # a resumed run's time is only its own part
         }
         (cfg.out / RESULTS_NAME).write_text(json.dumps(result, indent=1) + "\n")
-        plot_curves(cfg.out, f"{cfg.method} on {cfg.data.name}")
+        plot_curves(cfg.out, f"{cfg.method} on {cfg.data.parent.name}/{cfg.data.name}")
     run.accelerator.wait_for_everyone()
     return result
 

@@ -172,6 +172,9 @@ def test_deterministic_and_resume_continues_where_it_stopped(tiny_lm, tmp_path, 
                                atol=1e-6, rtol=0)
     steps = [r["step"] for r in read_log(tmp_path / "part") if r["type"] == "step"]
     assert steps == list(range(1, 11))
+    with pytest.raises(ValueError, match="belongs to another run .*seed"):
+        train(cfg_for("p-tuning-mlp", tmp_path / "part", classify_file, epochs=2, lr=1e-2, seed=4, resume=True),
+              lm=tiny_lm, quiet=True)
     full_log = [r["loss"] for r in read_log(tmp_path / "full") if r["type"] == "step"]
     part_log = [r["loss"] for r in read_log(tmp_path / "part") if r["type"] == "step"]
     assert part_log == pytest.approx(full_log, abs=1e-6)
