@@ -58,6 +58,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
+        self.max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         self._tok_lock = threading.Lock()
         self._labels: dict[str, list[list[int]]] = {}  # verbalizer tokens per prompt key
 
@@ -85,6 +86,10 @@ class LLMEngine:
                 raise InvalidRequest(str(e)) from None
         if plan.num_tokens > self.config.max_input_tokens:
             raise InputTooLong(f"the prompt has {plan.num_tokens} tokens; the limit is {self.config.max_input_tokens}")
+        longest = plan.prefix + plan.num_queries + req.sampling.max_new_tokens
+        if self.max_positions and longest > self.max_positions:
+            raise InputTooLong(f"prefix, prompt and max_new_tokens make {longest} positions; the model has "
+                               f"{self.max_positions}")
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
         return Sequence(request=req, plan=plan, seed=seed, read_offset=0)
 

@@ -22,6 +22,9 @@ def test_limits_give_clear_errors(loaded):
         engine.add_request(EngineRequest("a", HARD, "word " * 40, sampling=greedy(3)))
     with pytest.raises(InputTooLong, match="at most 8"):
         engine.add_request(EngineRequest("b", HARD, "hi", sampling=SamplingParams(max_new_tokens=9)))
+    with pytest.raises(InputTooLong, match="the model has 512"):  # the tiny model's max positions
+        new_engine(loaded, max_new_tokens=600).add_request(
+            EngineRequest("p", HARD, "hi", sampling=SamplingParams(max_new_tokens=600)))
     with pytest.raises(InvalidRequest, match="no labels"):
         engine.add_request(EngineRequest("c", HARD, "hi", mode="classify"))
     for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(temperature=float("nan")),
