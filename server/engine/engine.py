@@ -79,6 +79,8 @@ class LLMEngine:
                 labels = self._labels.get(req.prompt.key)
                 if labels is None:
                     labels = [self.tokenizer(lab.verbalizer, add_special_tokens=False)["input_ids"] for lab in spec.labels]
+                    if len(self._labels) >= 16384:  # bounded: task versions come and go
+                        self._labels.clear()
                     self._labels[req.prompt.key] = labels
             try:
                 plan = plan_row(spec, self.tokenizer, req.text, with_labels=req.mode == "classify", label_ids=labels)
