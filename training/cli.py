@@ -93,7 +93,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
 def cmd_train(a: argparse.Namespace) -> int:
     from .export import default_task_id
     from .loop import train
-    from .push import push
+    from .push import metadata_from_manifest, push
 
     cfg = config_from_args(a)
     result = train(cfg)
@@ -106,8 +106,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.push:
         task_id = a.task_id or default_task_id(cfg.out)
         manifest = json.loads((cfg.out / "task.json").read_text())
-        answer = push(cfg.out, a.push, a.api_key, task_id, metadata={
-            k: manifest[k] for k in ("kind", "task_type", "template", "labels", "generation", "description")})
+        answer = push(cfg.out, a.push, a.api_key, task_id, metadata=metadata_from_manifest(manifest))
         print(f"pushed {task_id} to {a.push}: {json.dumps(answer)}")
     return 0
 

@@ -24,6 +24,17 @@ def zip_artifact(directory: Path) -> bytes:
     return buf.getvalue()
 
 
+def metadata_from_manifest(manifest: dict) -> dict:
+    """The upload's `metadata` part: only the fields the API's TaskMetadata takes (it rejects unknown ones); labels as
+    a name -> verbalizer map so custom verbalizers survive."""
+    meta = {k: manifest[k] for k in ("task_type", "template", "description", "visibility") if manifest.get(k)}
+    if manifest.get("labels"):
+        meta["labels"] = {lab["name"]: lab["verbalizer"] for lab in manifest["labels"]}
+    if manifest.get("generation"):
+        meta["generation"] = manifest["generation"]
+    return meta
+
+
 def push(directory: Path, url: str, api_key: str, task_id: str, metadata: dict | None = None,
          timeout: float = 60.0) -> dict:
     """Returns the server's JSON answer; raises ValueError with the server's message on any non-2xx status."""

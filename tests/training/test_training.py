@@ -259,7 +259,9 @@ def test_cli_train_eval_and_push(tiny_dir, tmp_path, classify_file, capsys):
     assert path == "/v1/tasks" and headers["Authorization"] == "Bearer sk-test"
     fields = _multipart(headers, body)
     assert fields["task_id"] == b"demo"
-    assert json.loads(fields["metadata"])["kind"] == "prompt_tuning"
+    assert json.loads(fields["metadata"]) == {"task_type": "classify", "template": "Weather: {input}\nVerdict:",
+                                              "description": "prompt-tuning (classify)", "visibility": "private",
+                                              "labels": {"good": " good", "bad": " bad"}}
     with zipfile.ZipFile(BytesIO(fields["adapter"])) as zf:
         assert sorted(zf.namelist()) == ["prompt.safetensors", "task.json"]
         assert json.loads(zf.read("task.json"))["id"] == "demo"
