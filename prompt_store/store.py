@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -85,14 +86,8 @@ class TaskRecord:
     created_at: str
     spec: PromptSpec
     path: str  # the version directory
-
-    @property
-    def key(self) -> str:
-        return f"{self.id}@{self.version}"
-
-    @property
-    def tier_key(self) -> tuple[str, str]:
-        return self.key, self.tensors_sha256 or ""
+    key: str = ""                           # "id@version", filled by from_manifest
+    tier_key: tuple[str, str] = ("", "")    # (key, sha256): one shared tuple, so cache lookups hit by identity
 
     @property
     def is_public(self) -> bool:
@@ -109,9 +104,12 @@ class TaskRecord:
 
     @classmethod
     def from_manifest(cls, m: TaskManifest, path: Path, fingerprint: dict | None = None) -> "TaskRecord":
-        return cls(id=m.id, version=m.version, tenant=m.tenant, visibility=m.visibility, kind=m.kind,
-                   num_virtual_tokens=m.num_virtual_tokens, template=m.template, labels=tuple(m.labels),
-                   task_type=m.task_type, generation=m.generation, description=m.description,
+        """Small repeated strings are interned: 10,000 records share them, and hot-path compares hit identity."""
+        key = f"{m.id}@{m.version}"
+        return cls(id=m.id, version=m.version, tenant=sys.intern(m.tenant), visibility=sys.intern(m.visibility),
+                   kind=sys.intern(m.kind), num_virtual_tokens=m.num_virtual_tokens, template=m.template,
+                   labels=tuple(m.labels), task_type=sys.intern(m.task_type), generation=m.generation,
+                   description=m.description, key=key, tier_key=(key, m.tensors_sha256 or ""),
                    fingerprint=fingerprint if fingerprint is not None and fingerprint == m.fingerprint
                    else m.fingerprint,  # share one dict across 10,000 records
                    tensors_sha256=m.tensors_sha256, created_at=m.created_at, spec=m.spec(), path=str(path))
@@ -187,6 +185,7 @@ class PromptStore:
         self._lock = threading.RLock()
         self._flock_depth = 0
         self._disk_total = 0  # tensor bytes of live versions, kept incrementally
+        self._live: dict[str, TaskRecord] = {}  # "id@N" -> record of every servable version
         self._owned: dict[str, int] = {}  # live tasks per owner, kept incrementally (quota checks are O(1))
         self._tasks: dict[str, _Task] = {}
         self._generation = -1
@@ -194,6 +193,7 @@ class PromptStore:
         self.incompatible: dict[str, str] = {}  # key -> why (made for another base model): skipped, not moved
         self.corrupt: dict[str, str] = {}       # key -> why a tensor load failed
         self.tiers = TierCache(device, dtype, self.config.host_budget_bytes, self.config.device_budget_bytes)
+        self._load_key = self._load_by_key
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._clean_staging()
@@ -244,16 +244,14 @@ class PromptStore:
 
         Raises TaskNotFound if the version was deleted since `record` was fetched, CorruptArtifact if its file
         fails the checksum (only this task fails)."""
-        with self._lock:
-            task = self._tasks.get(record.id)
-            current = None if task is None else task.versions.get(record.version)
-            live = current is not None and (current is record or (current.path == record.path and
-                                                                  current.tensors_sha256 == record.tensors_sha256))
+        current = self._live.get(record.key)  # a dict read is atomic; writers replace entries whole
+        live = current is not None and (current is record or (current.path == record.path and
+                                                               current.tensors_sha256 == record.tensors_sha256))
         if not live:
             raise TaskNotFound(f"task {record.key!r} not found (deleted)")
-        if record.spec.kind is PromptKind.HARD:
+        if record.kind == "hard":  # interned: an identity compare
             return PromptTensors()
-        return self.tiers.get(record.tier_key, self._loader(record))
+        return self.tiers.get(record.tier_key, self._load_key)  # no per-call closure on the hot path
 
     def host_tensors(self, record: TaskRecord) -> PromptTensors:
         """The exact fp32 CPU tensors from disk, bypassing the tiers (export, training)."""
@@ -457,8 +455,7 @@ class PromptStore:
     # ---------------------------------------------------------------- internals
 
     def _visible_task(self, task_id: str, tenant: str | None, admin: bool) -> _Task | None:
-        with self._lock:
-            task = self._tasks.get(task_id)
+        task = self._tasks.get(task_id)  # atomic read; _Task objects are replaced, never mutated
         return task if task is not None and self._can_see(task, tenant, admin) else None
 
     @staticmethod
@@ -530,6 +527,12 @@ class PromptStore:
 
     def _loader(self, record: TaskRecord):
         return lambda _key: self._load_record(record)
+
+    def _load_by_key(self, key: tuple[str, str]) -> PromptTensors:
+        record = self._live.get(key[0])
+        if record is None or (record.tensors_sha256 or "") != key[1]:
+            raise TaskNotFound(f"task {key[0]!r} not found (deleted)")
+        return self._load_record(record)
 
     def _load_record(self, record: TaskRecord) -> PromptTensors:
         """fp32 CPU tensors from disk, checked against the manifest's sha256 and the model's shape."""
@@ -717,11 +720,14 @@ class PromptStore:
             owner = versions[min(versions)].tenant
             task = _Task(task_id, owner, versions)
             self._tasks[task_id] = task
+            for rec in versions.values():
+                self._live[rec.key] = rec
             self._disk_total += self._task_bytes(task) - self._task_bytes(old)
             self._count_owner(old, -1)
             self._count_owner(task, +1)
             if old is not None:
                 for n in set(old.versions) - set(versions):
+                    self._live.pop(f"{task_id}@{n}", None)
                     self.tiers.discard_task(f"{task_id}@{n}")
             return task
 
@@ -729,6 +735,8 @@ class PromptStore:
         with self._lock:
             old = self._tasks.pop(task_id, None)
             if old is not None:
+                for rec in old.versions.values():
+                    self._live.pop(rec.key, None)
                 self._disk_total -= self._task_bytes(old)
                 self._count_owner(old, -1)
                 self.tiers.discard_task(f"{task_id}@")
