@@ -107,7 +107,7 @@ def evaluate(model, tokenizer, rows: list[Row], task: str, virtual, prefix, batc
     """Scores on `rows`; `score` is the number early stopping and the results table use (accuracy or EM), in %."""
     if task == "classify":
         preds, _ = classify_predictions(model, rows, virtual, prefix, batch_size)
-        acc = 100.0 * sum(p == r.target for p, r in zip(preds, rows)) / len(rows)
+        acc = 100.0 * sum(p == r.label for p, r in zip(preds, rows)) / len(rows)
         return {"score": acc, "accuracy": acc, "predictions": preds}
     texts = greedy_decode(model, tokenizer, rows, virtual, prefix, batch_size, max_new_tokens)
     em = 100.0 * sum(t == r.example.target.strip() for t, r in zip(texts, rows)) / len(rows)

@@ -23,8 +23,9 @@ from .data import Example
 class Row:
     """One example, tokenized once: its plan (with the output tokens appended for generate) and its target."""
     plan: RowPlan
-    target: int            # gold label index (classify), else the number of output tokens appended
     example: Example
+    label: int = -1        # gold label index (classify)
+    num_output: int = 0    # output tokens (+ EOS) appended to the plan (generate, when trained on)
 
 
 def make_rows(spec: PromptSpec, tokenizer, examples: list[Example], task: str, with_outputs: bool) -> list[Row]:
@@ -41,13 +42,13 @@ def make_rows(spec: PromptSpec, tokenizer, examples: list[Example], task: str, w
         if task == "classify":
             if ex.target not in names:
                 raise ValueError(f"{ex.source}: label {ex.target!r} is not one of {names}")
-            rows.append(Row(plan, names.index(ex.target), ex))
+            rows.append(Row(plan, ex, label=names.index(ex.target)))
         elif with_outputs:
             out = encode(tokenizer, ex.target) + eos
             plan = RowPlan(ids=plan.ids + out, virt=plan.virt + [-1] * len(out), prefix=plan.prefix)
-            rows.append(Row(plan, len(out), ex))
+            rows.append(Row(plan, ex, num_output=len(out)))
         else:
-            rows.append(Row(plan, 0, ex))
+            rows.append(Row(plan, ex))
     return rows
 
 
@@ -71,7 +72,7 @@ def classify_scores(model, rows: list[Row], virtual, prefix) -> torch.Tensor:
 def classify_loss(model, rows: list[Row], virtual, prefix) -> torch.Tensor:
     """Cross-entropy of the softmax over the label scores: it trains exactly the quantity whose argmax is served."""
     scores = classify_scores(model, rows, virtual, prefix)                 # [n, K]
-    gold = torch.tensor([r.target for r in rows], device=scores.device)
+    gold = torch.tensor([r.label for r in rows], device=scores.device)
     return F.cross_entropy(scores, gold)
 
 
@@ -80,7 +81,7 @@ def generate_loss(model, rows: list[Row], virtual, prefix) -> torch.Tensor:
     hidden, _, _ = prefill(model, [r.plan for r in rows], virtual, prefix)
     row_idx, q_idx, targets = [], [], []
     for i, r in enumerate(rows):
-        start = r.plan.num_tokens - r.target                                # first output query
+        start = r.plan.num_tokens - r.num_output                            # first output query
         for q in range(start, r.plan.num_tokens):
             row_idx.append(i); q_idx.append(q - 1); targets.append(r.plan.ids[q])
     dev = hidden.device
