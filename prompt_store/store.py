@@ -540,9 +540,8 @@ class PromptStore:
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
-            with self._lock:
-                gone = record.id not in self._tasks
-            if gone:
+            self.refresh()  # most likely another replica deleted it a moment ago
+            if self._live.get(record.key) is None:
                 raise TaskNotFound(f"task {record.key!r} not found (deleted)") from None
             self.corrupt[record.key] = "tensor file missing"
             raise CorruptArtifact(f"task {record.key!r}: {TENSORS_NAME} is missing") from None
