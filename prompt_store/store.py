@@ -57,6 +57,7 @@ class StoreConfig:
     max_virtual_tokens: int = 512
     max_file_bytes: int = 256 << 20          # any one uploaded file (tensors, config)
     max_tasks_per_tenant: int = 10_000
+    max_versions_per_task: int = 1_000      # live versions; delete the task to start over
     host_budget_bytes: int = 1 << 30
     device_budget_bytes: int = 256 << 20
     poll_interval_s: float = 1.0
@@ -474,6 +475,9 @@ class PromptStore:
                     raise Forbidden(f"only the owner of task {task_id!r} or an admin may add versions")
                 # the id is taken by another tenant's private task: say no without saying whose or what
                 raise Forbidden(f"task id {task_id!r} is not available; choose another id")
+            if len(task.versions) >= self.config.max_versions_per_task:
+                raise QuotaExceeded(f"task {task_id!r} expected at most {self.config.max_versions_per_task} "
+                                    f"versions, found {len(task.versions)} already; delete it to start over")
             return
         if creating and tenant is not None and not admin:
             with self._lock:
@@ -504,7 +508,10 @@ class PromptStore:
         if detect_layout(src) == "peft":
             spec, tensors, _cfg = peft_io.import_peft(src, self.fingerprint)
             return spec, tensors, {}
-        manifest, tensors = read_artifact(src)
+        try:
+            manifest, tensors = read_artifact(src)
+        except CorruptArtifact as e:  # in an upload a bad checksum is the uploader's problem, not ours
+            raise InvalidPrompt(str(e)) from None
         check_fingerprint(manifest.fingerprint, self.fingerprint)
         base = {"visibility": manifest.visibility, "description": manifest.description,
                 "generation": manifest.generation, "task_type": manifest.task_type}

@@ -91,6 +91,11 @@ def test_quota(make_store):
     s.create("c", "bob", spec=PT, tensors=vt(1))
     s.delete("a", "alice")
     s.create("c2", "alice", spec=PT, tensors=vt(1))
+    v = make_store(root=s.root / "v", max_versions_per_task=2)
+    v.create("x", "alice", spec=PT, tensors=vt(1))
+    v.create("x", "alice", spec=PT, tensors=vt(2))
+    with pytest.raises(QuotaExceeded, match="at most 2 versions, found 2"):
+        v.create("x", "alice", spec=PT, tensors=vt(3))
 
 
 def test_delete_is_immediate_and_versions_never_reused(make_store):
@@ -105,11 +110,15 @@ def test_delete_is_immediate_and_versions_never_reused(make_store):
         s.tensors(r1)  # a record fetched before the delete no longer serves
     assert s.stats()["tiers"]["host"]["entries"] == 0
     assert not list((s.root / "tasks" / "t").glob("v*"))
+    reopened = PromptStore(s.root, s.fingerprint)  # the tombstone survives a restart
+    with pytest.raises(TaskNotFound):
+        reopened.get("t", None)
     r3 = s.create("t", "bob", spec=PT, tensors=vt(3))
     assert r3.key == "t@3" and r3.tenant == "bob"  # the id is free again but t@1 never means other bytes
     with pytest.raises(TaskNotFound):
         s.get("t@1", "bob")
     assert not list((s.root / "tmp").iterdir())
+    assert reopened.get("t", "bob").key == "t@3"  # a miss refreshes from disk: no poller needed
 
 
 def test_store_exports(make_store, tmp_path):

@@ -82,6 +82,13 @@ def _rewrite(directory, **fields):
     (directory / "task.json").write_text(json.dumps(data))
 
 
+def test_upload_with_wrong_checksum_is_invalid(make_store, tmp_path, tiny_fp):
+    write_artifact(tmp_path / "a", _manifest(tiny_fp), PromptTensors(virtual=rand_virtual()))
+    _rewrite(tmp_path / "a", tensors_sha256="ab" * 32)
+    with pytest.raises(InvalidPrompt, match=f"sha256 mismatch, expected {'ab' * 32}"):
+        make_store().create("t", "alice", source_dir=tmp_path / "a")
+
+
 def test_file_too_large(make_store, tmp_path, tiny_fp):
     write_artifact(tmp_path / "a", _manifest(tiny_fp), PromptTensors(virtual=rand_virtual()))
     store = make_store(max_file_bytes=500)
