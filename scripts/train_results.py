@@ -38,7 +38,8 @@ TASKS = {
 METHODS = {  # name -> extra train arguments
     "prompt-tuning": ["--method", "prompt-tuning", "--virtual-tokens", "8", "--init", "text"],
     "p-tuning": ["--method", "p-tuning", "--virtual-tokens", "8", "--encoder", "mlp"],
-    "p-tuning-anchors-lstm": ["--method", "p-tuning", "--encoder", "lstm", "--template", "{anchored}"],
+    "p-tuning-lr5e-3": ["--method", "p-tuning", "--virtual-tokens", "8", "--encoder", "mlp", "--lr", "5e-3"],
+    "p-tuning-anchors-lstm": ["--method", "p-tuning", "--encoder", "lstm", "--template", "{anchored}", "--lr", "5e-3"],
     "prefix-tuning": ["--method", "prefix-tuning", "--virtual-tokens", "8"],
     "prefix-tuning-mlp": ["--method", "prefix-tuning", "--virtual-tokens", "8", "--prefix-projection"],
 }
@@ -131,11 +132,24 @@ def table(name: str, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def legend() -> str:
+    lines = ["Flags per method (besides `--task`, `--data`, `--out`, `--labels` and the per-task ones: emotion "
+             f"`{' '.join(TASKS['emotion']['train'])}`, people `{' '.join(TASKS['people']['train'])}`; "
+             "the soft prompts' template is `--template` below or the task's plain one):", ""]
+    for name, args in METHODS.items():
+        lines.append(f"- {name}: `{' '.join(a if a != '{anchored}' else '<anchored template>' for a in args)}`")
+    lines += ["", "Templates (JSON strings):", ""]
+    for name, t in TASKS.items():
+        lines.append(f"- {name}: hard `{json.dumps(t['hard'])}`, soft `{json.dumps(t['soft'])}`, "
+                     f"anchored `{json.dumps(t['anchored'])}`")
+    return "\n".join(lines)
+
+
 def write_doc(sections: list[str]) -> None:
     doc = DOC.read_text()
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     block = (f"<!-- RESULTS START -->\nMeasured {stamp} on this machine (2 shared CPU cores, fp32), default model.\n\n"
-             + "\n\n".join(sections) + "\n<!-- RESULTS END -->")
+             + "\n\n".join(sections) + "\n\n" + legend() + "\n<!-- RESULTS END -->")
     new, n = re.subn(r"<!-- RESULTS START -->.*?<!-- RESULTS END -->", lambda _: block, doc, flags=re.S)
     DOC.write_text(new if n else doc + "\n" + block + "\n")
 
