@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(4096, ge=1, description="tokens prefilled in one engine step")
     max_input_tokens: int = Field(2048, ge=1, description="longest accepted input, task prompt included (413 above)")
     max_new_tokens: int = Field(1024, ge=1, description="most tokens one request may generate (422 above)")
-    max_queue: int = Field(1024, ge=1, description="requests waiting for a batch slot, all tenants together (503 above)")
+    max_queue: int = Field(1024, ge=1, description="engine requests in flight (running or waiting), all tenants "
+                                                  "together (503 above)")
 
     max_concurrent: int = Field(64, ge=1, description="requests in flight per tenant (429 above)")
     tokens_per_minute: int = Field(0, ge=0, description="tokens in+out per tenant per minute, 0 for no limit (429)")

@@ -154,7 +154,7 @@ class StreamOptions(BaseModel):
 
 
 class OpenAIBase(BaseModel):
-    """OpenAI clients send fields we do not use (user, stream_options, ...): ignore those, refuse what changes output."""
+    """OpenAI clients send fields we do not use (user, ...): ignore those, but refuse what would change the output."""
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, description="a task id, or id@version")
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
