@@ -60,12 +60,19 @@ class SlotCache(Cache):
         # view, so one index_copy_ per layer writes the step (advanced-index assignment was 11% of a decode step)
         self._flat = ((row_idx[:, None, None] * H + heads[None, :, None]) * S + slots[:, None, :]).reshape(-1)
 
-    def write_prefix(self, row: int, prefix: torch.Tensor) -> None:
-        """Copy a prefix [L, 2, H_kv, T, Dh] into slots [0, T) of a row."""
-        T = prefix.shape[3]
+    def write_prefixes(self, rows: list[int], prefixes: list[torch.Tensor]) -> None:
+        """Copy each row's prefix [L, 2, H_kv, T_i, Dh] into its slots [0, T_i): one index_copy_ per layer and
+        side for the whole prefill, however many tasks it mixes."""
+        _, H, S, Dh = self.keys[0].shape
+        dev = self.keys[0].device
+        flat = torch.cat([((r * H + torch.arange(H, device=dev)[:, None]) * S
+                           + torch.arange(p.shape[3], device=dev)[None, :]).reshape(-1)
+                          for r, p in zip(rows, prefixes)])                                    # [N]
+        kv = torch.cat([p.to(device=dev, dtype=self.dtype).reshape(p.shape[0], 2, -1, Dh) for p in prefixes],
+                       dim=2)                                                                   # [L, 2, N, Dh]
         for layer in range(self.num_layers):
-            self.keys[layer][row, :, :T] = prefix[layer, 0]
-            self.values[layer][row, :, :T] = prefix[layer, 1]
+            self.keys[layer].view(-1, Dh).index_copy_(0, flat, kv[layer, 0])
+            self.values[layer].view(-1, Dh).index_copy_(0, flat, kv[layer, 1])
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         for buf in self.keys + self.values:

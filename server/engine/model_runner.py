@@ -50,9 +50,9 @@ class ModelRunner:
         kv_len = step.mask.shape[-1]
         max_new = max(s.request.sampling.max_new_tokens for s in seqs)
         self.cache.ensure(base + k, kv_len + max_new)
-        for i, t in enumerate(tensors):
-            if t is not None and t.prefix is not None:
-                self.cache.write_prefix(base + i, t.prefix)
+        prefixed = [(base + i, t.prefix) for i, t in enumerate(tensors) if t is not None and t.prefix is not None]
+        if prefixed:
+            self.cache.write_prefixes(*map(list, zip(*prefixed)))
         self.cache.prepare(slice(base, base + k), step.slots, kv_len)
         hidden = F.hidden_states(self.model, step, self.cache)                     # [k, Q, D]
         scores = F.label_scores(self.model, hidden, readout)
