@@ -7,6 +7,7 @@ deadlines and keyed on observable events (a log line, a token, the process exiti
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import re
@@ -208,3 +209,15 @@ def test_ready_fails_when_the_engine_loop_dies(tmp_path):
         assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
         assert_error(c.post("/v1/tasks/qa/generate", json={"input": "x"}), 503, "unavailable")
         assert c.get("/health").status_code == 200  # alive, but out of rotation
+
+
+@pytest.mark.parametrize("log_requests", [False, True])
+def test_request_texts_are_logged_only_when_enabled(tmp_path, caplog, log_requests):
+    secret = "my-customer-secret-4711"
+    caplog.set_level(logging.DEBUG)
+    with live_server(tmp_path, auth=False, log_requests=log_requests) as server, server.client() as c:
+        assert hard_task(c, "qa").status_code == 201
+        assert c.post("/v1/tasks/qa/generate", json={"input": secret, "max_new_tokens": 1}).status_code == 200
+        assert c.post("/v1/tasks/qa/classify", json={"input": secret}).status_code == 422
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert (secret in logged) is log_requests
