@@ -6,6 +6,9 @@ cycling 1,000 distinct tasks vs 8, measured in one run.
 Why: the store must scale with metadata only (start-up time and RSS), and serving many distinct prompts must not fall
 off a cliff (SGLang measured TTFT x160 cycling 16 adapters through 8 slots). The goal is a 1,000-vs-8 ratio >= 0.8.
 Registration goes through PromptStore.create with fsync off (durability is not what is measured here).
+Three throughput views: raw fetches (get + tensors; the 8-task baseline is cache-resident, so this is the harshest),
+fetches with per-step batch assembly, and a serving-shaped loop on the default model that also reports the store's
+own time per request (the ratio the store alone implies). `--fetches 0` skips the raw fetch part.
 Dims are SmolLM2-135M's (D=576, 30 layers, 3 KV heads of 64) so tensor sizes are realistic; no model is loaded.
 """
 
@@ -113,7 +116,7 @@ def batch_rate(store, refs: list[str], fetches: int, batch: int = 16) -> float:
     return fetches / (time.perf_counter() - t0)
 
 
-def serve_rate(store, lm, refs: list[str], batches: int, batch: int = 8) -> float:
+def serve_rate(store, lm, refs: list[str], batches: int, batch: int = 8) -> tuple[float, float]:
     """Requests per second of a serving-shaped loop on the default model: resolve, fetch through the tiers, plan,
     and run one batched prefill with prompt_core (what the engine does per step), cycling through `refs`."""
     import torch
@@ -121,17 +124,20 @@ def serve_rate(store, lm, refs: list[str], batches: int, batch: int = 8) -> floa
     from prompt_core.forward import hidden_states, last_logits, prefix_cache
     from prompt_core.layout import plan_row
     n = len(refs)
+    in_store = 0.0
     t0 = time.perf_counter()
     with torch.no_grad():
         for b in range(batches):
+            s0 = time.perf_counter()
             recs = [store.get(refs[(b * batch + i) % n], "tenant-000") for i in range(batch)]
             tens = [store.tensors(r) for r in recs]
+            in_store += time.perf_counter() - s0
             plans = [plan_row(r.spec, lm.tokenizer, "The food was cold and the service slow.") for r in recs]
             width = max(p.prefix for p in plans)
             step, readout = build_prefill(plans, [width] * batch, [t.virtual for t in tens], lm.device, lm.dtype)
             cache = prefix_cache(lm.model, [t.prefix for t in tens], width)
             last_logits(lm.model, hidden_states(lm.model, step, cache), readout)
-    return batches * batch / (time.perf_counter() - t0)
+    return batches * batch / (time.perf_counter() - t0), in_store / (batches * batch)
 
 
 def serving(root: Path, batches: int) -> dict:
@@ -148,7 +154,12 @@ def serving(root: Path, batches: int) -> dict:
     for _ in range(2):
         hot_runs.append(serve_rate(store, lm, hot, batches))
         many_runs.append(serve_rate(store, lm, many, batches))
-    return {"hot": max(hot_runs), "many": max(many_runs), "ratio": max(many_runs) / max(hot_runs)}
+    (hot, hot_store), (many_, many_store) = max(hot_runs), max(many_runs)
+    # The model dominates and this machine may be shared, so also derive the ratio the store alone would cause:
+    # the hot loop's time per request plus the extra store time per request of the 1,000-task loop.
+    implied = (1 / hot) / (1 / hot + max(0.0, many_store - hot_store))
+    return {"hot": hot, "many": many_, "ratio": many_ / hot, "hot_store_us": hot_store * 1e6,
+            "many_store_us": many_store * 1e6, "implied": implied}
 
 
 def throughput(root: Path, device: str, fetches: int) -> list[dict]:
@@ -217,7 +228,7 @@ def main() -> None:
         print(f"per task    : {f['open_s'] / max(f['tasks'], 1) * 1e6:.0f} us to open, {per_task_kib:.1f} KiB of RSS "
               f"(tensor bytes on disk per task ~{sum(p.stat().st_size for p in (full / 'tasks').rglob('*.safetensors')) / max(f['tasks'], 1) / 1024:.0f} KiB, not loaded)")
         print(f"\n== tier throughput on {args.device}: {args.fetches} fetches (get + tensors) per workload ==")
-        for r in throughput(full, args.device, args.fetches):
+        for r in (throughput(full, args.device, args.fetches) if args.fetches else []):
             print(f"{r['scenario']}\n   8 tasks {r['hot_8_per_s']:9.0f}/s   1,000 tasks {r['cycle_1000_per_s']:9.0f}/s   "
                   f"ratio {r['ratio']:.2f}   (cold first pass {r['cold_1000_per_s']:.0f}/s; evictions device "
                   f"{r['device_evictions']}, host {r['host_evictions']}; disk reads {r['disk_reads']})\n"
@@ -227,7 +238,9 @@ def main() -> None:
             r = serving(full, args.serve_batches)
             print(f"\n== serving-shaped loop on the default model (CPU): resolve + fetch + plan + one batched prefill "
                   f"of 8 ==\n   8 tasks {r['hot']:7.1f} req/s   1,000 tasks {r['many']:7.1f} req/s   "
-                  f"ratio {r['ratio']:.2f}")
+                  f"ratio {r['ratio']:.2f} (measured; model-bound and noisy on a shared CPU)\n"
+                  f"   store time per request (resolve + fetch): 8 tasks {r['hot_store_us']:.1f} us, 1,000 tasks "
+                  f"{r['many_store_us']:.1f} us -> ratio implied by the store alone {r['implied']:.4f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
