@@ -190,6 +190,7 @@ class PromptStore:
         self._owned: dict[str, int] = {}  # live tasks per owner, kept incrementally (quota checks are O(1))
         self._tasks: dict[str, _Task] = {}
         self._generation = -1
+        self._epoch = ""
         self.quarantined: list[dict] = []    # {"path", "reason"} moved aside by this process
         self.incompatible: dict[str, str] = {}  # key -> why (made for another base model): skipped, not moved
         self.corrupt: dict[str, str] = {}       # key -> why a tensor load failed
@@ -198,7 +199,7 @@ class PromptStore:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._clean_staging()
-        self._generation = self._read_generation()[0]
+        self._epoch, self._generation, _ = self._read_generation()
         self._full_scan()
         self.open_seconds = time.perf_counter() - t0
         for ref in self.config.pin:
@@ -399,18 +400,18 @@ class PromptStore:
 
     def refresh(self) -> bool:
         """Pick up other processes' uploads and deletes. Costs one small file read when nothing changed."""
-        gen, changes = self._read_generation()
+        epoch, gen, changes = self._read_generation()
         with self._lock:
-            if gen == self._generation:
+            if (epoch, gen) == (self._epoch, self._generation):
                 return False
             seen = self._generation
             oldest = min((g for g, _ in changes), default=gen + 1)
-            if seen >= 0 and oldest <= seen + 1:
-                for task_id in {tid for g, tid in changes if g > seen}:
+            if epoch and epoch == self._epoch and seen <= gen and oldest <= seen + 1:
+                for task_id in {tid for g, tid in changes if g > seen}:  # only what changed since we looked
                     self._rescan_task(task_id)
-            else:
+            else:  # a new epoch, or we fell behind the change log: rescan everything
                 self._full_scan()
-            self._generation = max(self._generation, gen)
+            self._epoch, self._generation = epoch, gen
         self._disk_bytes()
         return True
 
@@ -612,26 +613,31 @@ class PromptStore:
                 else:
                     p.unlink(missing_ok=True)
 
-    def _read_generation(self) -> tuple[int, list[tuple[int, str]]]:
+    def _read_generation(self) -> tuple[str, int, list[tuple[int, str]]]:
+        """(epoch, generation, recent changes). A missing or unreadable file is epoch "" and generation 0; a
+        writer then starts a new epoch, which makes every replica rescan once instead of trusting old counters."""
         try:
             data = json.loads((self.root / GENERATION_NAME).read_text())
-            return int(data["generation"]), [(int(g), str(t)) for g, t in data.get("changes", [])]
+            return (str(data["epoch"]), int(data["generation"]),
+                    [(int(g), str(t)) for g, t in data.get("changes", [])])
         except FileNotFoundError:
-            return 0, []
+            return "", 0, []
         except (ValueError, KeyError, TypeError) as e:
-            log.error("%s is unreadable (%s); doing a full rescan", GENERATION_NAME, e)
-            return -2, []
+            log.error("%s is unreadable (%s); the next write starts a new epoch", GENERATION_NAME, e)
+            return "", 0, []
 
     def _bump_generation(self, task_id: str) -> None:
         """Under the exclusive lock: generation + 1 and remember which id changed."""
-        gen, changes = self._read_generation()
-        gen = max(gen, 0) + 1
+        epoch, gen, changes = self._read_generation()
+        if not epoch:
+            epoch, gen, changes = uuid.uuid4().hex, 0, []
+        gen += 1
         changes = (changes + [(gen, task_id)])[-_CHANGE_LOG:]
-        # a hint for replicas, not data: no fsync (after a crash a torn file reads as unreadable -> full rescan)
-        _write_json_atomic(self.root / GENERATION_NAME, {"generation": gen, "changes": changes}, self.staging_dir,
-                           fsync=False)
+        # a hint for replicas, not data: no fsync (after a crash a torn file reads as unreadable -> new epoch)
+        _write_json_atomic(self.root / GENERATION_NAME, {"epoch": epoch, "generation": gen, "changes": changes},
+                           self.staging_dir, fsync=False)
         with self._lock:
-            if self._generation == gen - 1:  # we were up to date; stay so without a rescan
+            if (self._epoch, self._generation) == (epoch, gen - 1):  # we were up to date: stay so, no rescan
                 self._generation = gen
 
     def _next_version(self, task_id: str) -> int:

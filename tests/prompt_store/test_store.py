@@ -279,3 +279,20 @@ def test_refresh_is_cheap_when_nothing_changed(make_store):
     other = PromptStore(s.root, s.fingerprint)
     other.create("t0", "alice", spec=PT, tensors=vt(9))
     assert s.refresh() is True and s.get("t0", None).version == 2
+
+
+def test_lost_generation_file_starts_a_new_epoch(make_store):
+    """If generation.json is lost or torn (it is not fsynced), counters restart; replicas must not ignore the
+    restarted counter just because it is lower than what they had seen."""
+    a = make_store()
+    for i in range(5):
+        a.create(f"t{i}", "alice", spec=PT, tensors=vt(i))
+    b = PromptStore(a.root, a.fingerprint)
+    (a.root / "generation.json").write_text("{torn")
+    assert b.refresh() is True and len(b.list(None)) == 5  # unreadable: one full rescan, nothing lost
+    assert b.refresh() is False                            # and not a rescan on every poll
+    a.create("new", "alice", spec=PT, tensors=vt(9))       # writes generation 1 of a new epoch
+    assert json.loads((a.root / "generation.json").read_text())["generation"] == 1
+    assert b.refresh() is True and "new" in {r.id for r in b.list(None)}
+    a.delete("t0", "alice")
+    assert b.refresh() is True and "t0" not in {r.id for r in b.list(None)}
