@@ -47,6 +47,8 @@ class Settings(BaseSettings):
         default_factory=list, description="comma-separated origins allowed by CORS; empty turns CORS off")
     log_requests: bool = Field(False, description="log request texts (never tensors); off by default for privacy")
     log_level: str = Field("info", description="debug, info, warning or error")
+    threads: int = Field(0, ge=0, description="torch CPU threads for the engine; 0 keeps torch's default (one per "
+                                               "core). 1 avoids thrashing when other processes share the cores")
 
     @field_validator("cors_origins", mode="before")
     @classmethod

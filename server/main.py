@@ -30,6 +30,10 @@ def _open(rt: Runtime) -> None:
     from server.engine.engine import EngineConfig, LLMEngine
 
     s = rt.settings
+    if s.threads:
+        import torch
+
+        torch.set_num_threads(s.threads)
     rt.loaded = load_model(s.model, device=s.device, dtype=s.dtype)
     limits = ArchiveLimits(max_archive_bytes=s.max_upload_bytes)
     rt.store = PromptStore(s.store, fingerprint(rt.loaded.model), device=rt.loaded.device, dtype=rt.loaded.dtype,
