@@ -7,7 +7,10 @@ refused, and on any error the partial extraction is removed so nothing is left o
 
 from __future__ import annotations
 
+import gzip
 import io
+import os
+import socket
 import shutil
 import stat
 import tarfile
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator
 
-from .errors import InvalidPrompt, PayloadTooLarge
+from .errors import InvalidPrompt, PayloadTooLarge, StorageFull, is_disk_full
 from .format import MANIFEST_NAME
 from .peft_io import CONFIG_NAME, PICKLE_REFUSAL, PICKLE_SUFFIXES
 
@@ -195,7 +198,8 @@ def extract_archive(data: bytes | BinaryIO | Path, dest_parent: Path, *, filenam
         head = stream.read(4)
         stream.seek(0)
         Path(dest_parent).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="upload-", dir=dest_parent))
+        # host and pid in the name: a restarted store removes a killed process's extraction at once
+        tmp = Path(tempfile.mkdtemp(prefix=f"upload-{socket.gethostname()}-{os.getpid()}-", dir=dest_parent))
         try:
             if head[:2] == b"PK":
                 _extract_zip(stream, tmp, limits)
@@ -210,6 +214,10 @@ def extract_archive(data: bytes | BinaryIO | Path, dest_parent: Path, *, filenam
         except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, OSError,
                 NotImplementedError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise StorageFull(f"no space left on the store's disk while extracting the upload: {e}") from e
+            if isinstance(e, OSError) and not isinstance(e, gzip.BadGzipFile) and e.errno is not None:
+                raise  # a local I/O fault (permissions, EIO), not the archive's fault
             raise InvalidPrompt(f"archive {filename!r} is corrupt or truncated: {type(e).__name__}: {e}") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -36,6 +36,16 @@ class Forbidden(StoreError):
     status = 403
 
 
+class StorageFull(StoreError):
+    """The store's disk (or quota) is full: the server's problem, not the upload's; nothing was published."""
+    status = 507
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    import errno
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 class CorruptArtifact(StoreError):
     """A stored file fails its checksum or cannot be parsed; only that task fails."""
     status = 500
@@ -43,5 +53,5 @@ class CorruptArtifact(StoreError):
 
 HTTP_STATUS: dict[type[StoreError], int] = {
     cls: cls.status for cls in (StoreError, InvalidPrompt, TaskNotFound, PayloadTooLarge, QuotaExceeded, Forbidden,
-                                CorruptArtifact)
+                                StorageFull, CorruptArtifact)
 }

@@ -37,7 +37,8 @@ from prompt_core.spec import Label, PromptKind, PromptSpec, PromptTensors, make_
 
 from . import peft_io
 from .archive import ArchiveLimits, detect_layout, extracted
-from .errors import CorruptArtifact, Forbidden, InvalidPrompt, PayloadTooLarge, QuotaExceeded, StoreError, TaskNotFound
+from .errors import (CorruptArtifact, Forbidden, InvalidPrompt, PayloadTooLarge, QuotaExceeded, StorageFull, StoreError,
+                     TaskNotFound, is_disk_full)
 from .format import (MANIFEST_NAME, TENSORS_NAME, TaskManifest, decode_tensors, encode_tensors, read_artifact,
                      read_manifest, utc_now, write_durably)
 from .tiers import TierCache
@@ -335,6 +336,11 @@ class PromptStore:
                 self._bump_generation(task_id)
                 self._rescan_task(task_id)
                 rec = self._tasks[task_id].versions[manifest.version]
+        except OSError as e:
+            if is_disk_full(e):
+                raise StorageFull(f"no space left on the store's disk ({self.root}); nothing was published: {e}") \
+                    from e
+            raise
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
@@ -360,9 +366,15 @@ class PromptStore:
             if not self._may_change(task, tenant, admin):
                 raise Forbidden(f"only the owner of task {task_id!r} or an admin may delete it")
             through = self._next_version(task_id) - 1
-            _write_json_atomic(self.tasks_dir / task_id / TOMBSTONE_NAME,
-                               {"deleted_through": through, "deleted_at": utc_now(), "by": tenant or ""},
-                               self.staging_dir, self.config.fsync)
+            try:
+                _write_json_atomic(self.tasks_dir / task_id / TOMBSTONE_NAME,
+                                   {"deleted_through": through, "deleted_at": utc_now(), "by": tenant or ""},
+                                   self.staging_dir, self.config.fsync)
+            except OSError as e:
+                if is_disk_full(e):
+                    raise StorageFull(f"no space left on the store's disk ({self.root}); task {task_id!r} was not "
+                                      f"deleted: {e}") from e
+                raise
             self._bump_generation(task_id)
             self._rescan_task(task_id)
             trash = self._new_staging()
@@ -598,8 +610,8 @@ class PromptStore:
         host = socket.gethostname()
         now = time.time()
         for p in self.staging_dir.iterdir():
-            try:
-                h, pid, _ = p.name.rsplit("-", 2)
+            try:  # names: "<host>-<pid>-<rand>" (staging) or "upload-<host>-<pid>-<rand>" (archive extraction)
+                h, pid, _ = p.name.removeprefix("upload-").rsplit("-", 2)
                 dead = h == host and not _pid_alive(int(pid))
             except ValueError:
                 dead = False
@@ -634,8 +646,13 @@ class PromptStore:
         gen += 1
         changes = (changes + [(gen, task_id)])[-_CHANGE_LOG:]
         # a hint for replicas, not data: no fsync (after a crash a torn file reads as unreadable -> new epoch)
-        _write_json_atomic(self.root / GENERATION_NAME, {"epoch": epoch, "generation": gen, "changes": changes},
-                           self.staging_dir, fsync=False)
+        try:
+            _write_json_atomic(self.root / GENERATION_NAME, {"epoch": epoch, "generation": gen, "changes": changes},
+                               self.staging_dir, fsync=False)
+        except OSError as e:  # the change itself is already published: do not fail it over the hint
+            log.error("could not bump %s (%s): other replicas see %s at their next rescan", GENERATION_NAME, e,
+                      task_id)
+            return
         with self._lock:
             if (self._epoch, self._generation) == (epoch, gen - 1):  # we were up to date: stay so, no rescan
                 self._generation = gen

@@ -180,3 +180,23 @@ def test_duplicate_member(make_store, peft_files):
     with pytest.warns(UserWarning):  # zipfile warns about the duplicate when writing
         data = _zip(peft_files, [(zipfile.ZipInfo("adapter_config.json"), b"{}")])
     _refused(make_store(), data, InvalidPrompt, "twice")
+
+
+def test_disk_full_while_extracting_is_storage_full_not_corrupt(make_store, peft_files, monkeypatch):
+    import errno
+
+    from prompt_store import archive as archive_mod
+    from prompt_store.errors import StorageFull
+
+    class Full(io.BytesIO):
+        def write(self, _data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(path, mode="r", *a, **k):
+        return Full() if "x" in mode or "w" in mode else open(path, mode, *a, **k)
+
+    s = make_store()
+    monkeypatch.setattr(archive_mod, "open", full_open, raising=False)
+    with pytest.raises(StorageFull, match="no space left"):
+        s.create_from_archive("t", "alice", _zip(peft_files))
+    assert not _leftovers(s)

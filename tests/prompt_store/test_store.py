@@ -296,3 +296,52 @@ def test_lost_generation_file_starts_a_new_epoch(make_store):
     assert b.refresh() is True and "new" in {r.id for r in b.list(None)}
     a.delete("t0", "alice")
     assert b.refresh() is True and "t0" not in {r.id for r in b.list(None)}
+
+
+def _enospc(*_a, **_k):
+    import errno
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_is_storage_full_and_publishes_nothing(make_store, monkeypatch):
+    from prompt_store import store as store_mod
+    from prompt_store.errors import StorageFull
+    s = make_store()
+    s.create("t", "alice", spec=PT, tensors=vt(1))
+    monkeypatch.setattr(store_mod, "write_durably", _enospc)
+    with pytest.raises(StorageFull, match="no space left") as e:
+        s.create("t", "alice", spec=PT, tensors=vt(2))
+    assert e.value.status == 507
+    with pytest.raises(StorageFull):
+        s.delete("t", "alice")
+    monkeypatch.undo()
+    assert [r.key for r in s.versions("t", None)] == ["t@1"] and not list((s.root / "tmp").iterdir())
+    assert s.create("t", "alice", spec=PT, tensors=vt(2)).key == "t@2"
+
+
+def test_failed_generation_bump_does_not_fail_a_published_upload(make_store, monkeypatch):
+    from prompt_store import store as store_mod
+    s = make_store()
+    real = store_mod._write_json_atomic
+
+    def no_generation(path, *a, **k):
+        if path.name == "generation.json":
+            _enospc()
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(store_mod, "_write_json_atomic", no_generation)
+    assert s.create("t", "alice", spec=PT, tensors=vt(1)).key == "t@1"
+    assert PromptStore(s.root, s.fingerprint).get("t", None).key == "t@1"
+
+
+def test_restart_removes_a_dead_process_extraction_dir(make_store):
+    s = make_store()
+    code = ("import os, sys, pathlib, tempfile; from prompt_store.archive import extract_archive; "
+            "import zipfile, io; b = io.BytesIO(); z = zipfile.ZipFile(b, 'w'); "
+            "z.writestr('adapter_config.json', '{}'); z.close(); "
+            "extract_archive(b.getvalue(), pathlib.Path(sys.argv[1])); os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(s.root / "tmp")], cwd=REPO, check=True, timeout=120)
+    debris = list((s.root / "tmp").iterdir())
+    assert len(debris) == 1 and debris[0].name.startswith("upload-")
+    PromptStore(s.root, s.fingerprint)
+    assert not list((s.root / "tmp").iterdir())
