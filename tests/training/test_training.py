@@ -340,3 +340,20 @@ def test_training_never_imports_the_server():
     code = ("import sys, training.cli, training.loop, training.push; "
             "sys.exit(any(m == 'server' or m.startswith('server.') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_eval_refuses_an_artifact_of_another_model(tiny_lm, tmp_path, classify_file):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prompt_core.model import LoadedModel, freeze
+    from training.score import artifact_eval
+
+    from .conftest import TINY
+
+    train(cfg_for("prompt-tuning", tmp_path / "out", classify_file, epochs=1), lm=tiny_lm, quiet=True)
+    torch.manual_seed(1)
+    other = LoadedModel(model=freeze(LlamaForCausalLM(LlamaConfig(**TINY))), tokenizer=tiny_lm.tokenizer,
+                        source="other", device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(ValueError, match="trained on another base model: embedding_sha256"):
+        artifact_eval(str(tmp_path / "out"), str(classify_file), other)
+    assert artifact_eval(str(tmp_path / "out"), str(classify_file), tiny_lm)["predictions"][0] in ("good", "bad")
