@@ -520,8 +520,23 @@ def verdict(name: str, value: float, target: float, detail: str) -> dict:
     return {"target": name, "value": value, "threshold": target, "pass": ok, "detail": detail}
 
 
+def git_info() -> dict:
+    """The commit measured: HEAD, the last commit touching the engine or prompt_core, and uncommitted changes there."""
+    import subprocess
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001 - not a checkout
+            return ""
+    return {"head": git("rev-parse", "--short", "HEAD"),
+            "engine_commit": git("log", "-1", "--format=%h %s", "--", "server/engine", "prompt_core"),
+            "engine_dirty": bool(git("status", "--porcelain", "--", "server/engine", "prompt_core"))}
+
+
 def env_info() -> dict:
-    return {"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"git": git_info(), "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "machine": platform.machine(),
             "processor": platform.processor() or platform.machine(), "argv": " ".join(sys.argv)}
@@ -531,7 +546,9 @@ def standard(loaded: LoadedModel, args) -> dict:
     """The standard workload and all four baselines. Returns a JSON-able dict."""
     res: dict = {"env": env_info(), "config": vars(args).copy(), "device": str(loaded.device),
                  "dtype": str(loaded.dtype)}
-    print(f"# promptserve engine benchmark  {res['env']['date_utc']}  torch {torch.__version__}  "
+    g = res["env"]["git"]
+    print(f"# promptserve engine benchmark  {res['env']['date_utc']}  commit {g['head']} (engine: {g['engine_commit']}"
+          f"{', uncommitted changes' if g['engine_dirty'] else ''})  torch {torch.__version__}  "
           f"threads {torch.get_num_threads()}  device {loaded.device} {loaded.dtype}  load {load_avg()}")
     tasks = make_tasks(loaded, args.tasks, args.virtual_tokens, seed=1)
     reqs = make_requests(tasks, args.requests, args.new_tokens)
