@@ -18,7 +18,6 @@ from prompt_core.spec import PromptSpec, PromptTensors
 from prompt_store.errors import CorruptArtifact, Forbidden, InvalidPrompt, QuotaExceeded, TaskNotFound
 from prompt_store.store import PromptStore
 
-from .conftest import rand_virtual
 
 REPO = Path(__file__).resolve().parents[2]
 PT = PromptSpec("prompt_tuning", 4)
