@@ -13,7 +13,7 @@ import torch
 from prompt_core.fingerprint import ModelFingerprint
 from prompt_core.spec import PromptKind, PromptSpec, PromptTensors
 
-from .errors import InvalidPrompt, TaskNotFound
+from .errors import InvalidPrompt
 
 TASK_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TENANT_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -104,7 +104,3 @@ def check_fingerprint(manifest_fp: dict | None, model_fp: ModelFingerprint) -> N
     if diffs:
         raise InvalidPrompt("the prompt was made for another base model: " + "; ".join(diffs))
 
-
-def ensure_visible(ok: bool, ref: str) -> None:
-    if not ok:
-        raise TaskNotFound(f"task {ref!r} not found")
