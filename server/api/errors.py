@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_store.errors import (CorruptArtifact, Forbidden, InvalidPrompt, PayloadTooLarge, QuotaExceeded,
-                                 StoreError, TaskNotFound)
+                                 StorageFull, StoreError, TaskNotFound)
 from server.engine.request import EngineError, EngineOverloaded, EngineStopped, InputTooLong, InvalidRequest
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ def overloaded(message: str) -> ApiError:
 # status and type per domain error; the first matching class wins (subclasses before bases)
 _STORE = [(TaskNotFound, 404, "not_found"), (Forbidden, 403, "forbidden"), (PayloadTooLarge, 413, "payload_too_large"),
           (QuotaExceeded, 429, "quota_exceeded"), (InvalidPrompt, 422, "invalid_request"),
-          (CorruptArtifact, 500, "corrupt_artifact"), (StoreError, 400, "invalid_request")]
+          (CorruptArtifact, 500, "corrupt_artifact"), (StorageFull, 507, "insufficient_storage"),
+          (StoreError, 400, "invalid_request")]
 _ENGINE = [(InputTooLong, 413, "input_too_long"), (InvalidRequest, 422, "invalid_request"),
            (EngineOverloaded, 503, "overloaded"), (EngineStopped, 503, "unavailable"), (EngineError, 500, "internal")]
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
