@@ -257,7 +257,7 @@ async def _sse(c: httpx.AsyncClient, path: str, req: dict) -> tuple[int, str | N
 async def client_loop(i: int, url: str, stop_at: float, stats: Stats, limits: httpx.Limits) -> None:
     rng = random.Random(i)
     tenant = TENANTS[i % len(TENANTS)]
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=180,
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {KEYS[tenant]}"}, timeout=600,
                                  limits=limits) as c:
         while time.monotonic() < stop_at:
             wait = await one_request(c, rng, stats)
@@ -326,7 +326,7 @@ def main() -> int:
             stop_at = time.monotonic() + args.duration
             reporter = asyncio.ensure_future(progress(stats, samples, t0))
             await asyncio.wait_for(asyncio.gather(*(client_loop(i, url, stop_at, stats, limits)
-                                                    for i in range(args.clients))), args.duration + 240)
+                                                    for i in range(args.clients))), args.duration + 600)
             reporter.cancel()
 
         asyncio.run(run())
