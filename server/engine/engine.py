@@ -113,9 +113,11 @@ class LLMEngine:
     # ---- the step
     def step(self) -> list[RequestOutput]:
         outputs = self._reap_cancelled()
-        admitted = self.scheduler.schedule()
-        if admitted:
-            outputs += self._prefill(admitted)
+        schedule = self.scheduler.schedule()
+        if schedule.preempted:
+            self.runner.release(schedule.preempted)
+        if schedule.admitted:
+            outputs += self._prefill(schedule.admitted)
         if self.runner.num_rows:
             outputs += self._decode()
         if self.observer:
@@ -125,7 +127,7 @@ class LLMEngine:
     def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
         now = time.monotonic()
         for s in seqs:
-            s.scheduled_at = now
+            s.scheduled_at = s.scheduled_at or now
         ready, outputs = [], []
         tensors: list[PromptTensors | None] = []
         for s in seqs:  # a prompt that fails to load fails its own request only

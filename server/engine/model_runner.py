@@ -44,7 +44,7 @@ class ModelRunner:
         """Prefill new sequences into rows after the running ones. Returns per sequence its first token
         (generation) or its label log-likelihoods (classification). Rows are taken only if the forward succeeds."""
         base, k = self.num_rows, len(seqs)
-        plans = [s.plan for s in seqs]
+        plans = [s.prefill_plan for s in seqs]
         step, readout = build_prefill(plans, [p.prefix for p in plans],
                                       [t.virtual if t is not None else None for t in tensors], self.device, self.dtype)
         kv_len = step.mask.shape[-1]
@@ -81,12 +81,12 @@ class ModelRunner:
         prefix = cols(lambda s: s.plan.prefix, torch.long)
         self.prefix[rows] = prefix
         self.tok_start[rows] = prefix
-        self.lengths[rows] = prefix + cols(lambda s: s.plan.num_tokens, torch.long)
+        self.lengths[rows] = prefix + cols(lambda s: s.prefill_plan.num_tokens, torch.long)
         self.temperature[rows] = cols(lambda s: s.request.sampling.temperature, torch.float32)
         self.top_p[rows] = cols(lambda s: s.request.sampling.top_p, torch.float32)
         self.top_k[rows] = cols(lambda s: s.request.sampling.top_k, torch.long)
         self.seed[rows] = cols(lambda s: s.seed, torch.long)
-        self.step[rows] = 0
+        self.step[rows] = cols(lambda s: len(s.output_ids), torch.long)  # a resumed sequence keeps its draws
 
     @torch.inference_mode()
     def decode(self, kv_len: int) -> list[int]:

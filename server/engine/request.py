@@ -89,7 +89,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's queues compare sequences by who they are
 class Sequence:
     """Engine state of one request."""
     request: EngineRequest
@@ -134,8 +134,16 @@ class Sequence:
 
     @property
     def cost_tokens(self) -> int:
-        """Queries the prefill computes: the prompt plus any label tokens."""
-        return self.plan.num_queries
+        """Queries the prefill computes: the prompt plus any label tokens, plus the output of a resumed sequence."""
+        return self.plan.num_queries + len(self.output_ids)
+
+    @property
+    def prefill_plan(self) -> RowPlan:
+        """The prompt, followed by what was generated before a preemption (recomputed on resume)."""
+        if not self.output_ids:
+            return self.plan
+        p = self.plan
+        return RowPlan(ids=p.ids + self.output_ids, virt=p.virt + [-1] * len(self.output_ids), prefix=p.prefix)
 
 
 @dataclass

@@ -4,6 +4,11 @@ Tenants share batch capacity by weighted virtual-token counters (S-LoRA's VTC): 
 tenant for input tokens, each generated token charges it again, and the next admission goes to the waiting tenant
 with the smallest counter. A tenant that returns from idle starts at the smallest active counter, so it cannot bank
 credit, and a flooding tenant cannot starve a light one.
+
+When the batch is full and a tenant with no running request waits, the tenant holding the most rows (beyond its
+share) gives up its most recent one: that sequence goes back to the head of its queue and later resumes by
+prefilling its prompt plus what it had generated (recompute preemption, as vLLM does). Without it, a light
+tenant's request waits for a flooding tenant's request to finish.
 """
 
 from __future__ import annotations
@@ -21,12 +26,20 @@ class SchedulerConfig:
     tenant_weights: dict[str, float] = field(default_factory=dict)
     input_cost: float = 1.0
     output_cost: float = 2.0
+    preempt: bool = True             # free a row for a tenant with nothing running when the batch is full
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be positive")
         if any(w <= 0 for w in self.tenant_weights.values()):
             raise ValueError("tenant weights must be positive")
+
+
+@dataclass
+class Schedule:
+    """What the engine runs at this step."""
+    admitted: list[Sequence] = field(default_factory=list)   # to prefill now (resumed ones carry their output)
+    preempted: list[Sequence] = field(default_factory=list)  # rows to free now; they are waiting again
 
 
 class Scheduler:
@@ -68,27 +81,50 @@ class Scheduler:
             return True
         return False
 
-    def schedule(self) -> list[Sequence]:
+    def schedule(self) -> Schedule:
         """Admit waiting sequences, fairest tenant first, within the batch-size and prefill-token limits."""
-        admitted: list[Sequence] = []
+        out = Schedule(preempted=self._preempt())
         tokens = 0
-        while len(self.running) + len(admitted) < self.config.max_batch_size:
-            candidates = [t for t, q in self.waiting.items() if q]
+        while len(self.running) + len(out.admitted) < self.config.max_batch_size:
+            candidates = [t for t, q in self.waiting.items() if q and q[0] not in out.preempted]
             if not candidates:
                 break
             tenant = min(candidates, key=lambda t: self.counters.get(t, 0.0))
             seq = self.waiting[tenant][0]
-            if admitted and tokens + seq.cost_tokens > self.config.max_prefill_tokens:
+            if out.admitted and tokens + seq.cost_tokens > self.config.max_prefill_tokens:
                 break  # it stays at the head of its queue for the next step
             self.waiting[tenant].popleft()
-            admitted.append(seq)
+            out.admitted.append(seq)
             tokens += seq.cost_tokens
-            self.counters[tenant] = self.counters.get(tenant, 0.0) + \
-                self.config.input_cost * seq.cost_tokens / self._weight(tenant)
-        for seq in admitted:
+            if not seq.output_ids:  # a resumed sequence is not charged twice for its prompt
+                self.counters[tenant] = self.counters.get(tenant, 0.0) + \
+                    self.config.input_cost * seq.cost_tokens / self._weight(tenant)
+        for seq in out.admitted:
             seq.status = Status.RUNNING
-        self.running.extend(admitted)
-        return admitted
+        self.running.extend(out.admitted)
+        return out
+
+    def _preempt(self) -> list[Sequence]:
+        """One row per starved tenant (waiting, nothing running), taken from the tenant most over its share."""
+        if not self.config.preempt or len(self.running) < self.config.max_batch_size:
+            return []
+        rows: dict[str, int] = {}
+        for s in self.running:
+            rows[s.tenant] = rows.get(s.tenant, 0) + 1
+        starved = [t for t, q in self.waiting.items() if q and t not in rows]
+        share = self.config.max_batch_size / (len(rows) + len(starved)) if starved else 0
+        preempted = []
+        for _ in starved:
+            tenant = max(rows, key=rows.get)
+            if rows[tenant] <= max(share, 1):
+                break
+            victim = next(s for s in reversed(self.running) if s.tenant == tenant)
+            self.running.remove(victim)
+            victim.status = Status.WAITING
+            self.waiting[tenant].appendleft(victim)
+            rows[tenant] -= 1
+            preempted.append(victim)
+        return preempted
 
     def charge_output(self, seq: Sequence, tokens: int = 1) -> None:
         self.counters[seq.tenant] = self.counters.get(seq.tenant, 0.0) + \

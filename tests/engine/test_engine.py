@@ -114,3 +114,30 @@ def test_an_exception_in_the_batched_forward_fails_only_its_request(loaded, monk
     expected = run(new_engine(loaded), [requests[0], requests[2]])
     assert outs["a"].text == expected["a"].text and outs["b"].text == expected["b"].text
     assert engine.runner.num_rows == 0
+
+
+def test_a_preempted_request_resumes_with_the_same_text(loaded):
+    """A light tenant takes a row from a flooding one at once; the preempted request, resumed by recomputing its
+    prompt and output, still produces exactly the text it produces alone, sampled or greedy."""
+    heavy = [EngineRequest(f"h{i}", HARD, f"heavy input {i}", tenant="heavy", sampling=greedy(12)) for i in range(3)]
+    heavy.append(EngineRequest("h3", HARD, "heavy sampled", tenant="heavy",
+                               sampling=SamplingParams(max_new_tokens=12, temperature=0.8, seed=5)))
+    light = EngineRequest("l0", HARD, "light", tenant="light", sampling=greedy(3))
+    engine = new_engine(loaded, max_batch_size=4)
+    seqs = [engine.add_request(r) for r in heavy]
+    for _ in range(4):
+        engine.step()
+    finals = {}
+    engine.add_request(light)
+    for out in engine.step():
+        finals[out.request_id] = out
+    assert seqs[3].row == -1 and seqs[3].output_ids  # preempted mid-decode, keeping its output
+    assert "l0" in [s.request_id for s in engine.runner.seqs]  # the light request runs at the next step
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    for req in heavy + [light]:
+        alone = run(new_engine(loaded), [req])[req.request_id]
+        assert finals[req.request_id].text == alone.text, req.request_id
+        assert finals[req.request_id].completion_tokens == alone.completion_tokens

@@ -18,19 +18,19 @@ def test_batch_size_and_prefill_token_limits():
     s = Scheduler(SchedulerConfig(max_batch_size=3, max_prefill_tokens=25))
     for i in range(5):
         s.add(seq(i))
-    first = s.schedule()
+    first = s.schedule().admitted
     assert [q.request_id for q in first] == ["a0", "a1"]  # a third would make 30 > 25 prefill tokens
     assert all(q.status is Status.RUNNING for q in first)
-    assert [q.request_id for q in s.schedule()] == ["a2"]  # batch of 3 is full now
-    assert s.schedule() == []
+    assert [q.request_id for q in s.schedule().admitted] == ["a2"]  # batch of 3 is full now
+    assert s.schedule().admitted == []
     s.finish(first)
-    assert [q.request_id for q in s.schedule()] == ["a3", "a4"]
+    assert [q.request_id for q in s.schedule().admitted] == ["a3", "a4"]
 
 
 def test_an_oversized_request_still_runs_alone():
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_prefill_tokens=5))
     s.add(seq(0, tokens=50))
-    assert len(s.schedule()) == 1
+    assert len(s.schedule().admitted) == 1
 
 
 def test_a_flooding_tenant_cannot_starve_a_light_one():
@@ -42,7 +42,7 @@ def test_a_flooding_tenant_cannot_starve_a_light_one():
         if step == 2:
             s.add(seq(0, "light"))
             s.add(seq(1, "light"))
-        admitted = s.schedule()
+        admitted = s.schedule().admitted
         order += [q.tenant for q in admitted]
         for q in admitted:
             s.charge_output(q, 5)
@@ -59,7 +59,7 @@ def test_weights_share_capacity_in_proportion():
         s.add(seq(i, "free"))
     served = []
     for _ in range(40):
-        admitted = s.schedule()
+        admitted = s.schedule().admitted
         served += [q.tenant for q in admitted]
         s.finish(admitted)
     assert served.count("gold") == 30 and served.count("free") == 10
@@ -70,13 +70,39 @@ def test_an_idle_tenant_does_not_bank_credit():
     for i in range(20):
         s.add(seq(i, "a"))
     for _ in range(10):
-        s.finish(s.schedule())
+        s.finish(s.schedule().admitted)
     for i in range(10):
         s.add(seq(i, "b"))
     served = []
     for _ in range(10):
-        admitted = s.schedule()
+        admitted = s.schedule().admitted
         served += [q.tenant for q in admitted]
         s.finish(admitted)
     # b starts at a's counter, so they alternate instead of b taking ten turns in a row
     assert 4 <= served.count("b") <= 6, served
+
+
+def test_a_starved_tenant_preempts_the_tenant_over_its_share():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_prefill_tokens=1000))
+    for i in range(8):
+        s.add(seq(i, "heavy"))
+    assert len(s.schedule().admitted) == 4
+    s.running[-1].output_ids = [5, 6]  # it had generated two tokens
+    s.add(seq(0, "light"))
+    out = s.schedule()
+    assert [q.request_id for q in out.preempted] == ["heavy3"]
+    assert [q.request_id for q in out.admitted] == ["light0"]
+    assert out.preempted[0].status is Status.WAITING and s.waiting["heavy"][0].request_id == "heavy3"
+    assert s.waiting["heavy"][0].cost_tokens == 12  # resumes with its prompt and its two tokens
+    # at its share (2 of 4 for two tenants) nobody is preempted again
+    s.add(seq(1, "light"))
+    assert s.schedule().preempted == []
+
+
+def test_no_preemption_when_disabled_or_batch_not_full():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_prefill_tokens=1000, preempt=False))
+    for i in range(4):
+        s.add(seq(i, "heavy"))
+    s.schedule()
+    s.add(seq(0, "light"))
+    assert s.schedule().preempted == []
