@@ -14,6 +14,9 @@ ENCODERS = ("mlp", "lstm")
 
 # Learning rates that train each method well on the 135M default model (PEFT's examples use the same order).
 DEFAULT_LR = {"prompt-tuning": 3e-2, "p-tuning": 1e-3, "prefix-tuning": 1e-2}
+# Through the reparameterization MLP every step moves all L*2*H*Dh outputs at once: 1e-2 left the emotion example at
+# chance, 1e-3 reached 91% held-out accuracy in one epoch.
+PREFIX_PROJECTION_LR = 1e-3
 
 
 @dataclass
@@ -28,7 +31,7 @@ class TrainConfig:
     template: str = "{input}"
     virtual_tokens: int | None = None     # None: from the template's <v:N> markers, else 8
     epochs: int = 10
-    lr: float | None = None               # None: DEFAULT_LR[method]
+    lr: float | None = None               # None: DEFAULT_LR[method] (PREFIX_PROJECTION_LR with the MLP)
     batch_size: int = 8
     seed: int = 0
     init: str = "text"                    # prompt tuning (and the prefix without reparameterization)
@@ -60,7 +63,8 @@ class TrainConfig:
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
         if self.lr is None:
-            self.lr = DEFAULT_LR[self.method]
+            projected = self.method == "prefix-tuning" and self.prefix_projection
+            self.lr = PREFIX_PROJECTION_LR if projected else DEFAULT_LR[self.method]
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         self.data, self.out = Path(self.data), Path(self.out)
