@@ -198,11 +198,20 @@ def run_fuzz(base_url: str, key: str, examples: int = 25, seed: int | None = 0, 
             params = [p.name for p in op.path_parameters]
             if params and op.method.upper() != "DELETE":  # deleting the targets would turn the rest into 404s
                 plans.append((op, "positive", params))
+            elif op.path in ("/v1/completions", "/v1/chat/completions"):
+                plans.append((op, "positive", "model"))  # the task is the body's `model`
     for op, mode, params in plans:
         if budget_end is not None and time.monotonic() > budget_end:
             break
         gm = GenerationMode.POSITIVE if mode == "positive" else GenerationMode.NEGATIVE
-        if params:
+        if params == "model":
+            def aim(pair):
+                case, task = pair
+                if isinstance(case.body, dict):
+                    case.body["model"] = task
+                return case
+            strategy = st.tuples(op.as_strategy(generation_mode=gm), st.sampled_from(TASKS["model"])).map(aim)
+        elif params:
             strategy = st.sampled_from(range(3)).flatmap(
                 lambda i, op=op, params=params: op.as_strategy(
                     generation_mode=gm, path_parameters={p: TASKS.get(p, ["fz-qa"] * 3)[i] for p in params}))
