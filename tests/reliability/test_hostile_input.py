@@ -145,6 +145,26 @@ def test_leaving_out_max_new_tokens_works_under_a_low_server_cap(acme, disk):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 16, r.text
 
 
+def test_top_k_up_to_int64_is_served(acme, disk):
+    for k in (49_153, 10 ** 6, 2 ** 63 - 1):  # more than the vocabulary: the same as no top-k
+        r = acme.post("/v1/tasks/qa/generate", json={"input": "x", "max_new_tokens": 2, "top_k": k,
+                                                     "temperature": 0.8, "seed": 1})
+        assert r.status_code == 200, r.text
+
+
+@pytest.mark.xfail(strict=True, reason="bug: top_k >= 2**63 passes validation (ge=0, no upper bound) and fails in "
+                                       "the engine's prefill with ValueError: 500 engine_error (found by the fuzzer)")
+@pytest.mark.parametrize("k", [2 ** 63, 2 ** 70])
+def test_top_k_beyond_int64_is_a_4xx_not_a_500(acme, disk, k):
+    r = acme.post("/v1/tasks/qa/generate", json={"input": "x", "max_new_tokens": 2, "top_k": k})
+    assert 400 <= r.status_code < 500, r.text
+    assert_error(r, r.status_code)
+    r = hard_task(acme, f"topk-{k}", generation={"top_k": k})  # as a task default it would fail every request
+    if r.status_code == 201:
+        assert acme.delete(f"/v1/tasks/topk-{k}").status_code == 204
+    assert 400 <= r.status_code < 500, r.text
+
+
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"-1", b"-0.0001", b"1e309", b"-1e309"])
 def test_temperature_and_top_p_non_finite_or_negative(acme, disk, literal):
     """Python's json (FastAPI's parser) accepts NaN and Infinity literals; the fields must still refuse them."""
