@@ -246,6 +246,15 @@ async def classify_run(client, args) -> dict:
     return st.summary(time.perf_counter() - t0, args.classify)
 
 
+def server_cpu(pid: int | None) -> float | None:
+    """CPU seconds (user + system) the server process has used so far: steadier than wall time on a shared box."""
+    if not pid:
+        return None
+    import psutil
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
 class ServerRSS:
     """Peak RSS of the server process (psutil), sampled every 50 ms while the load runs."""
 
@@ -287,15 +296,17 @@ async def amain(args) -> dict:
         runs = []
         modes = ["closed", "open"] if args.mode == "both" else [args.mode]
         with ServerRSS(args.server_pid) as mem:
-            for m in modes:
+            for m in modes + (["classify"] if args.classify else []):
                 load = [round(x, 2) for x in os.getloadavg()]
-                s = await (closed_loop(client, ids, args) if m == "closed" else open_loop(client, ids, args))
+                cpu0 = server_cpu(args.server_pid)
+                if m == "classify":
+                    s = await classify_run(client, args)
+                else:
+                    s = await (closed_loop(client, ids, args) if m == "closed" else open_loop(client, ids, args))
+                if cpu0 is not None:
+                    s["server_cpu_s"] = server_cpu(args.server_pid) - cpu0
+                    s["tok_per_server_cpu_s"] = s["tokens"] / s["server_cpu_s"] if s["server_cpu_s"] else None
                 s["load"] = load
-                runs.append(s)
-                print_run(s)
-            if args.classify:
-                s = await classify_run(client, args)
-                s["load"] = [round(x, 2) for x in os.getloadavg()]
                 runs.append(s)
                 print_run(s)
         if args.server_pid:
@@ -311,7 +322,8 @@ def print_run(s: dict) -> None:
     print(f"{s['mode']:<16} {s['ok']}/{s['requests']} ok in {s['wall_s']:.1f} s: {s['req_per_s']:.2f} req/s, "
           f"{s['tok_per_s']:.1f} tok/s | TTFT p50 {ms(s['ttft_p50'])} p95 {ms(s['ttft_p95'])} ms | TPOT p50 "
           f"{ms(s['tpot_p50'])} ms | latency p50 {ms(s['lat_p50'])} p95 {ms(s['lat_p95'])} p99 {ms(s['lat_p99'])} ms"
-          f" | errors {s['errors_by_status'] or 0} | load {s['load']}")
+          f" | errors {s['errors_by_status'] or 0} | load {s['load']}"
+          + (f" | server CPU {s['server_cpu_s']:.1f} s" if s.get("server_cpu_s") is not None else ""))
 
 
 def main(argv=None) -> int:

@@ -227,7 +227,21 @@ def ms(x) -> str:
     return "-" if x is None or x != x else f"{1000 * x:.0f}"
 
 
-def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_log: str | None) -> str:
+def standard_table(add, r: dict, b: dict) -> None:
+    add("| system | requests | tokens | wall s | req/s | tok/s | tok/cpu-s | TTFT p50 ms | TPOT p50 ms | "
+        "latency p50 / p95 / p99 ms | peak RSS MiB | vs single | vs HF | vs PEFT | vs bound |")
+    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, s in r.items():
+        rat = lambda k: f"{s['tok_per_s'] / r[k]['tok_per_s']:.2f}x"  # noqa: E731
+        add(f"| {name} | {s['requests']} | {s['tokens']} | {s['wall_s']:.1f} | {s['req_per_s']:.2f} | "
+            f"{s['tok_per_s']:.1f} | {f1(s.get('tok_per_cpu_s'))} | {ms(s['ttft_p50'])} | {ms(s['tpot_p50'])} | "
+            f"{ms(s['lat_p50'])} / {ms(s['lat_p95'])} / {ms(s['lat_p99'])} | {s['peak_rss_mb']:.0f} | "
+            f"{rat('engine_single_task')} | {rat('hf_generate')} | {rat('peft_sequential')} | "
+            f"{s['tok_per_s'] / b['tok_per_s']:.2f} |")
+
+
+def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_log: str | None,
+           others: list[dict] = ()) -> str:
     env, b, r = res["env"], res["bound"], res["results"]
     cfg = res["config"]
     L = []
@@ -264,16 +278,7 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
         f"tokens each, greedy, engine max batch {cfg['batch']}, all requests submitted at t0. EOS is disabled on the "
         "engine instance and `min_new_tokens` is set for HF, so every system generates the same number of tokens; "
         "tokens/s counts generated tokens only.\n")
-    add("| system | requests | tokens | wall s | req/s | tok/s | tok/cpu-s | TTFT p50 ms | TPOT p50 ms | "
-        "latency p50 / p95 / p99 ms | peak RSS MiB | vs single | vs HF | vs PEFT | vs bound |")
-    add("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, s in r.items():
-        rat = lambda k: f"{s['tok_per_s'] / r[k]['tok_per_s']:.2f}x"  # noqa: E731
-        add(f"| {name} | {s['requests']} | {s['tokens']} | {s['wall_s']:.1f} | {s['req_per_s']:.2f} | "
-            f"{s['tok_per_s']:.1f} | {f1(s.get('tok_per_cpu_s'))} | {ms(s['ttft_p50'])} | {ms(s['tpot_p50'])} | "
-            f"{ms(s['lat_p50'])} / {ms(s['lat_p95'])} / {ms(s['lat_p99'])} | {s['peak_rss_mb']:.0f} | "
-            f"{rat('engine_single_task')} | {rat('hf_generate')} | {rat('peft_sequential')} | "
-            f"{s['tok_per_s'] / b['tok_per_s']:.2f} |")
+    standard_table(add, r, b)
     m = r["engine_mixed"]
     p = r["peft_sequential"]
     add("")
@@ -300,8 +305,29 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
         f"(scheduling, detokenization, Python) {e['other_s']:.1f} s. Decode-only steps at batch {cfg['batch']}: "
         f"{e['decode_full_batch_step_ms']:.0f} ms/step = **{e['decode_full_batch_tok_per_s']:.0f} tokens/s = "
         f"{e['decode_full_batch_tok_per_s'] / b['tok_per_s']:.0%} of the compute bound**.")
+    h = r["hf_generate"]
+    add(f"- Where the engine and HF differ: engine prefill {e['prefill_s']:.1f} s (every prompt carries its template "
+        f"and T virtual tokens, and rows are padded to the longest) against HF's TTFT {h['ttft_p50']:.1f} s (raw "
+        f"texts only); decode {1000 * e['decode_s'] / max(1, e['steps']):.0f} ms per step (engine, prefill step included "
+        f"in the count) against HF's TPOT {1000 * h['tpot_p50']:.0f} ms.")
     add("")
     add(f"![latency]({imgs['bench_latency.png']})\n")
+    for o in others:
+        oe, ob = o["env"], o["bound"]
+        g = oe.get("git", {})
+        add(f"### The standard workload measured again: {oe['date_utc']}, load {o['results']['engine_mixed']['load']}\n")
+        add(f"`{oe['argv'] and 'python ' + oe['argv']}` at commit `{g.get('head')}` (engine `{g.get('engine_commit')}`), "
+            f"{oe['threads']} thread(s); compute bound {ob['tok_per_s']:.0f} tokens/s. PEFT served "
+            f"{o['results']['peft_sequential']['requests']} requests.\n")
+        standard_table(add, o["results"], ob)
+        add("")
+        for v in o["verdicts"]:
+            add(f"- {'PASS' if v['pass'] else '**FAIL**'} {v['target']}: {v['value']:.2f} (>= {v['threshold']}) "
+                f"{v['detail']}")
+        m2 = o["results"]["engine_mixed"]
+        add(f"- Engine, mixed: prefill {m2['prefill_s']:.1f} s, decode {m2['decode_s']:.1f} s; decode-only steps at "
+            f"batch {o['config']['batch']}: {m2['decode_full_batch_step_ms']:.0f} ms/step = "
+            f"{m2['decode_full_batch_tok_per_s']:.0f} tokens/s.\n")
 
     add("## Throughput against batch size\n")
     add(f"B requests from the mixed workload, engine max batch B, against HF generate at batch B "
@@ -345,10 +371,14 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
         f"{c['longest_verbalizer_tokens']} tokens), classify mode (every label scored in one prefill) against the same "
         f"number of separate generate calls with `max_new_tokens` = {c['longest_verbalizer_tokens']} (the longest "
         "verbalizer), both through the engine, batched.\n")
-    add("| mode | req/s | latency p50 ms | p99 ms |\n|---|---|---|---|")
+    add("| mode | req/s | CPU s | requests per CPU-second | latency p50 ms | p99 ms | load |")
+    add("|---|---|---|---|---|---|---|")
     for k in ("classify", "generate"):
         s = c[k]
-        add(f"| {s['name']} | {s['req_per_s']:.2f} | {ms(s['lat_p50'])} | {ms(s['lat_p99'])} |")
+        add(f"| {s['name']} | {s['req_per_s']:.2f} | {s['cpu_s']:.2f} | {s['requests'] / s['cpu_s']:.2f} | "
+            f"{ms(s['lat_p50'])} | {ms(s['lat_p99'])} | {s['load'][0]} |")
+    cc, cg = c["classify"], c["generate"]
+    add(f"\nPer CPU-second, classify / generate = {(cc['requests'] / cc['cpu_s']) / (cg['requests'] / cg['cpu_s']):.2f}.")
     add("")
 
     pr = res["profile"]
@@ -385,12 +415,17 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
     if http:
         add(f"`{http.get('command', 'scripts/bench_http.py')}` against `python -m server` on the same machine, "
             f"{http.get('date_utc', '')}, load {http.get('load')}.\n")
-        add("| mode | requests | ok | errors | req/s | tok/s | TTFT p50 ms | latency p50 / p95 / p99 ms |")
-        add("|---|---|---|---|---|---|---|---|")
+        add("| mode | requests | ok | errors | req/s | tok/s | server CPU s | tok per server CPU-s | TTFT p50 / p95 ms | "
+            "TPOT p50 ms | latency p50 / p95 / p99 ms | load |")
+        add("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for s in http["runs"]:
+            cpu = s.get("server_cpu_s")
             add(f"| {s['mode']} | {s['requests']} | {s['ok']} | {s['errors']} | {s['req_per_s']:.2f} | "
-                f"{s['tok_per_s']:.1f} | {ms(s.get('ttft_p50'))} | {ms(s['lat_p50'])} / {ms(s['lat_p95'])} / "
-                f"{ms(s['lat_p99'])} |")
+                f"{s['tok_per_s']:.1f} | {f1(cpu)} | {f1(s.get('tok_per_server_cpu_s'))} | {ms(s.get('ttft_p50'))} / "
+                f"{ms(s.get('ttft_p95'))} | {ms(s.get('tpot_p50'))} | {ms(s['lat_p50'])} / {ms(s['lat_p95'])} / "
+                f"{ms(s['lat_p99'])} | {s.get('load', ['-'])[0]} |")
+        if http.get("server_peak_rss_mb"):
+            add(f"\nServer peak RSS during the load: {http['server_peak_rss_mb']:.0f} MiB.")
         add("")
     else:
         add("Not part of this run: `scripts/bench_http.py --help` (start `python -m server`, then run it; pass its "
@@ -420,6 +455,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     p.add_argument("--http-json", type=Path, help="results of scripts/bench_http.py --json to include")
+    p.add_argument("--engine-json", type=Path, action="append", default=[],
+                   help="another `bench_engine.py --json` run of the standard workload to show as well (repeatable)")
     p.add_argument("--gpu-log", type=Path, help="saved output of scripts/bench_gpu.sh to include")
     p.add_argument("--save-json", type=Path, help="also write the raw numbers here")
     p.add_argument("--from-json", type=Path, help="render from saved raw numbers instead of measuring")
@@ -442,7 +479,8 @@ def main(argv=None) -> int:
     imgs = plots(res, args.out.parent / "img")
     http = json.loads(args.http_json.read_text()) if args.http_json else None
     gpu = args.gpu_log.read_text() if args.gpu_log else None
-    args.out.write_text(render(res, imgs, notes, http, gpu))
+    others = [json.loads(pth.read_text()) for pth in args.engine_json]
+    args.out.write_text(render(res, imgs, notes, http, gpu, others))
     print(f"\nwrote {args.out} and {len(imgs)} plots in {args.out.parent / 'img'}")
     return 0
 
