@@ -261,15 +261,26 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
     for rr in res.get("reruns", []):
         add(f"Part `{rr['part']}` measured again at {rr['date_utc']} with `{rr['command']}` (load at its end "
             f"{rr['load_end']}).\n")
+    if res.get("render_command"):
+        add(f"Rendered (with the extra runs below) by `{res['render_command']}`.\n")
     add("Scripts: `scripts/bench_engine.py` (in-process engine + baselines, `--quick`, `--profile`), "
         "`scripts/bench_http.py` (HTTP load generator against `python -m server`), `scripts/bench_gpu.sh` (GPU host), "
         "this report. None of it runs in CI, and nothing asserts on time.\n")
 
     add("## Targets\n")
-    add("| target | measured | threshold | result |\n|---|---|---|---|")
+    heads = "".join(f" {o['env']['date_utc'][11:]} {o['dtype'].replace('torch.', '')} (load "
+                    f"{o['results']['engine_mixed']['load'][0]}) |" for o in others)
+    add(f"| target | measured (this run, {res['dtype'].replace('torch.', '')}) | threshold | result |{heads}")
+    add("|---|---|---|---|" + "---|" * len(others))
     for v in res["verdicts"]:
+        cells = ""
+        for o in others:
+            ov = next((x for x in o["verdicts"] if x["target"] == v["target"]), None)
+            cells += f" {ov['value']:.2f} {'PASS' if ov['pass'] else '**FAIL**'} |" if ov else " - |"
         add(f"| {v['target']} {v['detail']} | {v['value']:.2f} | >= {v['threshold']} | "
-            f"{'PASS' if v['pass'] else '**FAIL**'} |")
+            f"{'PASS' if v['pass'] else '**FAIL**'} |{cells}")
+    if others:
+        add("\nThe extra columns are the standard workload measured again (sections below); they have no sweeps.")
     add("")
 
     add("## Standard workload\n")
@@ -315,9 +326,11 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
     for o in others:
         oe, ob = o["env"], o["bound"]
         g = oe.get("git", {})
-        add(f"### The standard workload measured again: {oe['date_utc']}, load {o['results']['engine_mixed']['load']}\n")
+        add(f"### The standard workload measured again: {oe['date_utc']}, {o['dtype'].replace('torch.', '')}, load "
+            f"{o['results']['engine_mixed']['load']}\n")
         add(f"`{oe['argv'] and 'python ' + oe['argv']}` at commit `{g.get('head')}` (engine `{g.get('engine_commit')}`), "
-            f"{oe['threads']} thread(s); compute bound {ob['tok_per_s']:.0f} tokens/s. PEFT served "
+            f"{oe['threads']} thread(s), {o['device']} {o['dtype']}; compute bound ({o['dtype']} `torch.mm`) "
+            f"{ob['tok_per_s']:.0f} tokens/s. PEFT served "
             f"{o['results']['peft_sequential']['requests']} requests.\n")
         standard_table(add, o["results"], ob)
         add("")
@@ -467,6 +480,7 @@ def main(argv=None) -> int:
         res = json.loads(args.from_json.read_text())
         if args.rerun:
             res = rerun(args, res)
+        res["render_command"] = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     else:
         res = measure(args)
     if args.save_json:
