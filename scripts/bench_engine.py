@@ -302,6 +302,7 @@ def run_hf_generate(loaded: LoadedModel, texts: list[str], new_tokens: int, batc
         for enc in encs:  # prefill-only timing for TTFT
             t = time.perf_counter()
             model.generate(**enc, max_new_tokens=1, **{k: v for k, v in kw.items() if k != "min_new_tokens"})
+            sync(loaded.device)
             ttft_batches.append(time.perf_counter() - t)
         lat, ttft, tpot, tokens = [], [], [], 0
         with PeakRSS() as mem:
@@ -310,6 +311,7 @@ def run_hf_generate(loaded: LoadedModel, texts: list[str], new_tokens: int, batc
                 start = time.perf_counter() - t0
                 out = model.generate(**enc, max_new_tokens=new_tokens, **kw)
                 gen = out[:, enc["input_ids"].shape[1]:]
+                sync(loaded.device)
                 end = time.perf_counter() - t0
                 for row in gen.tolist():
                     n = len(row)
@@ -386,7 +388,7 @@ def run_peft_sequential(loaded: LoadedModel, tasks: list[Task], requests: list[E
 
     gc.collect()
     load = load_avg()
-    lat, ttft, tpot, tokens = [], [], [], 0
+    lat, ttft, counts, tokens = [], [], [], 0
     with torch.inference_mode(), PeakRSS() as mem, warnings_off():
         t0, c0 = time.perf_counter(), time.process_time()
         for r in requests:
@@ -400,11 +402,11 @@ def run_peft_sequential(loaded: LoadedModel, tasks: list[Task], requests: list[E
                 kind, name = names[r.prompt.key]
                 fn = wrappers[kind]
                 fn.set_adapter(name)
-            # first token alone, for TTFT
             out = greedy(fn, ids, r.sampling.max_new_tokens)
             te = time.perf_counter()
             tokens += len(out)
             lat.append(te - ts)
+            counts.append(len(out))
             if tokens_out is not None:
                 tokens_out[r.request_id] = out
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -417,14 +419,14 @@ def run_peft_sequential(loaded: LoadedModel, tasks: list[Task], requests: list[E
                 fn.set_adapter(names[r.prompt.key][1])
             ts = time.perf_counter()
             fn(input_ids=torch.tensor([ids], device=loaded.device), use_cache=True)
+            sync(loaded.device)
             ttft.append(time.perf_counter() - ts)
     for w in wrappers.values():
         with contextlib.suppress(Exception):
             w.unload()
     base.__dict__.pop("peft_config", None)
     med_ttft = statistics.median(ttft) if ttft else 0.0
-    tpot = [(lt - med_ttft) / (len(o) - 1) for lt, o in zip(lat, (tokens_out or {}).values()) if len(o) > 1] \
-        if tokens_out is not None else []
+    tpot = [(lt - med_ttft) / (n - 1) for lt, n in zip(lat, counts) if n > 1]  # TTFT: median prefill time
     return Result("peft_sequential", len(requests), tokens, wall, lat, ttft, tpot, mem.peak, load,
                   {"adapter_load_s": load_s, "adapters": len(names), "decoding": "recompute" if recompute else "kv-cache",
                    "latency_note": "service time per request (no queueing)"}, cpu)
@@ -630,16 +632,18 @@ def standard(loaded: LoadedModel, args) -> dict:
 
 
 def tasks_in_flight(loaded: LoadedModel, args, counts=(1, 512)) -> dict:
-    """The same requests over 1 vs N distinct tasks (N <= requests)."""
+    """The same requests (short inputs) over 1 vs N distinct prompt-tuning tasks (one kind and T for every point, so
+    only the number of distinct prompts changes; N <= requests)."""
     out = {}
     n_req = max(max(counts), args.requests) if args.tasks_requests is None else args.tasks_requests
     for n in counts:
-        tasks = make_tasks(loaded, n, args.virtual_tokens, seed=10 + n, tag=f"f{n}_")
-        reqs = make_requests(tasks, n_req, args.tasks_new_tokens, prefix=f"f{n}_")
+        tasks = make_tasks(loaded, n, args.virtual_tokens, kinds=(PromptKind.PROMPT_TUNING,), seed=10 + n,
+                           tag=f"f{n}_")
+        reqs = make_requests(tasks, n_req, args.tasks_new_tokens, prefix=f"f{n}_", texts=CLASSIFY_TEXTS)
         r = run_engine(loaded, reqs, f"tasks_{n}", max_batch=args.batch, keep_eos=args.keep_eos)
         out[n] = r
         print(f"  {n:>4} distinct tasks: {n_req} requests x {args.tasks_new_tokens} tokens, {r.tps:.1f} tok/s, "
-              f"{r.rps:.2f} req/s, load {r.load}")
+              f"{r.rps:.2f} req/s, {r.tokens / r.cpu_s:.1f} tok/cpu-s, load {r.load}")
     return out
 
 
@@ -804,15 +808,17 @@ def main(argv=None) -> int:
         (a, b) = tf.values()
         res["tasks_in_flight"] = {str(k): v.summary() for k, v in tf.items()}
         res["verdicts"].append(verdict("many tasks / 1 task", b.tps / a.tps, 0.9,
-                                       f"({b.tps:.1f} vs {a.tps:.1f} tok/s)"))
+                                       f"({b.tps:.1f} vs {a.tps:.1f} tok/s; per CPU-second "
+                                       f"{(b.tokens / b.cpu_s) / (a.tokens / a.cpu_s):.2f})"))
     if args.with_classify:
         print("\nclassify:")
         c = classify_vs_generate(loaded, args)
         res["classify"] = {"classify": c["classify"].summary(), "generate": c["generate"].summary(),
                            "longest_verbalizer_tokens": c["longest_verbalizer_tokens"]}
-        res["verdicts"].append(verdict("classify / separate generate calls (req/s)",
-                                       c["classify"].rps / c["generate"].rps, 1.0,
-                                       f"({c['classify'].rps:.1f} vs {c['generate'].rps:.1f} req/s)"))
+        cc, cg = c["classify"], c["generate"]
+        res["verdicts"].append(verdict("classify / separate generate calls (req/s)", cc.rps / cg.rps, 1.0,
+                                       f"({cc.rps:.1f} vs {cg.rps:.1f} req/s; per CPU-second "
+                                       f"{(cc.requests / cc.cpu_s) / (cg.requests / cg.cpu_s):.2f})"))
     if args.profile:
         res["profile"] = profile_decode(loaded, args)
     print(f"\nload average at the end: {load_avg()} on {os.cpu_count()} CPUs (other users' jobs make numbers noisy)")

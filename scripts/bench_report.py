@@ -83,9 +83,10 @@ def measure(args) -> dict:
     c = B.classify_vs_generate(loaded, eargs)
     res["classify"] = {"classify": c["classify"].summary(), "generate": c["generate"].summary(),
                        "longest_verbalizer_tokens": c["longest_verbalizer_tokens"]}
-    res["verdicts"].append(B.verdict("classify / separate generate calls (req/s)",
-                                     c["classify"].rps / c["generate"].rps, 1.0,
-                                     f"({c['classify'].rps:.1f} vs {c['generate'].rps:.1f} req/s)"))
+    cc, cg = c["classify"], c["generate"]
+    res["verdicts"].append(B.verdict("classify / separate generate calls (req/s)", cc.rps / cg.rps, 1.0,
+                                     f"({cc.rps:.1f} vs {cg.rps:.1f} req/s; per CPU-second "
+                                     f"{(cc.requests / cc.cpu_s) / (cg.requests / cg.cpu_s):.2f})"))
     pargs = argparse.Namespace(**{**vars(eargs), "batch": 16 if args.quick else 64})
     res["profile"] = B.profile_decode(loaded, pargs)
     res["total_s"] = time.time() - t_start
