@@ -29,6 +29,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -102,6 +103,7 @@ class ServerProcess:
 
         threading.Thread(target=read, daemon=True).start()
         if not ready.wait(300) or "p" not in port:
+            self.close()
             raise RuntimeError("server did not start:\n" + "".join(self.tail))
         self.url = f"http://127.0.0.1:{port['p']}"
         self.pid = self.proc.pid
@@ -298,6 +300,7 @@ def main() -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     warmup = args.warmup if args.warmup is not None else min(60.0, 0.2 * args.duration)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so `finally` stops the server we started
 
     tmp = tempfile.TemporaryDirectory(prefix="soak-")
     server = None
