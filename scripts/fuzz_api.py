@@ -94,7 +94,7 @@ class Report:
             lines.append(f"slow: {sec:.1f} s {op} -> {status}: {repro[:300]}")
         seen = set()
         for f in self.findings:
-            sig = (f.kind, f.operation, f.status, f.detail[:120])
+            sig = (f.kind, f.operation, f.status, f.detail[:120], f.repro if f.kind == "5xx" else "")
             if sig in seen:
                 continue
             seen.add(sig)
