@@ -16,7 +16,7 @@ from typing import Protocol
 
 from prompt_core.layout import plan_row
 from prompt_core.model import LoadedModel
-from prompt_core.spec import PromptTensors
+from prompt_core.spec import INPUT_SLOT, PromptTensors
 
 from .model_runner import ModelRunner
 from .request import (EngineRequest, InputTooLong, InvalidRequest, RequestOutput, Sequence)
@@ -32,8 +32,11 @@ class EngineConfig:
     max_input_tokens: int = 2048    # prompt tokens of one request (template, virtual tokens and input)
     max_new_tokens: int = 1024      # the largest max_new_tokens a request may ask for
     tenant_weights: dict[str, float] = field(default_factory=dict)
+    head_cache_bytes: int = 256 << 20  # cached key/values of prompt heads (virtual tokens, fixed text); 0 disables
 
     def __post_init__(self) -> None:
+        if self.head_cache_bytes < 0:
+            raise ValueError("head_cache_bytes must be >= 0")
         for name in ("max_batch_size", "max_prefill_tokens", "max_input_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -50,7 +53,8 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.observer = observer
-        self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, self.config.max_batch_size)
+        self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, self.config.max_batch_size,
+                                  self.config.head_cache_bytes)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_batch_size, self.config.max_prefill_tokens,
                                                    dict(self.config.tenant_weights)))
         eos = loaded.model.generation_config.eos_token_id
@@ -61,6 +65,7 @@ class LLMEngine:
         self.max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         self._tok_lock = threading.Lock()
         self._labels: dict[str, list[list[int]]] = {}  # verbalizer tokens per prompt key
+        self._heads: dict[str, int] = {}               # static head length per prompt key
 
     # ---- requests in
     def make_sequence(self, req: EngineRequest) -> Sequence:
@@ -93,7 +98,27 @@ class LLMEngine:
             raise InputTooLong(f"prefix, prompt and max_new_tokens make {longest} positions; the model has "
                                f"{self.max_positions}")
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        return Sequence(request=req, plan=plan, seed=seed, read_offset=0)
+        return Sequence(request=req, plan=plan, seed=seed, head_len=self._head_len(req.prompt))
+
+    def _head_len(self, prompt) -> int:
+        """How many leading tokens every request of a task shares: its leading virtual tokens and the template
+        text before the input, less the last text token, which may merge with the input under BPE."""
+        n = self._heads.get(prompt.key)
+        if n is None:
+            n = 0
+            for part in prompt.spec.parts:
+                if part.virtual:
+                    n += part.virtual
+                    continue
+                text = part.text.split(INPUT_SLOT)[0]
+                if text:
+                    with self._tok_lock:
+                        n += max(len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1, 0)
+                break
+            if len(self._heads) >= 16384:
+                self._heads.clear()
+            self._heads[prompt.key] = n
+        return n
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)

@@ -12,7 +12,10 @@ from transformers import PreTrainedModel
 from prompt_core import forward as F
 from prompt_core.batch import build_decode, build_prefill
 from prompt_core.fingerprint import model_dims
+from prompt_core.layout import RowPlan
 from prompt_core.spec import PromptTensors
+
+from .head_cache import CachedHead, HeadCache
 
 from .kv_cache import SlotCache
 from .request import Sequence
@@ -20,8 +23,10 @@ from .sampler import sample
 
 
 class ModelRunner:
-    def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_rows: int):
+    def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_rows: int,
+                 head_cache_bytes: int = 256 << 20):
         self.model, self.device, self.dtype = model, device, dtype
+        self.heads = HeadCache(head_cache_bytes)
         _, layers, _, kv_heads, head_dim = model_dims(model.config)
         self.cache = SlotCache(layers, kv_heads, head_dim, dtype, device)
         self.seqs: list[Sequence] = []
@@ -44,13 +49,13 @@ class ModelRunner:
         """Prefill new sequences into rows after the running ones. Returns per sequence its first token
         (generation) or its label log-likelihoods (classification). Rows are taken only if the forward succeeds."""
         base, k = self.num_rows, len(seqs)
-        plans = [s.prefill_plan for s in seqs]
+        plans, kv_prefixes = self._start_after_heads(seqs, tensors)
         step, readout = build_prefill(plans, [p.prefix for p in plans],
                                       [t.virtual if t is not None else None for t in tensors], self.device, self.dtype)
         kv_len = step.mask.shape[-1]
         max_new = max(s.request.sampling.max_new_tokens for s in seqs)
         self.cache.ensure(base + k, kv_len + max_new)
-        prefixed = [(base + i, t.prefix) for i, t in enumerate(tensors) if t is not None and t.prefix is not None]
+        prefixed = [(base + i, kv) for i, kv in enumerate(kv_prefixes) if kv is not None]
         if prefixed:
             self.cache.write_prefixes(*map(list, zip(*prefixed)))
         self.cache.prepare(slice(base, base + k), step.slots, kv_len)
@@ -59,7 +64,7 @@ class ModelRunner:
         gen = [i for i, s in enumerate(seqs) if not s.is_classify]
         results: list[int | list[float]] = [sc.tolist() for sc in scores]
         rows = torch.arange(base, base + k, device=self.device)
-        self._set_rows(rows, seqs)
+        self._set_rows(rows, seqs, plans)
         if gen:
             gi = torch.tensor(gen, device=self.device)
             logits = F.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
@@ -72,16 +77,67 @@ class ModelRunner:
                 results[i] = tok
         return results
 
-    def _set_rows(self, rows: torch.Tensor, seqs: list[Sequence]) -> None:
+    def _start_after_heads(self, seqs: list[Sequence], tensors: list[PromptTensors | None]):
+        """Each row's plan and the key/values in front of it: a row whose task has a static head (leading virtual
+        tokens, fixed instruction text) starts after the head's cached key/values, computed here on a miss (all
+        misses of the step in one forward). Returns (plans, kv prefixes [L, 2, H_kv, P, Dh] or None)."""
+        plans = [s.prefill_plan for s in seqs]
+        kv = [t.prefix if t is not None else None for t in tensors]
+        heads: dict[int, CachedHead] = {}
+        missing: dict[tuple[str, int], list[int]] = {}
+        for i, (s, plan) in enumerate(zip(seqs, plans)):
+            n = min(s.head_len, plan.num_tokens - 1)
+            if n <= 0 or self.heads.budget <= 0:
+                continue
+            key = (s.request.prompt.key, n)
+            entry = self.heads.get(key, plan.ids, plan.virt)
+            if entry is not None:
+                heads[i] = entry
+            else:
+                missing.setdefault(key, []).append(i)
+        if missing:
+            firsts = [rows[0] for rows in missing.values()]
+            computed = self._compute_heads([plans[i] for i in firsts], [keys[1] for keys in missing],
+                                           [tensors[i] for i in firsts])
+            for (key, rows), entry in zip(missing.items(), computed):
+                self.heads.put(key, entry)
+                for i in rows:
+                    if entry.matches(plans[i].ids, plans[i].virt):
+                        heads[i] = entry
+        for i, entry in heads.items():
+            n, p = len(entry.ids), plans[i]
+            plans[i] = RowPlan(ids=p.ids[n:], virt=p.virt[n:], prefix=p.prefix + n, labels=p.labels)
+            kv[i] = entry.kv
+        return plans, kv
+
+    def _compute_heads(self, plans: list[RowPlan], lengths: list[int],
+                       tensors: list[PromptTensors | None]) -> list[CachedHead]:
+        """Prefill the first `lengths[i]` tokens of each plan once, behind any prefix, and keep their key/values."""
+        heads = [RowPlan(ids=p.ids[:n], virt=p.virt[:n], prefix=p.prefix) for p, n in zip(plans, lengths)]
+        width = max(p.prefix for p in heads)
+        cache = F.prefix_cache(self.model, [t.prefix if t is not None else None for t in tensors], width)
+        step, _ = build_prefill(heads, [width] * len(heads), [t.virtual if t is not None else None for t in tensors],
+                                self.device, self.dtype)
+        F.body(self.model)(inputs_embeds=F.embed(self.model, step), attention_mask=step.mask,
+                           position_ids=step.positions, cache=cache, use_cache=True)
+        layers = cache.layers
+        out = []
+        for i, (p, n) in enumerate(zip(heads, lengths)):
+            kv = torch.stack([torch.stack([torch.cat([side[i, :, :p.prefix], side[i, :, width:width + n]], dim=1)
+                                           for side in (layer.keys, layer.values)]) for layer in layers])
+            out.append(CachedHead(ids=tuple(p.ids), virt=tuple(p.virt), kv=kv.contiguous()))  # [L, 2, H, P+n, Dh]
+        return out
+
+    def _set_rows(self, rows: torch.Tensor, seqs: list[Sequence], plans: list[RowPlan]) -> None:
         """Take rows for new sequences and load their per-row state (once per request, at prefill)."""
         for s in seqs:
             s.row = len(self.seqs)
             self.seqs.append(s)
         cols = lambda f, dt: torch.tensor([f(s) for s in seqs], dtype=dt, device=self.device)  # noqa: E731
-        prefix = cols(lambda s: s.plan.prefix, torch.long)
+        prefix = torch.tensor([p.prefix for p in plans], dtype=torch.long, device=self.device)
         self.prefix[rows] = prefix
         self.tok_start[rows] = prefix
-        self.lengths[rows] = prefix + cols(lambda s: s.prefill_plan.num_tokens, torch.long)
+        self.lengths[rows] = prefix + torch.tensor([p.num_tokens for p in plans], dtype=torch.long, device=self.device)
         self.temperature[rows] = cols(lambda s: s.request.sampling.temperature, torch.float32)
         self.top_p[rows] = cols(lambda s: s.request.sampling.top_p, torch.float32)
         self.top_k[rows] = cols(lambda s: s.request.sampling.top_k, torch.long)

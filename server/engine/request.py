@@ -106,6 +106,7 @@ class Sequence:
     first_token_at: float | None = None
     cancelled: bool = False
     seed: int = 0                          # the sampling seed in use (drawn at random when none was given)
+    head_len: int = 0                      # leading tokens that are the same for every request of the task
     # incremental detokenization offsets (see LLMEngine._detokenize)
     prefix_offset: int = 0
     read_offset: int = 0

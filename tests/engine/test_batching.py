@@ -88,3 +88,30 @@ def test_rows_are_freed_and_reused():
     outs = run(engine, requests)
     assert engine.runner.num_rows == 0 and engine.scheduler.num_running == 0
     check_same(loaded, engine, outs, requests[:4])
+
+
+@pytest.mark.parametrize("which", ["tiny", "default"])
+def test_cached_prompt_heads_change_nothing(which):
+    """Rows that start after a cached head (virtual tokens, fixed instruction text) get the logits they get when
+    every token is prefilled, on the first use of a task (computed in the step) and on later ones (reused)."""
+    loaded = tiny_llama() if which == "tiny" else default_model()
+    requests = mixed_requests(loaded)
+    plain = new_engine(loaded, head_cache_bytes=0)
+    reference = run(plain, requests)
+    cached = new_engine(loaded)
+    for round_ in range(2):
+        cached.runner.trace = {}
+        outs = run(cached, requests)
+        for req in requests:
+            assert outs[req.request_id].text == reference[req.request_id].text
+            if req.mode == "classify":
+                assert outs[req.request_id].label_probs == pytest.approx(reference[req.request_id].label_probs,
+                                                                          abs=ATOL)
+                continue
+            for a, b in zip(cached.runner.trace[req.request_id], plain.runner.trace[req.request_id]):
+                assert torch.allclose(a, b, atol=ATOL, rtol=0), f"round {round_} {req.request_id}"
+    stats = cached.runner.heads.stats()
+    with_head = [r for r in requests if cached.make_sequence(r).head_len > 0]
+    assert len(with_head) >= 8 and stats["entries"] >= 4
+    assert stats["hits"] >= len(with_head)  # the second round reused every head
+    assert plain.runner.heads.stats()["entries"] == 0
