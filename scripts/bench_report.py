@@ -199,7 +199,9 @@ def plots(res: dict, img: Path) -> dict[str, str]:
              label="TTFT p50 (ms)")
     ax2.set_ylabel("TTFT p50 (ms)")
     ax.set_title("Throughput vs virtual-token count")
-    fig.legend(loc="lower left", fontsize=8)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="center right", fontsize=8)
     save(fig, "bench_virtual.png")
 
     r = res["results"]
@@ -281,7 +283,8 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
         add(f"| {v['target']} {v['detail']} | {v['value']:.2f} | >= {v['threshold']} | "
             f"{'PASS' if v['pass'] else '**FAIL**'} |{cells}")
     if others:
-        add("\nThe extra columns are the standard workload measured again (sections below); they have no sweeps.")
+        add("\nThe extra columns are other runs, shown in their own sections below the standard workload (their sweeps, "
+            "if any, stay in their raw JSON).")
     add("")
 
     add("## Standard workload\n")
@@ -327,7 +330,7 @@ def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_l
     for o in others:
         oe, ob = o["env"], o["bound"]
         g = oe.get("git", {})
-        add(f"### The standard workload measured again: {oe['date_utc']}, {o['dtype'].replace('torch.', '')}, load "
+        add(f"### Another run of the standard workload: {oe['date_utc']}, {o['dtype'].replace('torch.', '')}, load "
             f"{o['results']['engine_mixed']['load']}\n")
         add(f"`{oe['argv'] and 'python ' + oe['argv']}` at commit `{g.get('head')}` (engine `{g.get('engine_commit')}`), "
             f"{oe['threads']} thread(s), {o['device']} {o['dtype']}; compute bound ({o['dtype']} `torch.mm`) "
