@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """In-process engine benchmark for issue 6, with every figure next to baselines measured in the same run.
 
-    python scripts/bench_engine.py            # the standard workload (64 requests, 32 tasks, 32 new tokens), ~5 min
-    python scripts/bench_engine.py --quick    # smaller: ~1-2 min
+    python scripts/bench_engine.py --threads 1   # the standard workload (64 requests, 32 tasks, 32 new tokens), ~2-4 min
+    python scripts/bench_engine.py --threads 1 --quick    # smaller: ~1 min
     python scripts/bench_engine.py --help
 
 The workload: `--requests` requests spread round-robin over `--tasks` tasks whose kinds cycle through hard, prompt

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Regenerate docs/benchmarks.md and its plots (docs/img/bench_*.png) from one run:
 
-    .venv/bin/python scripts/bench_report.py --threads 1            # full: ~10-15 min on the 2-core CPU box
-    .venv/bin/python scripts/bench_report.py --threads 1 --quick    # smaller sizes, ~2-4 min (to check the script)
+    .venv/bin/python scripts/bench_report.py --threads 1            # full: ~10 min on a quiet 2-core box, ~18 loaded
+    .venv/bin/python scripts/bench_report.py --threads 1 --quick    # smaller sizes, ~3-7 min (to check the pipeline)
 
 It runs, in this process and on this machine: the standard workload with its four baselines (scripts/bench_engine.py),
 the sweeps (throughput against batch size, distinct tasks in flight, virtual-token count), latency percentiles,
