@@ -125,3 +125,32 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return error_json(500, "internal", "internal server error")
+
+    app.add_middleware(UnexpectedErrors)
+
+
+class UnexpectedErrors:
+    """Answer an unexpected exception with the JSON 500 here, without re-raising. Starlette's outermost
+    ServerErrorMiddleware re-raises after its handler runs, and uvicorn then drops the kept-alive connection without
+    announcing it, so a pooled client's next request would meet a reset."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watch(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception:
+            if started:  # too late for a response of our own
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            await error_json(500, "internal", "internal server error")(scope, receive, send)

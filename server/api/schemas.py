@@ -48,7 +48,7 @@ class GenerationDefaults(Strict):
     max_new_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False)
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=0, lt=2**63)
     stop: list[StopStr] | None = Field(None, max_length=MAX_STOP)
 
 
@@ -104,10 +104,10 @@ class TaskList(BaseModel):
 # ---- native generate / classify
 
 class SamplingFields(Strict):
-    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, else 64")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, else 64 (or the server's cap if lower)")
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 is greedy (the default)")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=0, description="0 disables it")
+    top_k: int | None = Field(None, ge=0, lt=2**63, description="0 disables it; above the vocabulary it does nothing")
     seed: int | None = Field(None, ge=0, lt=2**63, description="the same seed gives the same text")
     stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
 

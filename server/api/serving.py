@@ -33,8 +33,9 @@ def new_id(prefix: str) -> str:
 
 
 def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=None, top_k=None, seed=None,
-             stop=None) -> SamplingParams:
-    """Request fields win over the task's generation defaults, which win over greedy with 64 tokens."""
+             stop=None, cap: int | None = None) -> SamplingParams:
+    """Request fields win over the task's generation defaults, which win over greedy with 64 tokens (or the
+    server's `cap` on max_new_tokens, if lower: leaving the field out must never be refused)."""
     def pick(value, name, fallback):
         return value if value is not None else defaults.get(name, fallback)
 
@@ -42,7 +43,8 @@ def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=Non
     if isinstance(stops, str):
         stops = (stops,)
     try:
-        return SamplingParams(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
+        fallback = min(DEFAULT_MAX_NEW_TOKENS, cap) if cap else DEFAULT_MAX_NEW_TOKENS
+        return SamplingParams(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens", fallback)),
                               temperature=float(pick(temperature, "temperature", 0.0)),
                               top_p=float(pick(top_p, "top_p", 1.0)), top_k=int(pick(top_k, "top_k", 0)),
                               seed=seed, stop=tuple(str(s) for s in stops))

@@ -49,8 +49,8 @@ class SamplingParams:
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature!r}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k < 0:
-            raise InvalidRequest(f"top_k must be >= 0 (0 disables it), got {self.top_k!r}")
+        if not 0 <= self.top_k < 2**63:
+            raise InvalidRequest(f"top_k must be in [0, 2**63) (0 disables it), got {self.top_k!r}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not s for s in self.stop):

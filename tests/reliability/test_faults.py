@@ -175,9 +175,6 @@ def test_disk_full_while_extracting_is_a_507_not_a_corrupt_archive(acme, monkeyp
     assert "space" in err["message"].lower()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after an unhandled exception the 500 is sent and then uvicorn closes the "
-                                       "kept-alive connection without Connection: close (Starlette re-raises after "
-                                       "the Exception handler), so a pooled client's next request can hit a reset")
 def test_a_500_does_not_drop_the_kept_alive_connection(server, monkeypatch):
     import socket
 

@@ -35,7 +35,8 @@ async def generate(task_id: TaskRef, body: GenerateRequest, request: Request, pr
     """Generate text for one input with the task's prompt. `stream: true` sends `token` events, then `done`."""
     record = find_visible(store, principal, task_id)
     params = sampling(record.generation, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
-                      top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop)
+                      top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
+                      cap=rt.settings.max_new_tokens)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [body.input], "generate", params, "gen")
     if not body.stream:
         out = check_output((await job.results(request))[0])

@@ -64,7 +64,8 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
     record = find_visible(store, principal, body.model)
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     params = sampling(record.generation, max_new_tokens=body.max_tokens, temperature=body.temperature,
-                      top_p=body.top_p, seed=body.seed, stop=body.stop)
+                      top_p=body.top_p, seed=body.seed, stop=body.stop,
+                      cap=rt.settings.max_new_tokens)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), prompts, "generate", params, "cmpl")
     created = int(time.time())
     if body.stream:
@@ -124,7 +125,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     record = find_visible(store, principal, body.model)
     text = render_chat(engine, body)
     params = sampling(record.generation, max_new_tokens=body.max_completion_tokens or body.max_tokens,
-                      temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop)
+                      temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
+                      cap=rt.settings.max_new_tokens)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [text], "generate", params, "chatcmpl")
     created = int(time.time())
     if body.stream:
