@@ -47,9 +47,12 @@ def label_scores(model: PreTrainedModel, hidden: torch.Tensor, readout: Readout)
     total = sum(readout.labels_per_row)
     if total == 0:
         return [hidden.new_zeros(0, dtype=torch.float32) for _ in readout.labels_per_row]
-    h = hidden[readout.label_row, readout.label_q]                    # [E, D]
-    logp = torch.log_softmax(logits(model, h), dim=-1)                # [E, V]
-    tok_logp = logp.gather(-1, readout.label_tok[:, None])[:, 0]      # [E]
+    # every label's first token is predicted by the same query (the prompt's last): run the LM head once per query
+    flat = readout.label_row * hidden.shape[1] + readout.label_q      # [E]
+    queries, which = torch.unique(flat, return_inverse=True)          # [U], [E]
+    h = hidden.reshape(-1, hidden.shape[-1])[queries]                 # [U, D]
+    logp = torch.log_softmax(logits(model, h), dim=-1)                # [U, V]
+    tok_logp = logp[which, readout.label_tok]                         # [E]
     scores = torch.zeros(total, dtype=torch.float32, device=h.device).index_add_(0, readout.label_index, tok_logp)
     return list(torch.split(scores, readout.labels_per_row))
 

@@ -162,7 +162,9 @@ class LLMEngine:
             except Exception as e:  # noqa: BLE001 - reported to that request
                 log.warning("prompt %s failed to load: %s", s.request.prompt.key, e)
                 outputs.append(self._finish(s, "error", error=f"task prompt could not be loaded: {e}"))
-        results = self._run_prefill(ready, tensors, outputs)
+        results = []
+        for group in self._length_groups(ready):
+            results += self._run_prefill([ready[i] for i in group], [tensors[i] for i in group], outputs)
         for s, res in results:
             if s.is_classify:
                 outputs.append(self._classified(s, res))
@@ -170,6 +172,23 @@ class LLMEngine:
                 outputs.append(self._append_token(s, res))
         self._release_finished(seqs)  # finished at prefill (classified, EOS, failed) leave at once
         return outputs
+
+    @staticmethod
+    def _length_groups(seqs: list[Sequence], waste: float = 0.25) -> list[list[int]]:
+        """Split a prefill into forwards of similar lengths, so padding stays under `waste` of the computed
+        queries (rows are padded to the longest; one forward costs little more than its queries)."""
+        order = sorted(range(len(seqs)), key=lambda i: seqs[i].cost_tokens - seqs[i].head_len)
+        groups: list[list[int]] = []
+        real = 0
+        for i in order:
+            n = max(seqs[i].cost_tokens - seqs[i].head_len, 1)
+            if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (real + n):
+                groups[-1].append(i)
+                real += n
+            else:
+                groups.append([i])
+                real = n
+        return groups
 
     def _run_prefill(self, seqs, tensors, outputs) -> list[tuple[Sequence, object]]:
         """Prefill together; if the batch fails, retry one by one so a bad request fails alone."""

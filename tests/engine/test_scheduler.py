@@ -106,3 +106,15 @@ def test_no_preemption_when_disabled_or_batch_not_full():
     s.schedule()
     s.add(seq(0, "light"))
     assert s.schedule().preempted == []
+
+
+def test_prefill_groups_keep_padding_low():
+    from server.engine.engine import LLMEngine
+
+    seqs = [seq(i, tokens=n) for i, n in enumerate([5, 40, 6, 38, 7, 100, 5])]
+    groups = LLMEngine._length_groups(seqs)
+    assert sorted(i for g in groups for i in g) == list(range(7))
+    for g in groups:
+        lengths = [seqs[i].cost_tokens for i in g]
+        assert len(g) * max(lengths) <= 1.25 * sum(lengths)
+    assert len(groups) == 3  # short ones, the ~40s, and the long one alone
