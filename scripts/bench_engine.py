@@ -212,8 +212,12 @@ def make_requests(tasks: list[Task], n: int, new_tokens: int, *, prefix: str = "
 
 # ---------------------------------------------------------------------------------------------------- systems
 
+HEAD_CACHE_BYTES = EngineConfig().head_cache_bytes  # --no-head-cache sets 0
+
+
 def new_engine(loaded: LoadedModel, max_batch: int) -> LLMEngine:
-    return LLMEngine(loaded, EngineConfig(max_batch_size=max_batch, max_new_tokens=4096))
+    return LLMEngine(loaded, EngineConfig(max_batch_size=max_batch, max_new_tokens=4096,
+                                          head_cache_bytes=HEAD_CACHE_BYTES))
 
 
 def run_engine(loaded: LoadedModel, requests: list[EngineRequest], name: str, *, max_batch: int = 64,
@@ -787,6 +791,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-eos", action="store_true", help="let requests stop at EOS (token counts then differ)")
     p.add_argument("--cold", action="store_true", help="a fresh engine per timed run: every task's prompt head is "
                    "computed inside the timed run (default: warm engines that served each task once, as a server)")
+    p.add_argument("--no-head-cache", action="store_true",
+                   help="engines without the prompt-head cache (every row prefills its virtual tokens and template)")
     p.add_argument("--mm-size", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=1,
                    help="run engine mixed / single / hf this many times, interleaved, and keep each one's best")
@@ -801,6 +807,9 @@ def main(argv=None) -> int:
     p.add_argument("--profile-only", action="store_true", help="only the profile (no workload, no baselines)")
     p.add_argument("--json", type=Path, help="write every number here")
     args = p.parse_args(argv)
+    if args.no_head_cache:
+        global HEAD_CACHE_BYTES
+        HEAD_CACHE_BYTES = 0
     if args.quick:
         args.requests, args.tasks, args.new_tokens, args.peft_requests = 16, 8, 16, 4
         args.batch = min(args.batch, 16)

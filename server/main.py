@@ -43,7 +43,8 @@ def _open(rt: Runtime) -> None:
     weights = {t: p.weight for t, p in rt.keyring.policies.items()}
     engine = LLMEngine(rt.loaded, EngineConfig(max_batch_size=s.max_batch_size, max_prefill_tokens=s.max_prefill_tokens,
                                                max_input_tokens=s.max_input_tokens, max_new_tokens=s.max_new_tokens,
-                                               tenant_weights=weights), observer=rt.metrics)
+                                               tenant_weights=weights, head_cache_bytes=s.head_cache_mb << 20),
+                       observer=rt.metrics)
     rt.engine = AsyncEngine(engine, max_queue=s.max_queue)
     rt.engine.start()
 
@@ -63,10 +64,18 @@ async def lifespan(app: FastAPI):
             rt.store.close()
 
 
+def _tiers(rt: Runtime) -> dict:
+    """The store's disk/host/device tiers, and the engine's cache of prompt heads as tier "head"."""
+    tiers = dict(rt.store.stats()["tiers"]) if rt.store is not None else {}
+    if rt.engine is not None:
+        tiers["head"] = rt.engine.engine.runner.heads.stats()
+    return tiers
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     keyring = KeyRing.load(settings.auth_file) if settings.auth_file else KeyRing.open_ring()
-    metrics = Metrics(tier_stats=lambda: rt.store.stats()["tiers"] if rt.store is not None else {})
+    metrics = Metrics(tier_stats=lambda: _tiers(rt))
     rt = Runtime(settings=settings, keyring=keyring, metrics=metrics,
                  limiter=TenantLimiter(keyring, settings.max_concurrent, settings.tokens_per_minute))
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan,

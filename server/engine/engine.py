@@ -32,7 +32,7 @@ class EngineConfig:
     max_input_tokens: int = 2048    # prompt tokens of one request (template, virtual tokens and input)
     max_new_tokens: int = 1024      # the largest max_new_tokens a request may ask for
     tenant_weights: dict[str, float] = field(default_factory=dict)
-    head_cache_bytes: int = 256 << 20  # cached key/values of prompt heads (virtual tokens, fixed text); 0 disables
+    head_cache_bytes: int = 1 << 30    # cached key/values of prompt heads (virtual tokens, fixed text); 0 disables
 
     def __post_init__(self) -> None:
         if self.head_cache_bytes < 0:

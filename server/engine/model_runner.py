@@ -24,7 +24,7 @@ from .sampler import sample
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_rows: int,
-                 head_cache_bytes: int = 256 << 20):
+                 head_cache_bytes: int = 1 << 30):
         self.model, self.device, self.dtype = model, device, dtype
         self.heads = HeadCache(head_cache_bytes)
         _, layers, _, kv_heads, head_dim = model_dims(model.config)

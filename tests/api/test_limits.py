@@ -161,7 +161,7 @@ def test_metric_families_are_exported_with_bounded_labels(server):
         assert samples[name].value > 0, name
     assert samples["promptserve_generated_tokens_total"].value > 0
     tiers = {s.labels["tier"] for s in fams["promptserve_prompt_cache_hits"].samples}
-    assert {"host", "device"} <= tiers
+    assert {"host", "device", "head"} <= tiers
     assert sum(s.value for s in fams["promptserve_prompt_cache_hits"].samples) >= 1
     assert sum(s.value for s in fams["promptserve_prompt_cache_resident_bytes"].samples) > 0
     endpoints = {s.labels["endpoint"] for s in fams["promptserve_requests"].samples}
