@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import re
 import signal
 import subprocess
 import sys
@@ -24,50 +22,14 @@ import pytest
 from server.auth import KeyRing, hash_key
 from server.config import Settings
 
+from tests.server_process import ServerProcess
+
 from .conftest import ACME, assert_error, hard_task, live_server, sse_events, write_auth_file
 
 REPO = Path(__file__).resolve().parents[2]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 
-class ServerProcess:
-    """`python -m server --port 0 ...` with its log read on a thread, so the chosen port and events can be awaited."""
-
-    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        full_env = {**os.environ, "PROMPTSERVE_STORE": str(tmp / "store"), "PROMPTSERVE_DEVICE": "cpu",
-                    **(env or {})}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", *args], cwd=REPO, env=full_env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
-        port = self.wait_for(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", 120).group(1)
-        self.url = f"http://127.0.0.1:{port}"
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout_s: float) -> re.Match:
-        deadline = time.monotonic() + timeout_s
-        rx = re.compile(pattern)
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.1)
-            except queue.Empty:
-                if self.proc.poll() is not None and self.lines.empty():
-                    break
-                continue
-            self.log.append(line)
-            m = rx.search(line)
-            if m:
-                return m
-        raise AssertionError(f"no log line matching {pattern!r} within {timeout_s} s:\n{''.join(self.log[-30:])}")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=30)
 
 
 def stream_in_thread(url: str, task: str, max_new_tokens: int, first_token: threading.Event) -> dict:
@@ -103,7 +65,7 @@ def refused(url: str) -> bool:
 
 
 def test_sigterm_finishes_in_flight_refuses_new_and_exits(tmp_path):
-    server = ServerProcess(tmp_path, "--shutdown-grace-s", "60")
+    server = ServerProcess(tmp_path / "store", "--shutdown-grace-s", "60")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as c:
             assert c.get("/ready").status_code == 200
@@ -128,7 +90,7 @@ def test_sigterm_finishes_in_flight_refuses_new_and_exits(tmp_path):
 
 
 def test_sigterm_cancels_what_outlives_the_grace_period(tmp_path):
-    server = ServerProcess(tmp_path, "--shutdown-grace-s", "1")
+    server = ServerProcess(tmp_path / "store", "--shutdown-grace-s", "1")
     try:
         with httpx.Client(base_url=server.url, timeout=30) as c:
             assert hard_task(c, "count", "{input}").status_code == 201
