@@ -98,6 +98,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code == 400 and message == _FASTAPI_BODY_ERROR:  # e.g. invalid UTF-8: still a bad body
             return error_json(422, "invalid_request", "body: expected JSON text encoded as UTF-8")
+        if exc.status_code == 400:  # a malformed multipart body (e.g. too many fields): an invalid body, like JSON
+            return error_json(422, "invalid_request", f"body: {message}")
         if exc.status_code == 404 and message == "Not Found":
             message = "no such endpoint"
         return error_json(exc.status_code, _HTTP_TYPES.get(exc.status_code, "error"), message,

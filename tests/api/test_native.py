@@ -193,6 +193,10 @@ def test_uploads_refused_with_clear_errors(acme):
     err = assert_error(acme.post("/v1/tasks", files={"task_id": (None, "no-file")}), 422)  # multipart, no file
     assert "body.adapter" in err["message"]
     assert_error(acme.post("/v1/tasks", content=b"x", headers={"content-type": "text/plain"}), 415)
+    extra = {"task_id": (None, "extra"), "metadata": (None, "{}"), "surprise": (None, "x"),
+             "adapter": ("a.zip", pack(native_soft_prompt()))}
+    err = assert_error(acme.post("/v1/tasks", files=extra), 422, "invalid_request")  # a malformed multipart body
+    assert "fields" in err["message"]
     pickled = pack({"adapter_config.json": b"{}", "adapter_model.bin": b"\x80\x04"})
     err = assert_error(upload(acme, "pickle", pickled), 422)
     assert "pickle" in err["message"]
