@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(64, ge=1, description="requests in flight per tenant (429 above)")
     tokens_per_minute: int = Field(0, ge=0, description="tokens in+out per tenant per minute, 0 for no limit (429)")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest upload body (413 above)")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body that is not an upload, "
+                                                                   "e.g. a JSON generate or classify (413 above)")
     max_tasks_per_tenant: int = Field(1000, ge=1, description="tasks one tenant may own (429 above)")
 
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.concurrency import run_in_threadpool
 
+from server.api.body_limit import BodyLimit
 from server.api.deps import Runtime
 from server.api.errors import install_error_handlers
 from server.api.limits import TenantLimiter
@@ -88,5 +89,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Authorization", "Content-Type"])
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics_of=lambda: rt.metrics)
     return app

@@ -219,3 +219,18 @@ def test_openapi_documents_every_endpoint(server):
                  "/health", "/ready", "/metrics"):
         assert path in paths
     assert set(paths["/v1/tasks"]["post"]["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+
+
+def test_oversized_json_bodies_are_413_before_parsing(acme):
+    body = b'{"input": "' + b"a" * (9 * 1024 * 1024) + b'"}'  # over the default 8 MiB --max-body-bytes
+    err = assert_error(acme.post("/v1/tasks/qa/classify", content=body,
+                                 headers={"content-type": "application/json"}), 413, "payload_too_large")
+    assert "at most 8388608 bytes" in err["message"]
+
+    def chunks():  # no content-length: counted as it arrives
+        for i in range(0, len(body), 1 << 20):
+            yield body[i:i + (1 << 20)]
+
+    r = acme.post("/v1/tasks/qa/generate", content=chunks(), headers={"content-type": "application/json"})
+    assert_error(r, 413, "payload_too_large")
+    assert acme.get("/health").status_code == 200
