@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # a bad auth file
         print(f"python -m server: {e}", file=sys.stderr)
         return 2
+    from prompt_core.arch import UnsupportedModel
+    from server.main import open_runtime
+
+    try:  # before uvicorn, so a model we cannot serve is one line of ours and exit status 3, not a traceback
+        open_runtime(app.state.runtime)
+    except UnsupportedModel as e:
+        print(f"python -m server: cannot serve model {settings.model!r}: {e}", file=sys.stderr)
+        return 3
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=True,
                             lifespan="on")

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     allow_insecure_bind: bool = Field(False, description="allow a non-loopback host without an auth file")
     device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device such as cuda:1")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    attn_implementation: str = Field("auto", description="auto (sdpa, or eager where the model needs it, e.g. "
+                                                         "attention softcapping), sdpa or eager")
+    self_check: bool = Field(True, description="at start, compare the engine's batched logits with the model's own "
+                                               "forward on probe requests and refuse to serve a model that differs")
+    self_check_tokens: int = Field(256, ge=8, description="longest probe request of the start-up check")
 
     max_batch_size: int = Field(64, ge=1, description="rows in one engine step")
     max_prefill_tokens: int = Field(4096, ge=1, description="tokens prefilled in one engine step")

@@ -21,10 +21,19 @@ from server.metrics import HttpMetricsMiddleware, Metrics
 log = logging.getLogger("server")
 
 
-def _open(rt: Runtime) -> None:
-    """Blocking start-up work, off the event loop: model, store, engine."""
-    from prompt_core.fingerprint import fingerprint
+def load_served_model(s: Settings):
+    """The frozen model as the settings ask; raises prompt_core.arch.UnsupportedModel with a one-line reason."""
     from prompt_core.model import load_model
+
+    return load_model(s.model, device=s.device, dtype=s.dtype, attn_implementation=s.attn_implementation)
+
+
+def open_runtime(rt: Runtime) -> None:
+    """Blocking start-up work: model, store, engine and the start-up check. `python -m server` runs it before
+    uvicorn starts (so a model we cannot serve is refused in one line); the lifespan runs it for other hosts."""
+    if rt.engine is not None:
+        return
+    from prompt_core.fingerprint import fingerprint
     from prompt_store.archive import ArchiveLimits
     from prompt_store.store import PromptStore, StoreConfig
     from server.engine.async_engine import AsyncEngine
@@ -35,7 +44,8 @@ def _open(rt: Runtime) -> None:
         import torch
 
         torch.set_num_threads(s.threads)
-    rt.loaded = load_model(s.model, device=s.device, dtype=s.dtype)
+    if rt.loaded is None:
+        rt.loaded = load_served_model(s)
     limits = ArchiveLimits(max_archive_bytes=s.max_upload_bytes)
     rt.store = PromptStore(s.store, fingerprint(rt.loaded.model), device=rt.loaded.device, dtype=rt.loaded.dtype,
                            config=StoreConfig(max_tasks_per_tenant=s.max_tasks_per_tenant, archive=limits,
@@ -46,6 +56,11 @@ def _open(rt: Runtime) -> None:
                                                max_input_tokens=s.max_input_tokens, max_new_tokens=s.max_new_tokens,
                                                tenant_weights=weights, head_cache_bytes=s.head_cache_mb << 20),
                        observer=rt.metrics)
+    if s.self_check:
+        from server.engine.self_check import self_check
+
+        worst = self_check(engine, s.self_check_tokens)
+        log.info("start-up check: batched logits equal the model's own forward (max relative difference %.1e)", worst)
     rt.engine = AsyncEngine(engine, max_queue=s.max_queue)
     rt.engine.start()
 
@@ -53,7 +68,7 @@ def _open(rt: Runtime) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     rt: Runtime = app.state.runtime
-    await run_in_threadpool(_open, rt)
+    await run_in_threadpool(open_runtime, rt)
     log.info("ready: model %s on %s, store %s", rt.settings.model, rt.loaded.device, rt.settings.store)
     try:
         yield

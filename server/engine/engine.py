@@ -91,8 +91,9 @@ class LLMEngine:
                 plan = plan_row(spec, self.tokenizer, req.text, with_labels=req.mode == "classify", label_ids=labels)
             except ValueError as e:
                 raise InvalidRequest(str(e)) from None
-        if plan.num_tokens > self.config.max_input_tokens:
-            raise InputTooLong(f"the prompt has {plan.num_tokens} tokens; the limit is {self.config.max_input_tokens}")
+        if plan.prefix + plan.num_tokens > self.config.max_input_tokens:
+            raise InputTooLong(f"the prompt has {plan.prefix + plan.num_tokens} tokens (virtual tokens included); the "
+                               f"limit is {self.config.max_input_tokens}")
         longest = plan.prefix + plan.num_queries + req.sampling.max_new_tokens
         if self.max_positions and longest > self.max_positions:
             raise InputTooLong(f"prefix, prompt and max_new_tokens make {longest} positions; the model has "

@@ -27,7 +27,7 @@ class ModelRunner:
                  head_cache_bytes: int = 1 << 30):
         self.model, self.device, self.dtype = model, device, dtype
         self.heads = HeadCache(head_cache_bytes)
-        _, layers, _, kv_heads, head_dim = model_dims(model.config)
+        _, layers, _, kv_heads, head_dim = model_dims(model)
         self.cache = SlotCache(layers, kv_heads, head_dim, dtype, device)
         self.seqs: list[Sequence] = []
         long = lambda: torch.zeros(max_rows, dtype=torch.long, device=device)  # noqa: E731
@@ -52,7 +52,7 @@ class ModelRunner:
         plans, kv_prefixes = self._start_after_heads(seqs, tensors)
         step, readout = build_prefill(plans, [p.prefix for p in plans],
                                       [t.virtual if t is not None else None for t in tensors], self.device, self.dtype)
-        kv_len = step.mask.shape[-1]
+        kv_len = step.kv_len
         max_new = max(s.request.sampling.max_new_tokens for s in seqs)
         self.cache.ensure(base + k, kv_len + max_new)
         prefixed = [(base + i, kv) for i, kv in enumerate(kv_prefixes) if kv is not None]
@@ -118,8 +118,7 @@ class ModelRunner:
         cache = F.prefix_cache(self.model, [t.prefix if t is not None else None for t in tensors], width)
         step, _ = build_prefill(heads, [width] * len(heads), [t.virtual if t is not None else None for t in tensors],
                                 self.device, self.dtype)
-        F.body(self.model)(inputs_embeds=F.embed(self.model, step), attention_mask=step.mask,
-                           position_ids=step.positions, cache=cache, use_cache=True)
+        F.hidden_states(self.model, step, cache)
         layers = cache.layers
         out = []
         for i, (p, n) in enumerate(zip(heads, lengths)):

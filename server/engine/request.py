@@ -125,8 +125,10 @@ class Sequence:
 
     @property
     def prompt_tokens(self) -> int:
-        """Real and virtual input tokens (prefix slots not counted)."""
-        return self.plan.num_tokens
+        """Every input token the model attends to: the template's and the input's, prompt tuning's and P-tuning's
+        virtual tokens, and prefix tuning's virtual tokens (its prefix slots), so every kind counts alike toward
+        input limits, token quotas and usage."""
+        return self.plan.prefix + self.plan.num_tokens
 
     @property
     def kv_extent(self) -> int:
