@@ -17,12 +17,14 @@ from transformers import (CohereConfig, FalconConfig, Gemma2Config, Gemma3TextCo
 from prompt_core import forward as forward_mod
 from prompt_core.arch import MaskLayout, UnsupportedModel, attn_implementation, kv_geometry, mask_layout
 from prompt_core.fingerprint import fingerprint
+from prompt_core.layout import plan_row
 from prompt_core.model import LoadedModel, freeze
 from prompt_core.spec import PromptKind, PromptSpec, make_labels
 from prompt_store.errors import InvalidPrompt
 from prompt_store.peft_io import import_peft
 from server.engine.request import EngineRequest, PromptRef
 from server.engine.self_check import self_check
+from training import objective
 from tests.helpers import greedy, new_engine, prompt_ref, random_prompt, run, tokenizer
 
 ATOL = 1e-4
@@ -229,3 +231,20 @@ def test_start_up_check_refuses_what_the_engine_gets_wrong(name, break_it, monke
     break_it(monkeypatch)
     with pytest.raises(UnsupportedModel, match="differ from the model's own forward"):
         self_check(engine, max_tokens=64)
+
+
+@pytest.mark.parametrize("kind", [PromptKind.PROMPT_TUNING, PromptKind.PREFIX_TUNING])
+def test_training_forward_equals_models_own_forward(arch, kind):
+    """What training optimises is what is served: the trainer's batched forward (rows of different lengths behind a
+    shared prefix) gives the model's own logits at every position, windows and output path included."""
+    name, loaded = arch
+    spec = PromptSpec(kind, 5, "Review: {input}\nSentiment:")
+    tensors = random_prompt(loaded, kind, 5, 7)
+    plans = [plan_row(spec, loaded.tokenizer, text) for text in TEXTS]
+    with torch.no_grad():
+        hidden, _, _ = objective.prefill(loaded.model, plans, tensors.virtual, tensors.prefix)       # [n, Q, D]
+        for i, plan in enumerate(plans):
+            mine = forward_mod.logits(loaded.model, hidden[i, :plan.num_tokens])
+            ref = reference_logits(loaded, plan, tensors, [])
+            diff = (mine - ref).abs().max().item()
+            assert diff < ATOL, f"{name} {kind} row {i}: max |diff| {diff}"

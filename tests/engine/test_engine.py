@@ -16,6 +16,21 @@ def loaded():
     return tiny_llama()
 
 
+@pytest.mark.parametrize("kind", [PromptKind.PROMPT_TUNING, PromptKind.P_TUNING, PromptKind.PREFIX_TUNING])
+def test_every_kinds_virtual_tokens_count_toward_limits_and_usage(loaded, kind):
+    """T virtual tokens count the same whether they are input embeddings or prefix key/values: an input that fits
+    beside them passes, one token more is refused, and usage reports them."""
+    T = 6
+    ref = prompt_ref(f"{kind}@1", PromptSpec(kind, T, "{input}"), random_prompt(loaded, kind, T, 0))
+    text_tokens = len(loaded.tokenizer("word " * 9, add_special_tokens=False)["input_ids"])
+    engine = new_engine(loaded, max_input_tokens=T + text_tokens)
+    out = run(engine, [EngineRequest("fits", ref, "word " * 9, sampling=greedy(2))])["fits"]
+    assert out.prompt_tokens == T + text_tokens
+    with pytest.raises(InputTooLong, match=f"has {T + text_tokens} tokens .*limit is {T + text_tokens - 1}"):
+        new_engine(loaded, max_input_tokens=T + text_tokens - 1).add_request(
+            EngineRequest("long", ref, "word " * 9, sampling=greedy(2)))
+
+
 def test_limits_give_clear_errors(loaded):
     engine = new_engine(loaded, max_input_tokens=16, max_new_tokens=8)
     with pytest.raises(InputTooLong, match="limit is 16"):
