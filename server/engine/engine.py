@@ -18,6 +18,8 @@ from prompt_core.layout import plan_row
 from prompt_core.model import LoadedModel
 from prompt_core.spec import INPUT_SLOT, PromptTensors
 
+from .constraints import GrammarCache
+from .logits_processors import LogitsProcessor
 from .model_runner import ModelRunner
 from .request import (EngineRequest, InputTooLong, InvalidRequest, RequestOutput, Sequence)
 from .scheduler import Scheduler, SchedulerConfig
@@ -45,6 +47,7 @@ class EngineConfig:
 class EngineObserver(Protocol):
     def step_done(self, batch_size: int, running: int, waiting: int) -> None: ...
     def request_finished(self, out: RequestOutput, tenant: str, task_key: str) -> None: ...
+    # optional: grammar_compiled(kind, seconds), grammar_masked(seconds, rows), constrained_request(kind)
 
 
 class LLMEngine:
@@ -53,8 +56,11 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.observer = observer
+        out = loaded.model.get_output_embeddings()
+        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(loaded.model.config.vocab_size)
+        self.processor = LogitsProcessor(self.vocab_size, on_mask=self._hook("grammar_masked"))
         self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, self.config.max_batch_size,
-                                  self.config.head_cache_bytes)
+                                  self.config.head_cache_bytes, processor=self.processor)
         self.scheduler = Scheduler(SchedulerConfig(self.config.max_batch_size, self.config.max_prefill_tokens,
                                                    dict(self.config.tenant_weights)))
         eos = loaded.model.generation_config.eos_token_id
@@ -62,6 +68,8 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
+        self.grammars = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids,
+                                     on_compile=self._hook("grammar_compiled"))
         self.max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         self._tok_lock = threading.Lock()
         self._labels: dict[str, list[list[int]]] = {}  # verbalizer tokens per prompt key
@@ -99,7 +107,28 @@ class LLMEngine:
             raise InputTooLong(f"prefix, prompt and max_new_tokens make {longest} positions; the model has "
                                f"{self.max_positions}")
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        return Sequence(request=req, plan=plan, seed=seed, head_len=self._head_len(req.prompt))
+        seq = Sequence(request=req, plan=plan, seed=seed, head_len=self._head_len(req.prompt))
+        if req.mode == "generate":
+            self._check_processing(seq)
+        return seq
+
+    def _check_processing(self, seq: Sequence) -> None:
+        """Token ids of logit_bias must exist; a constraint is compiled here (cached), in the caller's thread, so a
+        schema the grammar library refuses is an InvalidRequest before the request is queued."""
+        sp = seq.request.sampling
+        bad = [tok for tok, _ in sp.logit_bias if tok >= self.vocab_size]
+        if bad:
+            raise InvalidRequest(f"logit_bias has token ids {bad[:8]} beyond the vocabulary (ids 0.."
+                                 f"{self.vocab_size - 1})")
+        if sp.constraint is not None:
+            seq.matcher = self.grammars.matcher(sp.constraint)
+            hook = self._hook("constrained_request")
+            if hook is not None:
+                hook(sp.constraint.kind)
+
+    def _hook(self, name: str):
+        """The observer's optional method `name`, or None."""
+        return getattr(self.observer, name, None) if self.observer is not None else None
 
     def _head_len(self, prompt) -> int:
         """How many leading tokens every request of a task shares: its leading virtual tokens and the template
@@ -224,6 +253,8 @@ class LLMEngine:
             seq.first_token_at = time.monotonic()
         self.scheduler.charge_output(seq)
         sampling = seq.request.sampling
+        if seq.error is not None:  # set by the logits processor: the grammar refused the sampled token
+            return self._finish(seq, "error", error=seq.error)
         if token in self.eos_ids:
             return self._finish(seq, "stop")
         seq.output_ids.append(token)

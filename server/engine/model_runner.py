@@ -18,14 +18,16 @@ from prompt_core.spec import PromptTensors
 from .head_cache import CachedHead, HeadCache
 
 from .kv_cache import SlotCache
+from .logits_processors import LogitsProcessor
 from .request import Sequence
 from .sampler import sample
 
 
 class ModelRunner:
     def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_rows: int,
-                 head_cache_bytes: int = 1 << 30):
+                 head_cache_bytes: int = 1 << 30, processor: LogitsProcessor | None = None):
         self.model, self.device, self.dtype = model, device, dtype
+        self.processor = processor  # logit_bias, penalties, grammar masks: see the hook before each sample()
         self.heads = HeadCache(head_cache_bytes)
         _, layers, _, kv_heads, head_dim = model_dims(model)
         self.cache = SlotCache(layers, kv_heads, head_dim, dtype, device)
@@ -70,7 +72,13 @@ class ModelRunner:
             logits = F.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
             r = rows[gi]
             self._record(logits, [seqs[i] for i in gen])
+            # -- logits processing hook (sampler side): the only call into per-request processors
+            if self.processor is not None:
+                logits = self.processor.apply(logits, [seqs[i] for i in gen])
             toks = sample(logits, self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r], self.step[r])
+            if self.processor is not None:
+                self.processor.accept([seqs[i] for i in gen], toks)
+            # -- end of hook
             self.last_token[r] = toks
             self.step[r] += 1
             for i, tok in zip(gen, toks.tolist()):
@@ -154,7 +162,13 @@ class ModelRunner:
         hidden = F.hidden_states(self.model, step, self.cache)                     # [n, 1, D]
         logits = F.logits(self.model, hidden[:, 0])                                # [n, V]
         self._record(logits, self.seqs)
+        # -- logits processing hook (sampler side): the only call into per-request processors
+        if self.processor is not None:
+            logits = self.processor.apply(logits, self.seqs)
         toks = sample(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n], self.step[:n])
+        if self.processor is not None:
+            self.processor.accept(self.seqs, toks)
+        # -- end of hook
         self.lengths[:n] += 1
         self.step[:n] += 1
         self.last_token[:n] = toks

@@ -32,15 +32,42 @@ class EngineStopped(EngineError):
     """The engine is shutting down or its loop died (HTTP 503)."""
 
 
+ConstraintKind = Literal["json_object", "json_schema", "regex", "choice"]
+CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "choice")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What every generated text must match. `value` is canonical text, so equal constraints share one compiled
+    grammar: the JSON schema as compact JSON, the regex itself, the choices as a JSON list, "" for json_object.
+    `strict` (json_schema): properties the schema does not name are refused unless it allows them explicitly."""
+    kind: ConstraintKind
+    value: str = ""
+    strict: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise InvalidRequest(f"constraint type must be one of {list(CONSTRAINT_KINDS)}, got {self.kind!r}")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request decoding. temperature 0 means greedy; a seed makes sampling reproducible."""
+    """Per-request decoding. temperature 0 means greedy; a seed makes sampling reproducible.
+
+    logit_bias adds to a token's logit before sampling (OpenAI's -100..100: +100 all but forces the token, -100 bans
+    it). presence_penalty and frequency_penalty (-2..2) lower the logit of every token already generated, by the
+    penalty once and by the penalty per occurrence, as OpenAI specifies. A constraint limits every step to tokens
+    that keep the text a valid prefix of its grammar, and end-of-sequence to where the grammar is complete."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -55,6 +82,19 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
+        for tok, bias in self.logit_bias:
+            if not isinstance(tok, int) or tok < 0:
+                raise InvalidRequest(f"logit_bias keys must be token ids >= 0, got {tok!r}")
+            if not math.isfinite(bias) or not -100 <= bias <= 100:
+                raise InvalidRequest(f"logit_bias values must be in [-100, 100], got {bias!r} for token {tok}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or not -2 <= v <= 2:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {v!r}")
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     @property
     def greedy(self) -> bool:
@@ -107,6 +147,7 @@ class Sequence:
     cancelled: bool = False
     seed: int = 0                          # the sampling seed in use (drawn at random when none was given)
     head_len: int = 0                      # leading tokens that are the same for every request of the task
+    matcher: object | None = None          # grammar state of a constrained request (see engine/constraints.py)
     # incremental detokenization offsets (see LLMEngine._detokenize)
     prefix_offset: int = 0
     read_offset: int = 0
