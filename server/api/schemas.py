@@ -8,12 +8,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_INPUT_CHARS = 1_000_000   # the engine bounds tokens; this bounds memory before tokenizing
 MAX_BATCH_INPUTS = 64         # inputs of one classify / completions call
 MAX_STOP = 16
 MAX_STOP_CHARS = 256
+MAX_N = 16                    # choices of one OpenAI request
+MAX_LOGIT_BIAS = 1024         # entries of one logit_bias
+MAX_CHOICES = 1024            # strings of one choice constraint
+MAX_PATTERN_CHARS = 10_000    # a regex constraint
 
 Input = Annotated[str, Field(max_length=MAX_INPUT_CHARS)]
 StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
@@ -43,6 +47,43 @@ TaskType = Literal["generate", "classify"]
 Labels = list[Annotated[str, Field(min_length=1, max_length=128)]] | dict[str, Annotated[str, Field(min_length=1)]]
 
 
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field("output", max_length=64)
+    description: str | None = Field(None, max_length=4_000)
+    schema_: dict[str, Any] = Field(alias="schema", description="a JSON schema (draft 2020-12 subset; see docs)")
+    strict: bool | None = Field(None, description="true or null: properties the schema does not list are refused "
+                                                  "unless it allows them explicitly; false: JSON Schema's defaults")
+
+
+class ResponseFormat(BaseModel):
+    """What the output must match. `text` is free text; `json_object` any JSON object; `json_schema` OpenAI's
+    shape; `regex` and `choice` (exactly one of the strings) are this server's extensions of the same field."""
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text", "json_object", "json_schema", "regex", "choice"]
+    json_schema: JsonSchemaFormat | None = None
+    regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)
+    choice: list[Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS * 4)]] | None = Field(
+        None, min_length=1, max_length=MAX_CHOICES)
+
+    @model_validator(mode="after")
+    def _one_payload(self) -> "ResponseFormat":
+        given = [k for k in ("json_schema", "regex", "choice") if getattr(self, k) is not None]
+        needs = self.type if self.type in ("json_schema", "regex", "choice") else None
+        if needs and needs not in given:
+            raise ValueError(f"type {self.type!r} needs the field {self.type!r}")
+        extra = [k for k in given if k != needs]
+        if extra:
+            raise ValueError(f"type {self.type!r} takes no {extra[0]!r} field")
+        return self
+
+
+LogitBias = Annotated[dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]],
+                      Field(max_length=MAX_LOGIT_BIAS, description="token id (as a string) -> bias in [-100, 100]")]
+Penalty = Annotated[float, Field(ge=-2, le=2, allow_inf_nan=False)]
+
+
 class GenerationDefaults(Strict):
     """A task's defaults for generate requests that leave these fields out."""
     max_new_tokens: int | None = Field(None, ge=1)
@@ -50,6 +91,9 @@ class GenerationDefaults(Strict):
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, lt=2**63)
     stop: list[StopStr] | None = Field(None, max_length=MAX_STOP)
+    response_format: ResponseFormat | None = Field(
+        None, description="the task's output constraint, applied to every generate, completion and chat request "
+                          "that does not send its own; compiled at upload, so a schema that cannot be is a 422")
 
 
 class TaskMetadata(Strict):
@@ -110,6 +154,10 @@ class SamplingFields(Strict):
     top_k: int | None = Field(None, ge=0, lt=2**63, description="0 disables it; above the vocabulary it does nothing")
     seed: int | None = Field(None, ge=0, lt=2**63, description="the same seed gives the same text")
     stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
+    logit_bias: LogitBias | None = None
+    presence_penalty: Penalty = Field(0.0, description="subtracted once from every token already generated")
+    frequency_penalty: Penalty = Field(0.0, description="subtracted per occurrence of a token already generated")
+    response_format: ResponseFormat | None = Field(None, description="default: the task's, else free text")
 
 
 class GenerateRequest(SamplingFields):
@@ -163,10 +211,27 @@ class OpenAIBase(BaseModel):
     stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt (with a seed, choice i uses seed + i)")
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias | None = None
+    response_format: ResponseFormat | None = Field(None, description="default: the task's, else free text")
+    # vLLM's names for the same constraints, so vLLM clients are understood rather than silently ignored
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)
+    guided_choice: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=1,
+                                                                           max_length=MAX_CHOICES)
+    guided_grammar: Any = Field(None, description="not supported: only null")
+    structured_outputs: Any = Field(None, description="not supported: only null (use response_format)")
     logprobs: Any = Field(None, description="not supported: only null/false")
+
+    @field_validator("guided_grammar", "structured_outputs")
+    @classmethod
+    def _unsupported(cls, v: Any, info) -> Any:
+        if v is not None:
+            raise ValueError(f"{info.field_name} is not supported; use response_format (json_schema, regex or "
+                             f"choice)")
+        return v
 
     @field_validator("logprobs")
     @classmethod
@@ -180,6 +245,13 @@ class CompletionRequest(OpenAIBase):
     prompt: Input | Annotated[list[Input], Field(min_length=1, max_length=MAX_BATCH_INPUTS)]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = Field(False, description="not supported: only false")
+    best_of: int | None = Field(None, ge=1, description="not supported beyond n: only null or n")
+
+    @model_validator(mode="after")
+    def _best_of(self) -> "CompletionRequest":
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of other than n is not supported")
+        return self
 
     @field_validator("echo")
     @classmethod

@@ -10,14 +10,16 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from fastapi import Request
 
 from server.auth import Principal
 from server.engine.async_engine import AsyncEngine, RequestStream
-from server.engine.request import EngineRequest, InvalidRequest, Mode, PromptRef, RequestOutput, SamplingParams
+from server.engine import constraints
+from server.engine.request import (Constraint, EngineRequest, InvalidRequest, Mode, PromptRef, RequestOutput,
+                                   SamplingParams)
 
 from .deps import Runtime
 from .errors import ApiError, ClientGone
@@ -26,16 +28,55 @@ from .limits import Admission
 log = logging.getLogger("server.requests")
 
 DEFAULT_MAX_NEW_TOKENS = 64
+MAX_SCHEMA_CHARS = 100_000  # a JSON schema, as compact JSON
 
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+def constraint_of(fmt) -> Constraint | None:
+    """A response_format (the wire model, or its dict as a task stores it) as an engine constraint; None for text.
+    Only the shape is checked here; whether the grammar library can compile it is checked by the engine."""
+    from .schemas import ResponseFormat  # pydantic only
+
+    if fmt is None:
+        return None
+    if isinstance(fmt, dict):
+        try:
+            fmt = ResponseFormat.model_validate(fmt)
+        except ValueError as e:
+            raise InvalidRequest(f"response_format is invalid: {e}") from None
+    if fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return Constraint("json_object")
+    if fmt.type == "regex":
+        return constraints.regex(fmt.regex)
+    if fmt.type == "choice":
+        return constraints.choice(fmt.choice)
+    c = constraints.json_schema(fmt.json_schema.schema_, strict=fmt.json_schema.strict is not False)
+    if len(c.value) > MAX_SCHEMA_CHARS:
+        raise InvalidRequest(f"the JSON schema has {len(c.value)} characters; the limit is {MAX_SCHEMA_CHARS}")
+    return c
+
+
+def logit_bias_of(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as sorted (id, bias) pairs; a key that is not a token id is a 422."""
+    out = []
+    for key, value in (bias or {}).items():
+        if not key.strip().isdigit():
+            raise InvalidRequest(f"logit_bias keys must be token ids (digits), got {key!r}")
+        out.append((int(key), float(value)))
+    return tuple(sorted(out))
+
+
 def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=None, top_k=None, seed=None,
-             stop=None, cap: int | None = None) -> SamplingParams:
+             stop=None, cap: int | None = None, logit_bias=None, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0, response_format=None) -> SamplingParams:
     """Request fields win over the task's generation defaults, which win over greedy with 64 tokens (or the
-    server's `cap` on max_new_tokens, if lower: leaving the field out must never be refused)."""
+    server's `cap` on max_new_tokens, if lower: leaving the field out must never be refused). The task's
+    response_format applies unless the request sends its own ({"type": "text"} asks for free text)."""
     def pick(value, name, fallback):
         return value if value is not None else defaults.get(name, fallback)
 
@@ -44,10 +85,13 @@ def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=Non
         stops = (stops,)
     try:
         fallback = min(DEFAULT_MAX_NEW_TOKENS, cap) if cap else DEFAULT_MAX_NEW_TOKENS
+        fmt = response_format if response_format is not None else defaults.get("response_format")
         return SamplingParams(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens", fallback)),
                               temperature=float(pick(temperature, "temperature", 0.0)),
                               top_p=float(pick(top_p, "top_p", 1.0)), top_k=int(pick(top_k, "top_k", 0)),
-                              seed=seed, stop=tuple(str(s) for s in stops))
+                              seed=seed, stop=tuple(str(s) for s in stops), logit_bias=logit_bias_of(logit_bias),
+                              presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
+                              constraint=constraint_of(fmt))
     except (TypeError, ValueError) as e:  # the task's stored defaults are not numbers: the user's to fix
         if isinstance(e, InvalidRequest):
             raise
@@ -71,8 +115,10 @@ class Job:
 
     @classmethod
     def start(cls, rt: Runtime, engine: AsyncEngine, principal: Principal, prompt: PromptRef, texts: list[str],
-              mode: Mode, params: SamplingParams, prefix: str = "req") -> "Job":
-        """Admit (429), then submit every input (422/413/503 raise here, before any response is sent)."""
+              mode: Mode, params: SamplingParams | list[SamplingParams], prefix: str = "req") -> "Job":
+        """Admit (429), then submit every input (422/413/503 raise here, before any response is sent). `params`
+        is one for all inputs, or one per input."""
+        per_input = params if isinstance(params, list) else [params] * len(texts)
         admission = rt.limiter.acquire(principal.tenant, len(texts))
         job_id = new_id(prefix)
         streams: list[RequestStream] = []
@@ -80,7 +126,7 @@ class Job:
             for i, text in enumerate(texts):
                 rid = job_id if len(texts) == 1 else f"{job_id}-{i}"
                 streams.append(engine.submit(EngineRequest(request_id=rid, prompt=prompt, text=text, mode=mode,
-                                                           sampling=params, tenant=principal.tenant)))
+                                                           sampling=per_input[i], tenant=principal.tenant)))
         except BaseException:
             for s in streams:
                 s.cancel()
@@ -147,6 +193,13 @@ class Job:
         finally:
             for t in tasks:
                 t.cancel()
+
+
+def choices(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt: with a seed, choice i samples with seed + i, so the set is reproducible."""
+    if n == 1:
+        return [params]
+    return [params if params.seed is None else replace(params, seed=(params.seed + i) % 2**63) for i in range(n)]
 
 
 async def wait_disconnect(request: Request) -> None:

@@ -106,7 +106,7 @@ def test_errors_reach_the_client_as_openai_errors(server, oai):
         oai.completions.create(model="missing", prompt="x", max_tokens=2)
     assert e.value.body["type"] == "not_found"  # the client unwraps {"error": {...}}
     with pytest.raises(openai.UnprocessableEntityError):
-        oai.completions.create(model="qa", prompt="x", max_tokens=2, n=3)
+        oai.completions.create(model="qa", prompt="x", max_tokens=2, n=17)
     with pytest.raises(openai.UnprocessableEntityError):
         oai.completions.create(model="qa", prompt="x", max_tokens=0)
     with pytest.raises(openai.AuthenticationError):

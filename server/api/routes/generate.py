@@ -36,7 +36,9 @@ async def generate(task_id: TaskRef, body: GenerateRequest, request: Request, pr
     record = find_visible(store, principal, task_id)
     params = sampling(record.generation, max_new_tokens=body.max_new_tokens, temperature=body.temperature,
                       top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
-                      cap=rt.settings.max_new_tokens)
+                      cap=rt.settings.max_new_tokens, logit_bias=body.logit_bias,
+                      presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                      response_format=body.response_format)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [body.input], "generate", params, "gen")
     if not body.stream:
         out = check_output((await job.results(request))[0])

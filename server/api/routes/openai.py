@@ -21,7 +21,8 @@ from ..errors import ApiError, status_of
 from ..schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
                        CompletionUsage, ErrorResponse, ModelCard, ModelList)
-from ..serving import Job, check_output, sampling
+from ..schemas import MAX_BATCH_INPUTS, OpenAIBase, ResponseFormat
+from ..serving import Job, check_output, choices, sampling
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
@@ -33,14 +34,44 @@ def _data(obj) -> bytes:
     return f"data: {payload}\n\n".encode()
 
 
-def _usage(outs: list[RequestOutput]) -> CompletionUsage:
-    p = sum(o.prompt_tokens for o in outs)
+def _usage(outs: list[RequestOutput], n: int = 1) -> CompletionUsage:
+    """Like OpenAI, a prompt's tokens count once however many choices (n) it has."""
+    p = sum(o.prompt_tokens for o in outs[::n])
     c = sum(o.completion_tokens for o in outs)
     return CompletionUsage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
 def _finish(out: RequestOutput) -> str:
     return "length" if out.finish_reason == "length" else "stop"
+
+
+def _response_format(body: OpenAIBase) -> ResponseFormat | None:
+    """response_format, or vLLM's guided_json / guided_regex / guided_choice: at most one of them."""
+    given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice")
+             if getattr(body, k) is not None]
+    if len(given) > 1:
+        raise ApiError(422, "invalid_request", f"give at most one output constraint; found {given}")
+    if body.guided_json is not None:
+        schema = body.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                raise ApiError(422, "invalid_request", f"guided_json is not JSON: {e}") from None
+            if not isinstance(schema, dict):
+                raise ApiError(422, "invalid_request", "guided_json must be a JSON schema object")
+        return ResponseFormat(type="json_schema", json_schema={"schema": schema})
+    if body.guided_regex is not None:
+        return ResponseFormat(type="regex", regex=body.guided_regex)
+    if body.guided_choice is not None:
+        return ResponseFormat(type="choice", choice=body.guided_choice)
+    return body.response_format
+
+
+def _output_fields(body: OpenAIBase) -> dict:
+    """The sampling fields every OpenAI route passes on."""
+    return {"logit_bias": body.logit_bias, "presence_penalty": body.presence_penalty,
+            "frequency_penalty": body.frequency_penalty, "response_format": _response_format(body)}
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
@@ -60,24 +91,31 @@ def model(model: str, principal: TenantDep, store: StoreDep) -> ModelCard:
     **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream is true"}})
 async def completions(body: CompletionRequest, request: Request, principal: TenantDep, store: StoreDep,
                       engine: EngineDep, rt: RuntimeDep):
-    """Each prompt is one input to the task named by `model`; one choice per prompt, in order."""
+    """Each prompt is one input to the task named by `model`; `n` choices per prompt, in order."""
     record = find_visible(store, principal, body.model)
     prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
     params = sampling(record.generation, max_new_tokens=body.max_tokens, temperature=body.temperature,
                       top_p=body.top_p, seed=body.seed, stop=body.stop,
-                      cap=rt.settings.max_new_tokens)
-    job = Job.start(rt, engine, principal, prompt_ref(store, record), prompts, "generate", params, "cmpl")
+                      cap=rt.settings.max_new_tokens, **_output_fields(body))
+    # choice index = prompt index * n + choice of that prompt, as OpenAI orders them
+    texts = [p for p in prompts for _ in range(body.n)]
+    if len(texts) > MAX_BATCH_INPUTS:
+        raise ApiError(422, "invalid_request", f"{len(prompts)} prompts x n={body.n} make {len(texts)} choices; "
+                                               f"the limit is {MAX_BATCH_INPUTS}")
+    job = Job.start(rt, engine, principal, prompt_ref(store, record), texts, "generate",
+                    choices(params, body.n) * len(prompts), "cmpl")
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_completion_chunks(job, body.model, created, include_usage),
+        return StreamingResponse(_completion_chunks(job, body.model, created, include_usage, body.n),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     outs = [check_output(o) for o in await job.results(request)]
-    return CompletionResponse(id=job.id, created=created, model=body.model, usage=_usage(outs), choices=[
+    return CompletionResponse(id=job.id, created=created, model=body.model, usage=_usage(outs, body.n), choices=[
         CompletionChoice(index=i, text=o.text, finish_reason=_finish(o)) for i, o in enumerate(outs)])
 
 
-async def _completion_chunks(job: Job, model: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
+async def _completion_chunks(job: Job, model: str, created: int, include_usage: bool,
+                             n: int = 1) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict], usage: CompletionUsage | None = None) -> bytes:
         body = {"id": job.id, "object": "text_completion", "created": created, "model": model, "choices": choices}
         if usage is not None:
@@ -92,7 +130,7 @@ async def _completion_chunks(job: Job, model: str, created: int, include_usage: 
                 yield chunk([{"index": i, "text": out.new_text, "logprobs": None,
                               "finish_reason": _finish(out) if out.finished else None}])
         if include_usage:
-            yield chunk([], _usage([f for f in job.finals if f is not None]))
+            yield chunk([], _usage([f for f in job.finals if f is not None], n))
         yield _data("[DONE]")
     except Exception as e:  # noqa: BLE001 - headers are sent: report in-band as OpenAI does
         yield _data(_stream_error(e))
@@ -126,35 +164,40 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     text = render_chat(engine, body)
     params = sampling(record.generation, max_new_tokens=body.max_completion_tokens or body.max_tokens,
                       temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
-                      cap=rt.settings.max_new_tokens)
-    job = Job.start(rt, engine, principal, prompt_ref(store, record), [text], "generate", params, "chatcmpl")
+                      cap=rt.settings.max_new_tokens, **_output_fields(body))
+    job = Job.start(rt, engine, principal, prompt_ref(store, record), [text] * body.n, "generate",
+                    choices(params, body.n), "chatcmpl")
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_chunks(job, body.model, created, include_usage),
+        return StreamingResponse(_chat_chunks(job, body.model, created, include_usage, body.n),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
-    out = check_output((await job.results(request))[0])
-    return ChatCompletionResponse(id=job.id, created=created, model=body.model, usage=_usage([out]), choices=[
-        ChatChoice(index=0, message=AssistantMessage(content=out.text), finish_reason=_finish(out))])
+    outs = [check_output(o) for o in await job.results(request)]
+    return ChatCompletionResponse(id=job.id, created=created, model=body.model, usage=_usage(outs, body.n), choices=[
+        ChatChoice(index=i, message=AssistantMessage(content=o.text), finish_reason=_finish(o))
+        for i, o in enumerate(outs)])
 
 
-async def _chat_chunks(job: Job, model: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: ChatDelta | None, finish: str | None = None, usage: CompletionUsage | None = None) -> bytes:
-        choices = [] if delta is None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
+async def _chat_chunks(job: Job, model: str, created: int, include_usage: bool,
+                       n: int = 1) -> AsyncIterator[bytes]:
+    def chunk(delta: ChatDelta | None, finish: str | None = None, usage: CompletionUsage | None = None,
+              index: int = 0) -> bytes:
+        choices = [] if delta is None else [ChatChunkChoice(index=index, delta=delta, finish_reason=finish)]
         return _data(ChatCompletionChunk(id=job.id, created=created, model=model, choices=choices, usage=usage)
                      .model_dump(exclude_none=True))
 
     try:
-        yield chunk(ChatDelta(role="assistant", content=""))
-        async for _, out in job.events():
+        for i in range(len(job.streams)):  # one choice per stream (n)
+            yield chunk(ChatDelta(role="assistant", content=""), index=i)
+        async for i, out in job.events():
             if out.finished and out.finish_reason == "error":
                 raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
             if out.new_text:
-                yield chunk(ChatDelta(content=out.new_text))
+                yield chunk(ChatDelta(content=out.new_text), index=i)
             if out.finished:
-                yield chunk(ChatDelta(), _finish(out))
+                yield chunk(ChatDelta(), _finish(out), index=i)
         if include_usage:
-            yield chunk(None, usage=_usage([f for f in job.finals if f is not None]))
+            yield chunk(None, usage=_usage([f for f in job.finals if f is not None], n))
         yield _data("[DONE]")
     except Exception as e:  # noqa: BLE001
         yield _data(_stream_error(e))
