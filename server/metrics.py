@@ -76,6 +76,14 @@ class Metrics:
                                      ["tenant", "direction"], registry=r)
         self.finished = Counter("promptserve_engine_requests", "engine requests by finish reason",
                                 ["finish_reason"], registry=r)
+        self.constrained = Counter("promptserve_constrained_requests", "generate requests with an output constraint",
+                                   ["kind"], registry=r)
+        self.grammar_compile = Histogram("promptserve_grammar_compile_seconds",
+                                         "compiling one output constraint (cached afterwards)", ["kind"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.grammar_mask = Histogram("promptserve_grammar_mask_seconds",
+                                      "grammar token masks of one batched step (all constrained rows)",
+                                      buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025) + LATENCY_BUCKETS, registry=r)
         if tier_stats is not None:
             r.register(PromptCacheCollector(tier_stats))
 
@@ -98,6 +106,15 @@ class Metrics:
             self.queue_wait.observe(out.queue_wait_s)
         if out.ttft_s is not None:
             self.ttft.observe(out.ttft_s)
+
+    def constrained_request(self, kind: str) -> None:
+        self.constrained.labels(kind).inc()
+
+    def grammar_compiled(self, kind: str, seconds: float) -> None:
+        self.grammar_compile.labels(kind).observe(seconds)
+
+    def grammar_masked(self, seconds: float, rows: int) -> None:  # noqa: ARG002 - rows: the batch-size histogram
+        self.grammar_mask.observe(seconds)
 
     def observe_tpot(self, out, duration_s: float) -> None:
         """Decode time per token after the first; the API measures the duration from its submit to the end."""

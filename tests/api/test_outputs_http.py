@@ -214,3 +214,22 @@ def test_n_choices_stream_with_their_index(oai):
     full = oai.chat.completions.create(model="free", messages=[{"role": "user", "content": "Say something."}],
                                        max_tokens=6, temperature=1.0, seed=9, n=2)
     assert [text[0], text[1]] == [c.message.content for c in full.choices]
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_metrics_count_constrained_requests_compiles_and_mask_time(server):
+    with server.client() as anon:
+        before = anon.get("/metrics").text
+    r = generate(server, "free", input="Is Paris in France?", max_new_tokens=4,
+                 response_format={"type": "choice", "choice": ["oui", "non", "peut-être"]})
+    assert r.status_code == 200
+    with server.client() as anon:
+        after = anon.get("/metrics").text
+    name = 'promptserve_constrained_requests_total{kind="choice"}'
+    assert _metric(after, name) == _metric(before, name) + 1
+    name = 'promptserve_grammar_compile_seconds_count{kind="choice"}'
+    assert _metric(after, name) == _metric(before, name) + 1  # a new choice list: compiled once
+    assert _metric(after, "promptserve_grammar_mask_seconds_count") > _metric(before, "promptserve_grammar_mask_seconds_count")
