@@ -78,6 +78,28 @@ class GrammarCache:
         return xgr.GrammarMatcher(self.compile(c))
 
 
+class MaskBuffer:
+    """Fills the next-token bitmask of constrained rows and applies it to their logits in place (masked tokens to
+    -inf), with the library's own kernels: a C++ loop on CPU, a GPU kernel on CUDA. The bitmask buffer is kept."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self._bitmask = None
+
+    def apply(self, logits, matchers: list, rows: list[int]) -> None:
+        """logits [n, V]; matchers[j] masks row rows[j]."""
+        import xgrammar as xgr
+
+        n = logits.shape[0]
+        if self._bitmask is None or self._bitmask.shape[0] < n:
+            self._bitmask = xgr.allocate_token_bitmask(max(n, 8), self.vocab_size)
+        bitmask = self._bitmask[:n]
+        for m, r in zip(matchers, rows):
+            m.fill_next_token_bitmask(bitmask, r)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                        vocab_size=min(self.vocab_size, logits.shape[-1]), indices=rows)
+
+
 def _compile(compiler, c: Constraint):
     if c.kind == "json_object":
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)

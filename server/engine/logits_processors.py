@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from .constraints import MaskBuffer
 from .request import Sequence
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,8 @@ log = logging.getLogger(__name__)
 class LogitsProcessor:
     def __init__(self, vocab_size: int, on_mask: Callable[[float, int], None] | None = None):
         self.vocab_size = vocab_size
-        self.words = (vocab_size + 31) // 32                    # int32 words of a grammar bitmask row
         self.on_mask = on_mask                                  # (seconds, rows) per masked step: metrics
-        self._shifts = torch.arange(32, dtype=torch.int32)
+        self.masks = MaskBuffer(vocab_size)
 
     @staticmethod
     def needs(seq: Sequence) -> bool:
@@ -67,15 +67,7 @@ class LogitsProcessor:
             logits[r] -= counts * freq[:, None] + (counts > 0).to(logits.dtype) * pres[:, None]
         if gram:
             t0 = time.perf_counter()
-            bitmask = torch.empty(len(gram), self.words, dtype=torch.int32)
-            for j, i in enumerate(gram):
-                seqs[i].matcher.fill_next_token_bitmask(bitmask, j)
-            allowed = ((bitmask[:, :, None] >> self._shifts) & 1).bool().view(len(gram), -1)
-            V = logits.shape[-1]
-            allowed = allowed[:, :V] if allowed.shape[1] >= V else \
-                torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]))  # ids past the grammar's vocabulary
-            r = torch.tensor(gram, device=dev)
-            logits[r] = logits[r].masked_fill(~allowed.to(dev, non_blocking=True), float("-inf"))
+            self.masks.apply(logits, [seqs[i].matcher for i in gram], gram)
             if self.on_mask is not None:
                 self.on_mask(time.perf_counter() - t0, len(gram))
         return logits
