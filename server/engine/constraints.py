@@ -100,10 +100,43 @@ class MaskBuffer:
                                         vocab_size=min(self.vocab_size, logits.shape[-1]), indices=rows)
 
 
+# Keywords xgrammar 0.2 accepts but does not enforce (a matcher accepts an instance that breaks them; allOf's
+# later branches are dropped), so an output could break them: refused, never silently ignored.
+UNENFORCED = ("allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "uniqueItems",
+              "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMAS = ("items", "additionalProperties", "propertyNames", "additionalItems")
+
+
+def check_schema(schema, where: str = "") -> None:
+    """Refuse keywords the grammar would not enforce, naming where they are. Walks schema positions only, so a
+    property that happens to be called "not" is fine."""
+    if not isinstance(schema, dict):
+        return
+    for key in UNENFORCED:
+        if key in schema:
+            raise InvalidRequest(f"the json_schema constraint uses {key!r}{' at ' + where if where else ''}, which "
+                                 f"constrained decoding cannot enforce; supported keywords are listed in docs/api.md")
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                check_schema(sub, f"{where}/{key}/{name}".lstrip("/"))
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                check_schema(sub, f"{where}/{key}/{i}".lstrip("/"))
+    for key in _SUBSCHEMAS:
+        sub = schema.get(key)
+        for i, item in enumerate(sub) if isinstance(sub, list) else [(None, sub)]:
+            check_schema(item, f"{where}/{key}" + (f"/{i}" if i is not None else ""))
+
+
 def _compile(compiler, c: Constraint):
     if c.kind == "json_object":
         return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False)
     if c.kind == "json_schema":
+        check_schema(json.loads(c.value))
         return compiler.compile_json_schema(c.value, any_whitespace=False, strict_mode=c.strict)
     if c.kind == "regex":
         return compiler.compile_regex(c.value)

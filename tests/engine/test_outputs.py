@@ -135,6 +135,17 @@ def test_schemas_the_library_refuses_name_the_problem():
         engine.grammars.compile(C.json_schema({"type": "object", "properties": {"a": {"$ref": "#/nope"}}}))
     with pytest.raises(InvalidRequest, match="parenthesis"):
         engine.grammars.compile(C.regex("(ab"))
+    # keywords the library would accept but not enforce are refused, naming where they are
+    tags = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
+                                                      "uniqueItems": True}}}
+    with pytest.raises(InvalidRequest, match="'uniqueItems' at properties/tags"):
+        engine.grammars.compile(C.json_schema(tags))
+    with pytest.raises(InvalidRequest, match="'not' at anyOf/1"):
+        engine.grammars.compile(C.json_schema({"anyOf": [{"type": "string"}, {"not": {"type": "null"}}]}))
+    with pytest.raises(InvalidRequest, match="'allOf'"):
+        engine.grammars.compile(C.json_schema({"allOf": [PERSON, {"required": ["name"]}]}))
+    named_not = {"type": "object", "properties": {"not": {"type": "boolean"}}, "required": ["not"]}
+    engine.grammars.compile(C.json_schema(named_not))  # a property called "not" is no keyword
     with pytest.raises(InvalidRequest):
         C.choice([])
     # a refused constraint is refused when the request is made, before it is queued
