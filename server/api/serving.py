@@ -115,9 +115,11 @@ class Job:
 
     @classmethod
     def start(cls, rt: Runtime, engine: AsyncEngine, principal: Principal, prompt: PromptRef, texts: list[str],
-              mode: Mode, params: SamplingParams | list[SamplingParams], prefix: str = "req") -> "Job":
+              mode: Mode, params: SamplingParams | list[SamplingParams], prefix: str = "req",
+              share_prompt: bool = False) -> "Job":
         """Admit (429), then submit every input (422/413/503 raise here, before any response is sent). `params`
-        is one for all inputs, or one per input."""
+        is one for all inputs, or one per input. share_prompt: the inputs are choices of repeated prompts (n > 1),
+        whose prefill is shared."""
         per_input = params if isinstance(params, list) else [params] * len(texts)
         admission = rt.limiter.acquire(principal.tenant, len(texts))
         job_id = new_id(prefix)
@@ -126,7 +128,8 @@ class Job:
             for i, text in enumerate(texts):
                 rid = job_id if len(texts) == 1 else f"{job_id}-{i}"
                 streams.append(engine.submit(EngineRequest(request_id=rid, prompt=prompt, text=text, mode=mode,
-                                                           sampling=per_input[i], tenant=principal.tenant)))
+                                                           sampling=per_input[i], tenant=principal.tenant,
+                                                           share_prompt=share_prompt)))
         except BaseException:
             for s in streams:
                 s.cancel()

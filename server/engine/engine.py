@@ -110,6 +110,8 @@ class LLMEngine:
         seq = Sequence(request=req, plan=plan, seed=seed, head_len=self._head_len(req.prompt))
         if req.mode == "generate":
             self._check_processing(seq)
+            if req.share_prompt and self.config.head_cache_bytes > 0:
+                seq.head_len = max(seq.head_len, plan.num_tokens - 1)
         return seq
 
     def _check_processing(self, seq: Sequence) -> None:
@@ -200,6 +202,9 @@ class LLMEngine:
                 outputs.append(self._classified(s, res))
             else:
                 outputs.append(self._append_token(s, res))
+        for s in ready:  # the shared prompt of n choices served the choices admitted with it; free its key/values
+            if s.request.share_prompt and s.head_len > self._head_len(s.request.prompt):
+                self.runner.heads.discard((s.request.prompt.key, min(s.head_len, s.prefill_plan.num_tokens - 1)))
         self._release_finished(seqs)  # finished at prefill (classified, EOS, failed) leave at once
         return outputs
 

@@ -60,6 +60,12 @@ class HeadCache:
         self._entries[key] = entry
         self.resident_bytes += entry.nbytes
 
+    def discard(self, key: tuple[str, int]) -> None:
+        """Drop an entry that no later request will use (the shared prompt of n choices, once they are in)."""
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.resident_bytes -= old.nbytes
+
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
                 "resident_bytes": self.resident_bytes, "entries": len(self._entries)}

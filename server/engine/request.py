@@ -121,6 +121,9 @@ class EngineRequest:
     mode: Mode = "generate"
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tenant: str = "default"
+    # one of several choices (OpenAI's n) of the same prompt: its whole prompt but the last token is prefilled once
+    # for all of them (through the head cache), and each choice computes only its last prompt token
+    share_prompt: bool = False
 
 
 class Status(enum.Enum):

@@ -255,3 +255,58 @@ def test_penalties_reduce_repetition():
     assert most_repeated(base) >= 12 and len(set(base)) <= 3  # the prompt does make the model repeat
     assert most_repeated(freq) < most_repeated(base) / 2
     assert len(set(pres)) > 2 * len(set(base))
+
+
+# ---- n choices of one prompt
+
+@pytest.mark.slow
+def test_choices_of_one_prompt_share_its_prefill(monkeypatch):
+    """n choices with share_prompt: the prompt (all but its last token) is computed once for all of them, each
+    choice then computes one query, and each is the same as that choice alone."""
+    from server.engine import model_runner
+
+    loaded = default_model()
+    specs = {"pt": (PromptSpec(PromptKind.PROMPT_TUNING, 5, "Review: {input}\nSentiment:"),
+                    random_prompt(loaded, PromptKind.PROMPT_TUNING, 5, 1)),
+             "prefix": (PromptSpec(PromptKind.PREFIX_TUNING, 3, "Q: {input} A:"),
+                        random_prompt(loaded, PromptKind.PREFIX_TUNING, 3, 4))}
+    text = "The film was long, but the ending made up for every slow minute of it, and the music was superb."
+    queries = []  # queries of every forward made inside a prefill (heads included), decode steps not
+    in_prefill = [False]
+    real_forward, real_prefill = model_runner.F.hidden_states, model_runner.ModelRunner.prefill
+
+    def counting(model, step, cache):
+        hidden = real_forward(model, step, cache)
+        if in_prefill[0]:
+            queries.append(hidden.shape[0] * hidden.shape[1])
+        return hidden
+
+    def prefill(self, *a):
+        in_prefill[0] = True
+        try:
+            return real_prefill(self, *a)
+        finally:
+            in_prefill[0] = False
+
+    monkeypatch.setattr(model_runner.F, "hidden_states", counting)
+    monkeypatch.setattr(model_runner.ModelRunner, "prefill", prefill)
+    for key, (spec, tensors) in specs.items():
+        ref = prompt_ref(f"{key}@1", spec, tensors)
+
+        def reqs(share):
+            return [EngineRequest(f"c{j}", ref, text, share_prompt=share,
+                                  sampling=SamplingParams(max_new_tokens=5, temperature=1.0, seed=3 + j))
+                    for j in range(3)]
+
+        queries.clear()
+        engine = new_engine(loaded)
+        shared = run(engine, reqs(True))
+        prefill_shared = sum(queries)
+        queries.clear()
+        separate = {}
+        for r in reqs(False):
+            separate.update(run(new_engine(loaded), [r]))
+        prefill_separate = sum(queries)
+        assert {k: o.text for k, o in shared.items()} == {k: o.text for k, o in separate.items()}, key
+        assert prefill_shared < prefill_separate / 2, (key, prefill_shared, prefill_separate)
+        assert engine.runner.heads.stats()["entries"] <= 1  # the shared prompt's key/values were freed

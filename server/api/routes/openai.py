@@ -103,7 +103,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
         raise ApiError(422, "invalid_request", f"{len(prompts)} prompts x n={body.n} make {len(texts)} choices; "
                                                f"the limit is {MAX_BATCH_INPUTS}")
     job = Job.start(rt, engine, principal, prompt_ref(store, record), texts, "generate",
-                    choices(params, body.n) * len(prompts), "cmpl")
+                    choices(params, body.n) * len(prompts), "cmpl", share_prompt=body.n > 1)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -166,7 +166,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
                       temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
                       cap=rt.settings.max_new_tokens, **_output_fields(body))
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [text] * body.n, "generate",
-                    choices(params, body.n), "chatcmpl")
+                    choices(params, body.n), "chatcmpl", share_prompt=body.n > 1)
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
