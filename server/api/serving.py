@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal
 from server.engine.async_engine import AsyncEngine, RequestStream
@@ -196,6 +197,13 @@ class Job:
         finally:
             for t in tasks:
                 t.cancel()
+
+
+async def precompile(engine: AsyncEngine, params: SamplingParams) -> None:
+    """Compile a request's constraint in a worker thread (a cache hit costs nothing), so the submit that follows
+    finds it compiled and the event loop never waits on the grammar library."""
+    if params.constraint is not None:
+        await run_in_threadpool(engine.engine.grammars.compile, params.constraint)
 
 
 def choices(params: SamplingParams, n: int) -> list[SamplingParams]:

@@ -160,9 +160,27 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
 
 
+MAX_SCHEMA_DEPTH = 64  # nested objects/arrays of a schema document
+
+
+def _depth(obj) -> int:
+    """Nesting depth of JSON containers, without recursion (a hostile schema may nest thousands deep)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > MAX_SCHEMA_DEPTH:
+                return deepest
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def json_schema(schema: dict, strict: bool = True) -> Constraint:
     if not isinstance(schema, dict):
         raise InvalidRequest(f"a JSON schema must be an object, got {type(schema).__name__}")
+    if _depth(schema) > MAX_SCHEMA_DEPTH:
+        raise InvalidRequest(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     return Constraint("json_schema", canonical_json(schema), bool(strict))
 
 

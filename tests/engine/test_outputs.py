@@ -148,6 +148,11 @@ def test_schemas_the_library_refuses_name_the_problem():
     engine.grammars.compile(C.json_schema(named_not))  # a property called "not" is no keyword
     with pytest.raises(InvalidRequest):
         C.choice([])
+    deep = {"type": "string"}
+    for _ in range(5000):  # deeper than Python's recursion limit: refused without recursing
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(InvalidRequest, match="nests deeper than 64"):
+        C.json_schema(deep)
     # a refused constraint is refused when the request is made, before it is queued
     ref = prompt_ref("chat@1", CHAT, None)
     with pytest.raises(InvalidRequest, match="regex"):

@@ -15,7 +15,7 @@ from ..deps import EngineDep, RuntimeDep, StoreDep, TenantDep
 from ..errors import status_of
 from ..schemas import (ClassifyRequest, ClassifyResult, ErrorResponse, GenerateRequest, GenerateResponse, TokenEvent,
                        Usage)
-from ..serving import Job, check_output, sampling
+from ..serving import Job, check_output, precompile, sampling
 
 router = APIRouter(prefix="/v1/tasks", tags=["generate"])
 
@@ -39,6 +39,7 @@ async def generate(task_id: TaskRef, body: GenerateRequest, request: Request, pr
                       cap=rt.settings.max_new_tokens, logit_bias=body.logit_bias,
                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                       response_format=body.response_format)
+    await precompile(engine, params)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [body.input], "generate", params, "gen")
     if not body.stream:
         out = check_output((await job.results(request))[0])

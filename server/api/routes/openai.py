@@ -22,7 +22,7 @@ from ..schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatComple
                        ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
                        CompletionUsage, ErrorResponse, ModelCard, ModelList)
 from ..schemas import MAX_BATCH_INPUTS, OpenAIBase, ResponseFormat
-from ..serving import Job, check_output, choices, sampling
+from ..serving import Job, check_output, choices, precompile, sampling
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
@@ -56,8 +56,9 @@ def _response_format(body: OpenAIBase) -> ResponseFormat | None:
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
-            except ValueError as e:
-                raise ApiError(422, "invalid_request", f"guided_json is not JSON: {e}") from None
+            except (ValueError, RecursionError) as e:
+                why = e if isinstance(e, ValueError) else "nested too deeply"
+                raise ApiError(422, "invalid_request", f"guided_json is not JSON: {why}") from None
             if not isinstance(schema, dict):
                 raise ApiError(422, "invalid_request", "guided_json must be a JSON schema object")
         return ResponseFormat(type="json_schema", json_schema={"schema": schema})
@@ -97,6 +98,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
     params = sampling(record.generation, max_new_tokens=body.max_tokens, temperature=body.temperature,
                       top_p=body.top_p, seed=body.seed, stop=body.stop,
                       cap=rt.settings.max_new_tokens, **_output_fields(body))
+    await precompile(engine, params)
     # choice index = prompt index * n + choice of that prompt, as OpenAI orders them
     texts = [p for p in prompts for _ in range(body.n)]
     if len(texts) > MAX_BATCH_INPUTS:
@@ -165,6 +167,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     params = sampling(record.generation, max_new_tokens=body.max_completion_tokens or body.max_tokens,
                       temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
                       cap=rt.settings.max_new_tokens, **_output_fields(body))
+    await precompile(engine, params)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [text] * body.n, "generate",
                     choices(params, body.n), "chatcmpl", share_prompt=body.n > 1)
     created = int(time.time())
