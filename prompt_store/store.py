@@ -28,7 +28,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -179,6 +179,8 @@ class PromptStore:
         self.fingerprint = fingerprint
         self._fp_dict = fingerprint.to_dict() if fingerprint is not None else None
         self.config = config or StoreConfig()
+        # the server's check of a new version's generation defaults (its response_format compiles), before publish
+        self.check_generation: Callable[[dict], None] | None = None
         self.tasks_dir = self.root / "tasks"
         self.staging_dir = self.root / "tmp"
         self.quarantine_dir = self.root / "quarantine"
@@ -295,6 +297,11 @@ class PromptStore:
             raise InvalidPrompt("create expected a source directory or a spec, found neither")
         base.update({k: v for k, v in meta.items() if v is not None})
         spec = self._final_spec(spec, base)
+        if self.check_generation is not None and base.get("generation"):
+            try:
+                self.check_generation(base["generation"])
+            except ValueError as e:  # an artifact's own task.json included: nothing is published
+                raise InvalidPrompt(f"generation: {e}") from None
         check_tensors(spec, tensors, self.fingerprint, self.config.max_virtual_tokens)
         visibility = base.get("visibility")  # None: inherit from the previous version, else private
         labels = [{"name": lab.name, "verbalizer": lab.verbalizer} for lab in spec.labels]

@@ -61,8 +61,19 @@ def open_runtime(rt: Runtime) -> None:
 
         worst = self_check(engine, s.self_check_tokens)
         log.info("start-up check: batched logits equal the model's own forward (max relative difference %.1e)", worst)
+    rt.store.check_generation = lambda generation: check_generation(engine, generation)
     rt.engine = AsyncEngine(engine, max_queue=s.max_queue)
     rt.engine.start()
+
+
+def check_generation(engine, generation: dict) -> None:
+    """A task version's generation defaults, on upload: its response_format must compile with the serving
+    tokenizer (a 422 naming the problem otherwise; the compiled grammar stays cached for the task's requests)."""
+    from server.api.serving import constraint_of
+
+    constraint = constraint_of(generation.get("response_format"))
+    if constraint is not None:
+        engine.grammars.compile(constraint)
 
 
 @asynccontextmanager

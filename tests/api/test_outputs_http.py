@@ -99,7 +99,17 @@ def test_schemas_the_library_cannot_compile_are_refused_at_upload(server):
             "generation": {"response_format": {"type": "regex", "regex": "(ab"}}}), 422)
         assert "regex" in err["message"] and "parenthesis" in err["message"]
         assert_error(hard_task(c, "bad", "{input}", generation={"response_format": {"type": "regex"}}), 422)
+        # a response_format inside an artifact's own task.json is checked the same way, before anything is stored
+        files = native_soft_prompt()
+        manifest = json.loads(files["task.json"])
+        manifest["generation"] = {"response_format": bad}
+        err = assert_error(upload(c, "bad", pack({**files, "task.json": json.dumps(manifest).encode()})), 422)
+        assert "Unsupported type" in err["message"]
         assert c.get("/v1/tasks/bad").status_code == 404  # nothing was stored
+        manifest["generation"] = {"response_format": {"type": "choice", "choice": ["yes", "no"]}}
+        r = upload(c, "yesno", pack({**files, "task.json": json.dumps(manifest).encode()}))
+        assert r.status_code == 201, r.text
+        assert generate(server, "yesno", input="Is it?").json()["text"] in ("yes", "no")
 
 
 def test_request_constraints_on_every_route(server, oai):

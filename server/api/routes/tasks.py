@@ -24,10 +24,8 @@ from prompt_store.errors import PayloadTooLarge
 
 from ..access import find_visible, list_visible, store_tenant, task_public
 from ..deps import RuntimeDep, StoreDep, TenantDep
-from ..deps import Runtime
 from ..errors import ApiError
-from ..schemas import ErrorResponse, GenerationDefaults, HardTaskCreate, TaskList, TaskMetadata, TaskPublic
-from ..serving import constraint_of
+from ..schemas import ErrorResponse, HardTaskCreate, TaskList, TaskMetadata, TaskPublic
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -54,14 +52,6 @@ _UPLOAD_BODY = {
 
 def _validation_error(e: ValidationError, prefix: tuple) -> RequestValidationError:
     return RequestValidationError([{**err, "loc": (*prefix, *err["loc"])} for err in e.errors()])
-
-
-async def _check_output_format(rt: Runtime, generation: GenerationDefaults | None) -> None:
-    """A task's response_format is compiled at upload with the serving tokenizer (and stays cached for its
-    requests): a schema, regex or choice list the grammar library refuses is a 422 naming the problem."""
-    constraint = constraint_of(generation.response_format) if generation is not None else None
-    if constraint is not None and rt.engine is not None:
-        await run_in_threadpool(rt.engine.engine.grammars.compile, constraint)
 
 
 def _limited(request: Request, limit: int) -> Request:
@@ -97,7 +87,6 @@ async def create_task(request: Request, principal: TenantDep, store: StoreDep, r
             body = HardTaskCreate.model_validate_json(raw)
         except ValidationError as e:
             raise _validation_error(e, ("body",)) from None
-        await _check_output_format(rt, body.generation)
         meta = body.model_dump(exclude={"task_id", "kind"}, exclude_none=True, by_alias=True)
         record = await run_in_threadpool(store.create, body.task_id, tenant, spec=PromptSpec(kind=PromptKind.HARD),
                                          metadata=meta, admin=principal.admin)
@@ -120,7 +109,6 @@ async def create_task(request: Request, principal: TenantDep, store: StoreDep, r
                 metadata = TaskMetadata.model_validate_json(meta) if meta else TaskMetadata()
             except ValidationError as e:
                 raise _validation_error(e, ("body", "metadata")) from None
-            await _check_output_format(rt, metadata.generation)
             data = await adapter.read()
             record = await run_in_threadpool(store.create_from_archive, task_id, tenant, data,
                                              filename=adapter.filename or "", metadata=metadata.model_dump(
