@@ -75,7 +75,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
                     params, "cmpl", input_ids=ids, echo=body.echo, logprobs=body.logprobs)
     # what echo puts in front of the completion: the prompt as sent (token ids: their text, specials kept)
     echoes = [(engine.engine.decode_ids(i) if i is not None else t) if body.echo else "" for t, i in zip(texts, ids)]
-    listing = LogprobListing(engine.engine, body.logprobs) if body.logprobs is not None else None
+    listing = LogprobListing(engine.engine) if body.logprobs is not None else None
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -86,10 +86,7 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
     for i, (o, echo) in enumerate(zip(outs, echoes)):
         lps = None
         if listing is not None:
-            lps = listing.completion(o.prompt_logprobs or [], 0)
-            more = listing.completion(o.logprobs or [], len(echo))  # the completion starts after the echoed prompt
-            for name in CompletionLogprobs.model_fields:
-                getattr(lps, name).extend(getattr(more, name))
+            lps = listing.completion(o.prompt_logprobs or [], 0, o.logprobs or [], len(echo))
         choices.append(CompletionChoice(index=i, text=echo + o.text, logprobs=lps, finish_reason=_finish(o)))
     return CompletionResponse(id=job.id, created=created, model=body.model, usage=_usage(outs), choices=choices)
 
@@ -108,19 +105,23 @@ def _prompt_inputs(prompt) -> tuple[list[str], list[list[int] | None]]:
 class LogprobListing:
     """Token log-probabilities in OpenAI's two layouts (completions, chat), with token texts from the tokenizer."""
 
-    def __init__(self, engine, top_n: int):
-        self.engine, self.top_n = engine, top_n
+    def __init__(self, engine):
+        self.engine = engine
 
     def _strings(self, entries: list[TokenLogprob]) -> dict[int, str]:
         ids = {e.token for e in entries} | {t for e in entries for t, _ in e.top}
         ids = sorted(ids)
         return dict(zip(ids, self.engine.token_strings(ids)))
 
-    def completion(self, entries: list[TokenLogprob], offset: int) -> CompletionLogprobs:
-        """One entry per token; text_offset counts on from `offset` through the token texts."""
-        names = self._strings(entries)
+    def completion(self, entries: list[TokenLogprob], offset: int, more: list[TokenLogprob] = (),
+                   more_offset: int = 0) -> CompletionLogprobs:
+        """One entry per token; text_offset counts on from `offset` through the token texts. `more` (the
+        completion's tokens after an echoed prompt's) counts on from `more_offset`, where the prompt's text ends."""
+        names = self._strings([*entries, *more])
         tokens, lps, tops, offsets = [], [], [], []
-        for e in entries:
+        for k, e in enumerate([*entries, *more]):
+            if k == len(entries):
+                offset = more_offset
             name = names[e.token]
             tokens.append(name)
             lps.append(e.logprob)
@@ -160,15 +161,17 @@ async def _completion_chunks(job: Job, model: str, created: int, include_usage: 
         async for i, out in job.events():
             if out.finished and out.finish_reason == "error":
                 raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
-            text, entries = out.new_text, list(out.new_logprobs)
+            text, prompt_entries = out.new_text, []
             if not started[i]:  # the echoed prompt leads the first chunk of its choice
                 started[i] = True
                 text = echoes[i] + text
-                entries = (out.prompt_logprobs or []) + entries
+                prompt_entries = out.prompt_logprobs or []
+                offsets[i] = len(echoes[i])
             lps = None
-            if listing is not None and entries:
-                lps = listing.completion(entries, offsets[i])
-                offsets[i] = lps.text_offset[-1] + len(lps.tokens[-1])
+            if listing is not None and (prompt_entries or out.new_logprobs):
+                lps = listing.completion(prompt_entries, 0, out.new_logprobs, offsets[i])
+                if out.new_logprobs:
+                    offsets[i] = lps.text_offset[-1] + len(lps.tokens[-1])
             if text or lps is not None or out.finished:
                 yield chunk([{"index": i, "text": text,
                               "logprobs": lps.model_dump() if lps is not None else None,
@@ -214,7 +217,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
                       cap=rt.settings.max_new_tokens)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [text], "generate", params, "chatcmpl",
                     logprobs=top_n)
-    listing = LogprobListing(engine.engine, top_n) if top_n is not None else None
+    listing = LogprobListing(engine.engine) if top_n is not None else None
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
