@@ -301,3 +301,27 @@ def test_bad_logprob_requests_are_refused():
     big = new_engine(loaded, max_input_tokens=8)
     with pytest.raises(InvalidRequest, match="limit is 8"):
         big.add_request(EngineRequest("x", ref, "", input_ids=tuple(range(100, 120)), sampling=SamplingParams()))
+
+
+# ---- the model's own output path
+
+@pytest.mark.parametrize("name", ["gemma2-window-softcap", "cohere-logit-scale", "falcon-multi-query"])
+def test_logprobs_follow_the_models_own_output_path(name):
+    """Final-logit softcapping, logit scales, sliding windows shorter than the input, multi-query caches: echo and
+    sampled-token log-probabilities equal the log-softmax of the model's own forward on the request alone."""
+    from tests.engine.test_architectures import build
+
+    loaded = build(name)
+    ref = PromptRef("hard@1", PromptSpec(PromptKind.HARD, 0, "{input}"))
+    texts = ["The quick brown fox jumps over the lazy dog again and again.", "What is 2 + 2?"]
+    requests = [EngineRequest(f"g{i}", ref, "", input_ids=tuple(ids_of(loaded, t)), sampling=greedy(3), echo=True,
+                              logprobs=TOP) for i, t in enumerate(texts)]
+    outs = run(new_engine(loaded), requests)
+    for i, text in enumerate(texts):
+        out, ids = outs[f"g{i}"], ids_of(loaded, text)
+        generated = [e.token for e in out.logprobs]
+        refs = oracle_logprobs(loaded.model, ids + generated)
+        for p, tok in enumerate(ids):
+            check_entry(out.prompt_logprobs[p], tok, refs[p], f"{name} g{i} prompt {p}")
+        for k, tok in enumerate(generated):
+            check_entry(out.logprobs[k], tok, refs[len(ids) + k], f"{name} g{i} output {k}")
