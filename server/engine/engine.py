@@ -288,15 +288,14 @@ class LLMEngine:
         """Hand out the log-probabilities the runner recorded since the last output: the prompt's (echo) on the
         first output and again on the final one, each sampled token's (EOS included) as it comes, all on the final."""
         req = seq.request
-        if req.echo and seq.prompt_logprobs is not None and (out.finished or seq.sent_logprobs == 0):
+        if seq.prompt_logprobs is not None and (out.finished or not seq.prompt_sent):
             out.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_sent = True
         if req.logprobs is not None:
             out.new_logprobs = seq.output_logprobs[seq.sent_logprobs:]
             seq.sent_logprobs = len(seq.output_logprobs)
             if out.finished:
                 out.logprobs = list(seq.output_logprobs)
-        elif req.echo:
-            seq.sent_logprobs = max(seq.sent_logprobs, 1)  # the prompt's went out with the first output
         return out
 
     def _detokenize(self, seq: Sequence) -> str:
