@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     max_prefill_tokens: int = Field(4096, ge=1, description="tokens prefilled in one engine step")
     max_input_tokens: int = Field(2048, ge=1, description="longest accepted input, task prompt included (413 above)")
     max_new_tokens: int = Field(1024, ge=1, description="most tokens one request may generate (422 above)")
+    max_logprobs: int = Field(20, ge=0, description="most alternatives per token that logprobs / top_logprobs may ask "
+                                                   "for (422 above)")
     head_cache_mb: int = Field(1024, ge=0, description="memory for cached key/values of task prompt heads (leading "
                                                        "virtual tokens and template text); 0 turns the cache off")
     max_queue: int = Field(1024, ge=1, description="engine requests in flight (running or waiting), all tenants "

@@ -54,7 +54,8 @@ def open_runtime(rt: Runtime) -> None:
     weights = {t: p.weight for t, p in rt.keyring.policies.items()}
     engine = LLMEngine(rt.loaded, EngineConfig(max_batch_size=s.max_batch_size, max_prefill_tokens=s.max_prefill_tokens,
                                                max_input_tokens=s.max_input_tokens, max_new_tokens=s.max_new_tokens,
-                                               tenant_weights=weights, head_cache_bytes=s.head_cache_mb << 20),
+                                               tenant_weights=weights, head_cache_bytes=s.head_cache_mb << 20,
+                                               max_logprobs=s.max_logprobs),
                        observer=rt.metrics)
     if s.self_check:
         from server.engine.self_check import self_check

@@ -71,16 +71,21 @@ class Job:
 
     @classmethod
     def start(cls, rt: Runtime, engine: AsyncEngine, principal: Principal, prompt: PromptRef, texts: list[str],
-              mode: Mode, params: SamplingParams, prefix: str = "req") -> "Job":
-        """Admit (429), then submit every input (422/413/503 raise here, before any response is sent)."""
+              mode: Mode, params: SamplingParams, prefix: str = "req", *,
+              input_ids: list[list[int] | None] | None = None, echo: bool = False,
+              logprobs: int | None = None) -> "Job":
+        """Admit (429), then submit every input (422/413/503 raise here, before any response is sent).
+        input_ids[i], when given, is input i as token ids (texts[i] is then unused)."""
         admission = rt.limiter.acquire(principal.tenant, len(texts))
         job_id = new_id(prefix)
         streams: list[RequestStream] = []
         try:
             for i, text in enumerate(texts):
                 rid = job_id if len(texts) == 1 else f"{job_id}-{i}"
-                streams.append(engine.submit(EngineRequest(request_id=rid, prompt=prompt, text=text, mode=mode,
-                                                           sampling=params, tenant=principal.tenant)))
+                ids = input_ids[i] if input_ids is not None else None
+                streams.append(engine.submit(EngineRequest(
+                    request_id=rid, prompt=prompt, text=text, mode=mode, sampling=params, tenant=principal.tenant,
+                    input_ids=tuple(ids) if ids is not None else None, echo=echo, logprobs=logprobs)))
         except BaseException:
             for s in streams:
                 s.cancel()

@@ -13,14 +13,15 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.engine.request import RequestOutput
+from server.engine.request import RequestOutput, TokenLogprob
 
 from ..access import created_epoch, find_visible, list_visible, prompt_ref
 from ..deps import EngineDep, RuntimeDep, StoreDep, TenantDep
 from ..errors import ApiError, status_of
 from ..schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-                       ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse,
-                       CompletionUsage, ErrorResponse, ModelCard, ModelList)
+                       ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
+                       CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionUsage, ErrorResponse,
+                       ModelCard, ModelList, TopLogprob)
 from ..serving import Job, check_output, sampling
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -62,34 +63,118 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
                       engine: EngineDep, rt: RuntimeDep):
     """Each prompt is one input to the task named by `model`; one choice per prompt, in order."""
     record = find_visible(store, principal, body.model)
-    prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
-    params = sampling(record.generation, max_new_tokens=body.max_tokens, temperature=body.temperature,
-                      top_p=body.top_p, seed=body.seed, stop=body.stop,
+    texts, ids = _prompt_inputs(body.prompt)
+    if body.max_tokens == 0 and not body.echo:
+        raise ApiError(422, "invalid_request", "body.max_tokens: 0 generates nothing; it is allowed with echo, to "
+                                               "score the prompt")
+    score = body.max_tokens == 0
+    params = sampling(record.generation, max_new_tokens=1 if score else body.max_tokens,
+                      temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
                       cap=rt.settings.max_new_tokens)
-    job = Job.start(rt, engine, principal, prompt_ref(store, record), prompts, "generate", params, "cmpl")
+    job = Job.start(rt, engine, principal, prompt_ref(store, record), texts, "score" if score else "generate",
+                    params, "cmpl", input_ids=ids, echo=body.echo, logprobs=body.logprobs)
+    # what echo puts in front of the completion: the prompt as sent (token ids: their text, specials kept)
+    echoes = [(engine.engine.decode_ids(i) if i is not None else t) if body.echo else "" for t, i in zip(texts, ids)]
+    listing = LogprobListing(engine.engine) if body.logprobs is not None else None
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_completion_chunks(job, body.model, created, include_usage),
+        return StreamingResponse(_completion_chunks(job, body.model, created, include_usage, echoes, listing),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     outs = [check_output(o) for o in await job.results(request)]
-    return CompletionResponse(id=job.id, created=created, model=body.model, usage=_usage(outs), choices=[
-        CompletionChoice(index=i, text=o.text, finish_reason=_finish(o)) for i, o in enumerate(outs)])
+    choices = []
+    for i, (o, echo) in enumerate(zip(outs, echoes)):
+        lps = None
+        if listing is not None:
+            lps = listing.completion(o.prompt_logprobs or [], 0, o.logprobs or [], len(echo))
+        choices.append(CompletionChoice(index=i, text=echo + o.text, logprobs=lps, finish_reason=_finish(o)))
+    return CompletionResponse(id=job.id, created=created, model=body.model, usage=_usage(outs), choices=choices)
 
 
-async def _completion_chunks(job: Job, model: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
+def _prompt_inputs(prompt) -> tuple[list[str], list[list[int] | None]]:
+    """OpenAI's four prompt forms as (texts, token ids) per input: a string, strings, ids, or lists of ids."""
+    if isinstance(prompt, str):
+        return [prompt], [None]
+    if prompt and isinstance(prompt[0], int):
+        return [""], [list(prompt)]
+    if prompt and isinstance(prompt[0], list):
+        return [""] * len(prompt), [list(p) for p in prompt]
+    return list(prompt), [None] * len(prompt)
+
+
+class LogprobListing:
+    """Token log-probabilities in OpenAI's two layouts (completions, chat), with token texts from the tokenizer."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def _strings(self, entries: list[TokenLogprob]) -> dict[int, str]:
+        ids = {e.token for e in entries} | {t for e in entries for t, _ in e.top}
+        ids = sorted(ids)
+        return dict(zip(ids, self.engine.token_strings(ids)))
+
+    def completion(self, entries: list[TokenLogprob], offset: int, more: list[TokenLogprob] = (),
+                   more_offset: int = 0) -> CompletionLogprobs:
+        """One entry per token; text_offset counts on from `offset` through the token texts. `more` (the
+        completion's tokens after an echoed prompt's) counts on from `more_offset`, where the prompt's text ends."""
+        names = self._strings([*entries, *more])
+        tokens, lps, tops, offsets = [], [], [], []
+        for k, e in enumerate([*entries, *more]):
+            if k == len(entries):
+                offset = more_offset
+            name = names[e.token]
+            tokens.append(name)
+            lps.append(e.logprob)
+            if e.logprob is None:
+                tops.append(None)
+            else:
+                top = {names[t]: lp for t, lp in e.top}
+                top.setdefault(name, e.logprob)  # OpenAI: the N most likely, and the chosen token
+                tops.append(top)
+            offsets.append(offset)
+            offset += len(name)
+        return CompletionLogprobs(tokens=tokens, token_logprobs=lps, top_logprobs=tops, text_offset=offsets)
+
+    def chat(self, entries: list[TokenLogprob]) -> ChatLogprobs:
+        names = self._strings(entries)
+
+        def item(token: int, lp: float) -> dict:
+            name = names[token]
+            return {"token": name, "logprob": lp, "bytes": None if "\ufffd" in name else list(name.encode())}
+
+        return ChatLogprobs(content=[ChatTokenLogprob(**item(e.token, e.logprob),
+                                                      top_logprobs=[TopLogprob(**item(t, lp)) for t, lp in e.top])
+                                     for e in entries])
+
+
+async def _completion_chunks(job: Job, model: str, created: int, include_usage: bool, echoes: list[str],
+                             listing: LogprobListing | None) -> AsyncIterator[bytes]:
     def chunk(choices: list[dict], usage: CompletionUsage | None = None) -> bytes:
         body = {"id": job.id, "object": "text_completion", "created": created, "model": model, "choices": choices}
         if usage is not None:
             body["usage"] = usage.model_dump()
         return _data(body)
 
+    started = [False] * len(echoes)
+    offsets = [0] * len(echoes)
     try:
         async for i, out in job.events():
             if out.finished and out.finish_reason == "error":
                 raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
-            if out.new_text or out.finished:
-                yield chunk([{"index": i, "text": out.new_text, "logprobs": None,
+            text, prompt_entries = out.new_text, []
+            if not started[i]:  # the echoed prompt leads the first chunk of its choice
+                started[i] = True
+                text = echoes[i] + text
+                prompt_entries = out.prompt_logprobs or []
+                offsets[i] = len(echoes[i])
+            lps = None
+            if listing is not None and (prompt_entries or out.new_logprobs):
+                lps = listing.completion(prompt_entries, 0, out.new_logprobs, offsets[i])
+                if out.new_logprobs:
+                    offsets[i] = lps.text_offset[-1] + len(lps.tokens[-1])
+            if text or lps is not None or out.finished:
+                yield chunk([{"index": i, "text": text,
+                              "logprobs": lps.model_dump() if lps is not None else None,
                               "finish_reason": _finish(out) if out.finished else None}])
         if include_usage:
             yield chunk([], _usage([f for f in job.finals if f is not None]))
@@ -124,23 +209,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     """Chat with a task: the chat-templated conversation is the task's input."""
     record = find_visible(store, principal, body.model)
     text = render_chat(engine, body)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(422, "invalid_request", "body.top_logprobs: needs logprobs to be true")
+    top_n = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling(record.generation, max_new_tokens=body.max_completion_tokens or body.max_tokens,
                       temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
                       cap=rt.settings.max_new_tokens)
-    job = Job.start(rt, engine, principal, prompt_ref(store, record), [text], "generate", params, "chatcmpl")
+    job = Job.start(rt, engine, principal, prompt_ref(store, record), [text], "generate", params, "chatcmpl",
+                    logprobs=top_n)
+    listing = LogprobListing(engine.engine) if top_n is not None else None
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_chunks(job, body.model, created, include_usage),
+        return StreamingResponse(_chat_chunks(job, body.model, created, include_usage, listing),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     out = check_output((await job.results(request))[0])
+    lps = listing.chat(out.logprobs or []) if listing is not None else None
     return ChatCompletionResponse(id=job.id, created=created, model=body.model, usage=_usage([out]), choices=[
-        ChatChoice(index=0, message=AssistantMessage(content=out.text), finish_reason=_finish(out))])
+        ChatChoice(index=0, message=AssistantMessage(content=out.text), logprobs=lps, finish_reason=_finish(out))])
 
 
-async def _chat_chunks(job: Job, model: str, created: int, include_usage: bool) -> AsyncIterator[bytes]:
-    def chunk(delta: ChatDelta | None, finish: str | None = None, usage: CompletionUsage | None = None) -> bytes:
-        choices = [] if delta is None else [ChatChunkChoice(index=0, delta=delta, finish_reason=finish)]
+async def _chat_chunks(job: Job, model: str, created: int, include_usage: bool,
+                       listing: LogprobListing | None) -> AsyncIterator[bytes]:
+    def chunk(delta: ChatDelta | None, finish: str | None = None, usage: CompletionUsage | None = None,
+              logprobs: ChatLogprobs | None = None) -> bytes:
+        choices = [] if delta is None else [ChatChunkChoice(index=0, delta=delta, logprobs=logprobs,
+                                                            finish_reason=finish)]
         return _data(ChatCompletionChunk(id=job.id, created=created, model=model, choices=choices, usage=usage)
                      .model_dump(exclude_none=True))
 
@@ -149,8 +243,9 @@ async def _chat_chunks(job: Job, model: str, created: int, include_usage: bool) 
         async for _, out in job.events():
             if out.finished and out.finish_reason == "error":
                 raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
-            if out.new_text:
-                yield chunk(ChatDelta(content=out.new_text))
+            lps = listing.chat(out.new_logprobs) if listing is not None and out.new_logprobs else None
+            if out.new_text or lps is not None:
+                yield chunk(ChatDelta(content=out.new_text), logprobs=lps)
             if out.finished:
                 yield chunk(ChatDelta(), _finish(out))
         if include_usage:
