@@ -114,6 +114,16 @@ def test_refuses_a_public_bind_without_an_auth_file(tmp_path):
         assert p.returncode == 2 and "auth file" in p.stderr, p.stderr
 
 
+def test_help_states_the_statuses_the_server_answers(capsys):
+    from server.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "generate (413 above)" in text and "(422 above)" not in text  # as the server and docs/api.md answer
+    assert "--auth-file PATH" in text and "{Path,null}" not in text
+
+
 def test_settings_from_flags_env_and_defaults(monkeypatch, tmp_path):
     s = Settings()
     assert (s.host, s.port, s.model, s.auth_file, s.cors_origins, s.log_requests) == \
@@ -158,7 +168,11 @@ def test_cors_is_off_by_default_and_on_when_configured(tmp_path):
 
 def test_ready_fails_when_the_engine_loop_dies(tmp_path):
     with live_server(tmp_path, auth=False) as server, server.client() as c:
-        assert hard_task(c, "qa").status_code == 201
+        created = hard_task(c, "qa")
+        assert created.status_code == 201
+        # the open tenant has one name everywhere: task owner, model owner (and metrics' tenant label)
+        assert created.json()["owner"] == "default"
+        assert {m["id"]: m["owned_by"] for m in c.get("/v1/models").json()["data"]}["qa"] == "default"
         assert c.get("/ready").status_code == 200
 
         def boom():
