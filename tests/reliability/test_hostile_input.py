@@ -78,7 +78,10 @@ def test_huge_inputs(acme, disk):
     over_chars = "x" * 1_000_001                  # past the schema's character cap: refused before tokenizing
     for path in NATIVE_ENDPOINTS:
         assert_error(acme.post(path, json={"input": over_chars}), 422, "invalid_request")
-    assert_error(acme.post("/v1/tasks/cls/classify", json={"input": ["x"] * 65}), 422, "invalid_request")
+    err = assert_error(acme.post("/v1/tasks/cls/classify", json={"input": ["x"] * 65}), 422, "invalid_request")
+    assert err["message"] == "body.input: List should have at most 64 items after validation, not 65"  # no str noise
+    err = assert_error(acme.post("/v1/completions", json={"model": "qa", "prompt": ["x", 3]}), 422)
+    assert err["message"] == "body.prompt.1: Input should be a valid string"
     assert_error(acme.post("/v1/chat/completions", json={"model": "qa", "messages": [
         {"role": "user", "content": "x"}] * 257}), 422, "invalid_request")
     assert_error(hard_task(acme, "big", "{input}" + "x" * 20_001), 422, "invalid_request")
