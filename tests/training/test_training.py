@@ -280,6 +280,33 @@ def test_cli_train_eval_and_push(tiny_dir, tmp_path, classify_file, capsys):
     assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) >= {"exact_match", "token_f1"}
 
 
+def test_max_steps_with_push_says_why_nothing_was_pushed_and_resume_pushes(tiny_dir, tmp_path, classify_file,
+                                                                         capsys):
+    """--max-steps ends before the export, so --push cannot happen yet: said on stderr; --resume trains on and
+    pushes; after a failed push, --resume only exports and pushes again (no more steps)."""
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    out = tmp_path / "part"
+    args = ["train", "--method", "prompt-tuning", "--task", "classify", "--data", str(classify_file), "--out",
+            str(out), "--model", str(tiny_dir), "--labels", "good,bad", "--virtual-tokens", "2", "--epochs", "1",
+            "--batch-size", "8", "--api-key", "sk-test", "--task-id", "part"]
+    before = len(_Stub.seen)
+    try:
+        assert cli_main([*args, "--max-steps", "1", "--push", url]) == 0
+        err = capsys.readouterr().err
+        assert "not pushed: training stopped at step 1" in err and "--resume" in err
+        assert len(_Stub.seen) == before and not (out / "task.json").exists()
+        assert cli_main([*args, "--resume", "--push", "http://127.0.0.1:9"]) == 2  # trained to the end; push fails
+        assert "push to http://127.0.0.1:9/v1/tasks failed" in capsys.readouterr().err
+        steps = (out / "log.jsonl").read_text().count('"type": "step"')
+        assert cli_main([*args, "--resume", "--push", url]) == 0
+        assert len(_Stub.seen) == before + 1 and _Stub.seen[-1][0] == "/v1/tasks"
+        assert (out / "log.jsonl").read_text().count('"type": "step"') == steps  # only pushed again
+    finally:
+        server.shutdown()
+
+
 def test_push_failure_is_a_clear_error(tmp_path):
     from training.push import push
 
