@@ -300,6 +300,7 @@ def test_max_steps_with_push_says_why_nothing_was_pushed_and_resume_pushes(tiny_
         assert cli_main([*args, "--resume", "--push", "http://127.0.0.1:9"]) == 2  # trained to the end; push fails
         assert "push to http://127.0.0.1:9/v1/tasks failed" in capsys.readouterr().err
         steps = (out / "log.jsonl").read_text().count('"type": "step"')
+        assert steps >= 2  # the resumed run did train on past step 1
         assert cli_main([*args, "--resume", "--push", url]) == 0
         assert len(_Stub.seen) == before + 1 and _Stub.seen[-1][0] == "/v1/tasks"
         assert (out / "log.jsonl").read_text().count('"type": "step"') == steps  # only pushed again
