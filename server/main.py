@@ -35,6 +35,7 @@ def open_runtime(rt: Runtime) -> None:
         return
     from prompt_core.fingerprint import fingerprint
     from prompt_store.archive import ArchiveLimits
+    from prompt_store.peft_io import base_model_name
     from prompt_store.store import PromptStore, StoreConfig
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine import EngineConfig, LLMEngine
@@ -49,7 +50,7 @@ def open_runtime(rt: Runtime) -> None:
     limits = ArchiveLimits(max_archive_bytes=s.max_upload_bytes)
     rt.store = PromptStore(s.store, fingerprint(rt.loaded.model), device=rt.loaded.device, dtype=rt.loaded.dtype,
                            config=StoreConfig(max_tasks_per_tenant=s.max_tasks_per_tenant, archive=limits,
-                                              base_model=s.model),
+                                              base_model=base_model_name(s.model)),
                            poll=True)
     weights = {t: p.weight for t, p in rt.keyring.policies.items()}
     engine = LLMEngine(rt.loaded, EngineConfig(max_batch_size=s.max_batch_size, max_prefill_tokens=s.max_prefill_tokens,

@@ -255,6 +255,9 @@ def test_cli_train_eval_and_push(tiny_dir, tmp_path, classify_file, capsys):
     for name in ("task.json", "prompt.safetensors", "peft/adapter_config.json", "log.jsonl", "curves.png",
                  "results.json", "checkpoint/trainer.safetensors"):
         assert (out / name).is_file(), name
+    # the PEFT copy names a base model AutoPeftModelForCausalLM can load, not a bare "default"
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["base_model_name_or_path"] == str(Path(tiny_dir).resolve())
     path, headers, body = _Stub.seen[-1]
     assert path == "/v1/tasks" and headers["Authorization"] == "Bearer sk-test"
     fields = _multipart(headers, body)
