@@ -311,6 +311,26 @@ def test_max_steps_with_push_says_why_nothing_was_pushed_and_resume_pushes(tiny_
         server.shutdown()
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_curves_show_whole_epochs(tmp_path, epochs):
+    """The held-out panel's x axis covers every epoch with integer ticks (one epoch once spanned 0.96 to 1.04)."""
+    import matplotlib.pyplot as plt
+
+    from training.curves import RunLog, curves_figure
+
+    log = RunLog(tmp_path, fresh=True)
+    for e in range(1, epochs + 1):
+        log.write(type="step", epoch=e - 1, step=e, loss=1.0 / e)
+        log.write(type="epoch", epoch=e, step=e, train_loss=1.0 / e, accuracy=50.0 + e)
+    fig = curves_figure(tmp_path, "t")
+    held = fig.axes[1]
+    lo, hi = held.get_xlim()
+    ticks = [t for t in held.get_xticks() if lo <= t <= hi]
+    plt.close(fig)
+    assert lo <= 0.5 and hi >= epochs + 0.5
+    assert ticks and all(float(t).is_integer() for t in ticks) and set(range(1, epochs + 1)) <= set(ticks)
+
+
 def test_push_failure_is_a_clear_error(tmp_path):
     from training.push import push
 
