@@ -34,7 +34,7 @@ def open_runtime(rt: Runtime) -> None:
     if rt.engine is not None:
         return
     from prompt_core.fingerprint import fingerprint
-    from prompt_store.archive import ArchiveLimits
+    from prompt_store.archive import limits_for_model
     from prompt_store.peft_io import base_model_name
     from prompt_store.store import PromptStore, StoreConfig
     from server.engine.async_engine import AsyncEngine
@@ -47,8 +47,9 @@ def open_runtime(rt: Runtime) -> None:
         torch.set_num_threads(s.threads)
     if rt.loaded is None:
         rt.loaded = load_served_model(s)
-    limits = ArchiveLimits(max_archive_bytes=s.max_upload_bytes)
-    rt.store = PromptStore(s.store, fingerprint(rt.loaded.model), device=rt.loaded.device, dtype=rt.loaded.dtype,
+    fp = fingerprint(rt.loaded.model)
+    limits = limits_for_model(fp, StoreConfig.max_virtual_tokens, max_archive_bytes=s.max_upload_bytes)
+    rt.store = PromptStore(s.store, fp, device=rt.loaded.device, dtype=rt.loaded.dtype,
                            config=StoreConfig(max_tasks_per_tenant=s.max_tasks_per_tenant, archive=limits,
                                               base_model=base_model_name(s.model)),
                            poll=True)
