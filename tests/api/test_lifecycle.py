@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,12 @@ def refused(url: str) -> bool:
 def test_sigterm_finishes_in_flight_refuses_new_and_exits(tmp_path):
     server = ServerProcess(tmp_path / "store", "--shutdown-grace-s", "60")
     try:
+        # the ready log says where start-up time went: imports, model, the rest (docs/runbook.md)
+        m = re.search(r"ready in ([\d.]+) s \(imports and app ([\d.]+) s, model ([\d.]+) s, "
+                      r"fingerprint, store and engine ([\d.]+) s, start-up check ([\d.]+) s\)", "".join(server.log))
+        assert m, "".join(server.log)
+        total, *parts = map(float, m.groups())
+        assert -0.3 <= total - sum(parts) <= 1.0 and parts[1] < parts[0]  # the rest: uvicorn starting, rounding
         with httpx.Client(base_url=server.url, timeout=30) as c:
             assert c.get("/ready").status_code == 200
             assert hard_task(c, "count", "{input}").status_code == 201
