@@ -30,8 +30,8 @@ from .openai import BASE_MODEL_ID
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
-TaskRef = Annotated[str, Path(description="a task id, or id@version", max_length=140)]
-TaskId = Annotated[str, Path(description="a task id", max_length=128)]
+TaskRef = Annotated[str, Path(description="a task id, or id@version", max_length=270)]
+TaskId = Annotated[str, Path(description="a task id", max_length=260)]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422, 429)}
 MAX_FORM_TEXT = 1 << 20  # task_id and metadata parts
 
@@ -177,7 +177,7 @@ def export_task(task_id: TaskRef, principal: TenantDep, store: StoreDep,
         data = _pack(out, name, format)
     media = "application/zip" if format == "zip" else "application/gzip"
     return Response(data, media_type=media, headers={
-        "Content-Disposition": f'attachment; filename="{name}.{format}"', "X-Task": record.key})
+        "Content-Disposition": f'attachment; filename="{name}.{format}"', "X-Task": record.ref})
 
 
 def _pack(directory: FsPath, name: str, fmt: str) -> bytes:
