@@ -197,10 +197,10 @@ class PromptStore:
         self._lock = threading.RLock()
         self._flock_depth = 0
         self._disk_total = 0  # tensor bytes of live versions, kept incrementally
-        self._live: dict[str, TaskRecord] = {}  # "id@N" -> record of every servable version
+        self._live: dict[str, TaskRecord] = {}  # "<storage id>@N" -> record of every servable version
         self._owned: dict[str, int] = {}  # live tasks per owner, kept incrementally (quota checks are O(1))
         self._tasks: dict[str, _Task] = {}  # by storage id
-        self._copies: dict[str, set[str]] = {}  # id -> storage ids "<id>~<tenant>" of tenants' own copies
+        self._copies: dict[str, frozenset[str]] = {}  # id -> storage ids "<id>~<tenant>" of tenants' own copies
         self._generation = -1
         self._epoch = ""
         self.quarantined: list[dict] = []    # {"path", "reason"} moved aside by this process
@@ -809,8 +809,9 @@ class PromptStore:
             owner = versions[min(versions)].tenant
             task = _Task(task_id, owner, versions)
             self._tasks[task_id] = task
-            if NAMESPACE_SEP in task_id:
-                self._copies.setdefault(task_name(task_id), set()).add(task_id)
+            if NAMESPACE_SEP in task_id:  # replaced whole, never mutated: readers iterate it without the lock
+                name = task_name(task_id)
+                self._copies[name] = self._copies.get(name, frozenset()) | {task_id}
             for rec in versions.values():
                 self._live[rec.key] = rec
             self._disk_total += self._task_bytes(task) - self._task_bytes(old)
@@ -825,11 +826,12 @@ class PromptStore:
     def _drop(self, task_id: str) -> None:
         with self._lock:
             old = self._tasks.pop(task_id, None)
-            copies = self._copies.get(task_name(task_id))
-            if copies is not None:
-                copies.discard(task_id)
-                if not copies:
-                    del self._copies[task_name(task_id)]
+            name = task_name(task_id)
+            copies = self._copies.get(name, frozenset()) - {task_id}
+            if copies:
+                self._copies[name] = copies
+            else:
+                self._copies.pop(name, None)
             if old is not None:
                 for rec in old.versions.values():
                     self._live.pop(rec.key, None)
