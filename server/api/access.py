@@ -45,4 +45,5 @@ def task_public(record: TaskRecord) -> TaskPublic:
                       num_virtual_tokens=record.num_virtual_tokens, sha256=record.tensors_sha256,
                       task_type=record.task_type, template=record.template, description=record.description,
                       labels=[LabelPublic(**dict(x)) for x in record.labels], visibility=record.visibility,
-                      owner=record.tenant or OPEN_TENANT, generation=dict(record.generation), created_at=record.created_at)
+                      owner=record.tenant or OPEN_TENANT, generation=dict(record.generation),
+                      created_at=record.created_at)
