@@ -157,15 +157,23 @@ class OpenAIBase(BaseModel):
     """OpenAI clients send fields we do not use (user, ...): ignore those, but refuse what would change the output."""
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, description="a task id, or id@version")
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                      description="0 is greedy; default: the task's, else 1")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default: the task's, else 1")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
+    presence_penalty: float = Field(0.0, description="not supported: only 0")
+    frequency_penalty: float = Field(0.0, description="not supported: only 0")
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float, info) -> float:
+        if v != 0:
+            raise ValueError(f"{info.field_name} is not supported: only 0")
+        return v
 
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
@@ -177,7 +185,8 @@ class CompletionRequest(OpenAIBase):
              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_INPUTS)]) = Field(
         description="a string, a list of strings, a list of token ids, or a list of token-id lists; each is one "
                     "input to the task, placed in its template where {input} is")
-    max_tokens: int | None = Field(16, ge=0, description="0 (with echo) scores the prompt without generating")
+    max_tokens: int | None = Field(None, ge=0, description="default: the task's max_new_tokens, else 16; 0 (with "
+                                                           "echo) scores the prompt without generating")
     echo: bool = Field(False, description="return the prompt, and with logprobs its tokens' log-probabilities, "
                                           "before the completion")
     logprobs: int | None = Field(None, ge=0, description="each token's log-probability and the N most likely "

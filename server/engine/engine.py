@@ -326,6 +326,10 @@ class LLMEngine:
         if seq.output_ids and not truncated:  # flush text held back for a split character
             with self._tok_lock:
                 full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if seq.read_offset < len(seq.output_ids) and full.endswith("\ufffd"):
+                # the last character was cut by the end (max_new_tokens, EOS): its bytes are no text, so they go,
+                # and only the complete characters held back with them are flushed
+                full = full[:-1]
             if full.startswith(seq.text) and len(full) > len(seq.text):
                 new_text += full[len(seq.text):]
                 seq.text = full

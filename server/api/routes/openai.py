@@ -1,28 +1,58 @@
-"""OpenAI-compatible endpoints. `model` is a task id (or id@version); the prompt or chat is the task's input.
+"""OpenAI-compatible endpoints. `model` is a task id (or id@version), or `default`: the bare model, no task prompt.
 
 Completions put the prompt into the task's template, after its virtual tokens, exactly as the native generate
-does. Chat renders the messages with the model's chat template first, and that text becomes the task's input.
+does. Chat depends on the task (docs/api.md, "Chat and tasks"): a task with a format of its own (a soft prompt,
+or a template that is already a chat prompt) gets the last user message as its input, so chat equals generate;
+a plain hard template wraps the last user message, and the model's chat template wraps the conversation.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.engine.request import RequestOutput, TokenLogprob
+from prompt_core.spec import INPUT_SLOT, PromptKind, PromptSpec
+from server.auth import OPEN_TENANT
+from server.engine.request import PromptRef, RequestOutput, TokenLogprob
 
 from ..access import created_epoch, find_visible, list_visible, prompt_ref
-from ..deps import EngineDep, RuntimeDep, StoreDep, TenantDep
+from ..deps import EngineDep, Runtime, RuntimeDep, StoreDep, TenantDep
 from ..errors import ApiError, status_of
 from ..schemas import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                        ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob, CompletionChoice,
                        CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionUsage, ErrorResponse,
                        ModelCard, ModelList, TopLogprob)
-from ..serving import Job, check_output, sampling
+from ..serving import CHAT_DEFAULTS, COMPLETIONS_DEFAULTS, Job, check_output, sampling
+
+BASE_MODEL_ID = "default"     # the bare model's name on these routes (--serve-base-model)
+BASE_MODEL_OWNER = "promptserve"  # the server owns it, not a tenant
+BASE_PROMPT = PromptRef(key=BASE_MODEL_ID, spec=PromptSpec(PromptKind.HARD, 0, INPUT_SLOT))
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a `model` names: a task version, or the bare model (record None)."""
+    prompt: PromptRef
+    generation: dict
+    record: object = None
+
+
+def resolve(rt: Runtime, store, principal, model: str) -> Served:
+    """The bare model for `default` (unless turned off), else a visible task (404 like any unknown task)."""
+    if model == BASE_MODEL_ID and rt.settings.serve_base_model:
+        return Served(BASE_PROMPT, {})
+    record = find_visible(store, principal, model)
+    return Served(prompt_ref(store, record), dict(record.generation), record)
+
+
+def _base_card(rt: Runtime) -> ModelCard:
+    return ModelCard(id=BASE_MODEL_ID, created=int(rt.started_at), owned_by=BASE_MODEL_OWNER)
+
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
@@ -45,16 +75,20 @@ def _finish(out: RequestOutput) -> str:
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
-def models(principal: TenantDep, store: StoreDep) -> ModelList:
-    """The tasks this tenant may use (its own and public ones), as OpenAI models."""
-    return ModelList(data=[ModelCard(id=r.id, created=created_epoch(r), owned_by=r.tenant or "promptserve")
-                           for r in list_visible(store, principal)])
+def models(principal: TenantDep, store: StoreDep, rt: RuntimeDep) -> ModelList:
+    """The bare model as `default` (unless turned off), then the tasks this tenant may use (its own and public)."""
+    base = [_base_card(rt)] if rt.settings.serve_base_model else []
+    return ModelList(data=base + [ModelCard(id=r.id, created=created_epoch(r), owned_by=r.tenant or OPEN_TENANT)
+                                  for r in list_visible(store, principal)])
 
 
 @router.get("/models/{model}", response_model=ModelCard, responses=ERRORS)
-def model(model: str, principal: TenantDep, store: StoreDep) -> ModelCard:
-    r = find_visible(store, principal, model)
-    return ModelCard(id=model, created=created_epoch(r), owned_by=r.tenant or "promptserve")
+def model(model: str, principal: TenantDep, store: StoreDep, rt: RuntimeDep) -> ModelCard:
+    served = resolve(rt, store, principal, model)
+    if served.record is None:
+        return _base_card(rt)
+    r = served.record
+    return ModelCard(id=model, created=created_epoch(r), owned_by=r.tenant or OPEN_TENANT)
 
 
 @router.post("/completions", response_model=CompletionResponse, responses={
@@ -62,16 +96,16 @@ def model(model: str, principal: TenantDep, store: StoreDep) -> ModelCard:
 async def completions(body: CompletionRequest, request: Request, principal: TenantDep, store: StoreDep,
                       engine: EngineDep, rt: RuntimeDep):
     """Each prompt is one input to the task named by `model`; one choice per prompt, in order."""
-    record = find_visible(store, principal, body.model)
+    served = resolve(rt, store, principal, body.model)
     texts, ids = _prompt_inputs(body.prompt)
     if body.max_tokens == 0 and not body.echo:
         raise ApiError(422, "invalid_request", "body.max_tokens: 0 generates nothing; it is allowed with echo, to "
                                                "score the prompt")
     score = body.max_tokens == 0
-    params = sampling(record.generation, max_new_tokens=1 if score else body.max_tokens,
+    params = sampling(served.generation, max_new_tokens=1 if score else body.max_tokens,
                       temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
-                      cap=rt.settings.max_new_tokens)
-    job = Job.start(rt, engine, principal, prompt_ref(store, record), texts, "score" if score else "generate",
+                      cap=rt.settings.max_new_tokens, server=COMPLETIONS_DEFAULTS)
+    job = Job.start(rt, engine, principal, served.prompt, texts, "score" if score else "generate",
                     params, "cmpl", input_ids=ids, echo=body.echo, logprobs=body.logprobs)
     # what echo puts in front of the completion: the prompt as sent (token ids: their text, specials kept)
     echoes = [(engine.engine.decode_ids(i) if i is not None else t) if body.echo else "" for t, i in zip(texts, ids)]
@@ -190,10 +224,14 @@ def _stream_error(e: Exception) -> dict:
     return {"error": {"type": type_, "message": str(e) if status < 500 or isinstance(e, ApiError) else "internal"}}
 
 
-def render_chat(engine, body: ChatCompletionRequest) -> str:
-    """The model's own chat template, ending with the assistant's turn; the task's prompt then wraps this text."""
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-    tokenizer = engine.engine.tokenizer
+def chat_special_tokens(tokenizer) -> list[str]:
+    """The special tokens the model's chat template writes (e.g. <|im_start|>): a template holding one is a chat."""
+    chat_template = getattr(tokenizer, "chat_template", None) or ""
+    return [t for t in tokenizer.all_special_tokens if t and t in chat_template]
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    """The model's own chat template, ending with the assistant's turn (a plain transcript without one)."""
     if not getattr(tokenizer, "chat_template", None):
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
     try:
@@ -202,21 +240,42 @@ def render_chat(engine, body: ChatCompletionRequest) -> str:
         raise ApiError(422, "invalid_request", f"messages do not fit the model's chat template: {e}") from None
 
 
+def chat_prompt(tokenizer, served: Served, body: ChatCompletionRequest, model: str) -> tuple[PromptRef, str]:
+    """(prompt, input) for a chat with `served`; see the module docstring and docs/api.md."""
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
+    spec = served.prompt.spec
+    template = spec.template
+    own_format = spec.kind is not PromptKind.HARD or any(t in template for t in chat_special_tokens(tokenizer))
+    if own_format:  # the task's prompt is what it was made with: the user's message is its input, as in generate
+        if len(messages) != 1 or messages[0]["role"] != "user":
+            why = ("its soft prompt was trained on its own input format" if spec.kind is not PromptKind.HARD
+                   else "its template is already a chat prompt")
+            raise ApiError(422, "invalid_request",
+                           f"task {model!r} takes exactly one user message ({why}, so system messages and earlier "
+                           f"turns have nowhere to go); send one, or chat with model {BASE_MODEL_ID!r} or a task "
+                           f"whose template is {INPUT_SLOT}")
+        return served.prompt, messages[0]["content"]
+    if messages[-1]["role"] != "user":
+        raise ApiError(422, "invalid_request", "the last message must be the user's: the model answers it")
+    # a plain hard template: it frames the user's last message, and the model's chat template the conversation
+    messages[-1]["content"] = template.replace(INPUT_SLOT, messages[-1]["content"])
+    return BASE_PROMPT, _render(tokenizer, messages)
+
+
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses={
     **ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE chunks when stream is true"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request, principal: TenantDep, store: StoreDep,
                            engine: EngineDep, rt: RuntimeDep):
-    """Chat with a task: the chat-templated conversation is the task's input."""
-    record = find_visible(store, principal, body.model)
-    text = render_chat(engine, body)
+    """Chat with a task or the bare model; what the model sees depends on the task (docs/api.md)."""
+    served = resolve(rt, store, principal, body.model)
+    prompt, text = chat_prompt(engine.engine.tokenizer, served, body, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "invalid_request", "body.top_logprobs: needs logprobs to be true")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling(record.generation, max_new_tokens=body.max_completion_tokens or body.max_tokens,
+    params = sampling(served.generation, max_new_tokens=body.max_completion_tokens or body.max_tokens,
                       temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=body.stop,
-                      cap=rt.settings.max_new_tokens)
-    job = Job.start(rt, engine, principal, prompt_ref(store, record), [text], "generate", params, "chatcmpl",
-                    logprobs=top_n)
+                      cap=rt.settings.max_new_tokens, server=CHAT_DEFAULTS)
+    job = Job.start(rt, engine, principal, prompt, [text], "generate", params, "chatcmpl", logprobs=top_n)
     listing = LogprobListing(engine.engine) if top_n is not None else None
     created = int(time.time())
     if body.stream:
