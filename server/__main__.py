@@ -8,13 +8,17 @@ in-flight requests get up to --shutdown-grace-s to finish, whatever is left is c
 
 from __future__ import annotations
 
-import logging
-import sys
+import time
 
-import uvicorn
-from pydantic import ValidationError
+LAUNCHED_AT = time.monotonic()  # before the heavy imports, so the ready log can say where start-up time went
 
-from server.config import Settings
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import uvicorn  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from server.config import Settings  # noqa: E402
 
 
 class DrainingServer(uvicorn.Server):
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.main import create_app  # torch and the engine load only once the settings are known to be sane
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, launched_at=LAUNCHED_AT)
     except ValueError as e:  # a bad auth file
         print(f"python -m server: {e}", file=sys.stderr)
         return 2

@@ -243,3 +243,13 @@ def test_metrics_count_constrained_requests_compiles_and_mask_time(server):
     name = 'promptserve_grammar_compile_seconds_count{kind="choice"}'
     assert _metric(after, name) == _metric(before, name) + 1  # a new choice list: compiled once
     assert _metric(after, "promptserve_grammar_mask_seconds_count") > _metric(before, "promptserve_grammar_mask_seconds_count")
+
+
+def test_logprobs_are_the_models_own_before_bias_and_masks(server, oai):
+    """A token forced by logit_bias +100 is reported with its log-probability under the model, not ~0."""
+    tok = server.runtime.loaded.tokenizer
+    banana = tok(" banana", add_special_tokens=False)["input_ids"][0]
+    r = oai.completions.create(model="free", prompt="What is the capital of France?", max_tokens=1, temperature=0,
+                               logprobs=1, logit_bias={str(banana): 100})
+    assert tok(r.choices[0].text, add_special_tokens=False)["input_ids"] == [banana]
+    assert r.choices[0].logprobs.token_logprobs[0] < -5
