@@ -315,3 +315,33 @@ def test_choices_of_one_prompt_share_its_prefill(monkeypatch):
         assert {k: o.text for k, o in shared.items()} == {k: o.text for k, o in separate.items()}, key
         assert prefill_shared < prefill_separate / 2, (key, prefill_shared, prefill_separate)
         assert engine.runner.heads.stats()["entries"] <= 1  # the shared prompt's key/values were freed
+
+
+@pytest.mark.slow
+def test_a_preempted_constrained_request_resumes_with_its_grammar():
+    """Preemption frees the row, not the grammar: the resumed request continues its JSON from where it was and
+    gives exactly the text it gives alone (with penalties, which count its earlier output, too)."""
+    loaded = default_model()
+    ref = prompt_ref("chat@1", CHAT, None)
+    heavy = [EngineRequest(f"h{i}", ref, "Give me a JSON object for a person called Ada aged 36.", tenant="heavy",
+                           sampling=SamplingParams(max_new_tokens=30, constraint=C.json_schema(PERSON),
+                                                   frequency_penalty=0.5 * i))
+             for i in range(2)]
+    light = EngineRequest("l0", ref, "Hi", tenant="light", sampling=greedy(3))
+    engine = new_engine(loaded, max_batch_size=2)
+    seqs = [engine.add_request(r) for r in heavy]
+    for _ in range(4):
+        engine.step()
+    finals = {}
+    engine.add_request(light)
+    for out in engine.step():
+        finals[out.request_id] = out
+    assert seqs[1].row == -1 and seqs[1].output_ids and seqs[1].matcher is not None  # preempted mid-JSON
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    for req in heavy:
+        alone = run(new_engine(loaded), [req])[req.request_id]
+        assert finals[req.request_id].text == alone.text, req.request_id
+        jsonschema.validate(json.loads(finals[req.request_id].text), PERSON)
