@@ -102,8 +102,8 @@ class MaskBuffer:
 
 # Keywords xgrammar 0.2 accepts but does not enforce (a matcher accepts an instance that breaks them; allOf's
 # later branches are dropped), so an output could break them: refused, never silently ignored.
-UNENFORCED = ("allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies", "uniqueItems",
-              "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems")
+UNENFORCED = ("allOf", "not", "if", "then", "else", "dependentRequired", "dependentSchemas", "dependencies",
+              "uniqueItems", "contains", "minContains", "maxContains", "unevaluatedProperties", "unevaluatedItems")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMAS = ("items", "additionalProperties", "propertyNames", "additionalItems")

@@ -68,6 +68,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     constraint: Constraint | None = None
+    min_tokens: int = 0          # no end-of-sequence token, and no stop string, before this many tokens (vLLM's)
+    ignore_eos: bool = False     # an end-of-sequence token does not end the request (vLLM's; fixed-length output)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -82,6 +84,9 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequest(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                                 f"got {self.min_tokens!r}")
         for tok, bias in self.logit_bias:
             if not isinstance(tok, int) or tok < 0:
                 raise InvalidRequest(f"logit_bias keys must be token ids >= 0, got {tok!r}")
@@ -91,6 +96,9 @@ class SamplingParams:
             v = getattr(self, name)
             if not math.isfinite(v) or not -2 <= v <= 2:
                 raise InvalidRequest(f"{name} must be in [-2, 2], got {v!r}")
+        if self.constraint is not None and (self.min_tokens or self.ignore_eos):
+            raise InvalidRequest("min_tokens and ignore_eos cannot be combined with an output constraint: the "
+                                 "grammar decides where the output may end")
 
     @property
     def penalized(self) -> bool:

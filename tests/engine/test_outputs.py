@@ -236,6 +236,10 @@ def test_logit_bias_beyond_the_vocabulary_is_refused():
         SamplingParams(logit_bias=((1, 101.0),))
     with pytest.raises(InvalidRequest, match="presence_penalty"):
         SamplingParams(presence_penalty=2.5)
+    # the grammar decides where a constrained output ends: holding EOS back could leave a row no token to take
+    for end in ({"min_tokens": 3}, {"ignore_eos": True}):
+        with pytest.raises(InvalidRequest, match="cannot be combined with an output constraint"):
+            SamplingParams(constraint=C.choice(["yes"]), **end)
 
 
 @pytest.mark.slow
