@@ -148,7 +148,8 @@ class TaskList(BaseModel):
 # ---- native generate / classify
 
 class SamplingFields(Strict):
-    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's, else 64 (or the server's cap if lower)")
+    max_new_tokens: int | None = Field(None, ge=1,
+                                       description="default: the task's, else 64 (or the server's cap if lower)")
     temperature: float | None = Field(None, ge=0, allow_inf_nan=False, description="0 is greedy (the default)")
     top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
     top_k: int | None = Field(None, ge=0, lt=2**63, description="0 disables it; above the vocabulary it does nothing")

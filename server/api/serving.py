@@ -17,10 +17,17 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal
-from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine import constraints
-from server.engine.request import (Constraint, EngineRequest, InvalidRequest, Mode, PromptRef, RequestOutput,
-                                   SamplingParams)
+from server.engine.async_engine import AsyncEngine, RequestStream
+from server.engine.request import (
+    Constraint,
+    EngineRequest,
+    InvalidRequest,
+    Mode,
+    PromptRef,
+    RequestOutput,
+    SamplingParams,
+)
 
 from .deps import Runtime
 from .errors import ApiError, ClientGone

@@ -21,7 +21,7 @@ from prompt_core.spec import INPUT_SLOT, PromptTensors
 from .constraints import GrammarCache
 from .logits_processors import LogitsProcessor
 from .model_runner import ModelRunner
-from .request import (EngineRequest, InputTooLong, InvalidRequest, RequestOutput, Sequence)
+from .request import EngineRequest, InputTooLong, InvalidRequest, RequestOutput, Sequence
 from .scheduler import Scheduler, SchedulerConfig
 
 log = logging.getLogger(__name__)
@@ -99,14 +99,16 @@ class LLMEngine:
             raise InputTooLong(f"max_new_tokens is {req.sampling.max_new_tokens}; this server allows at most "
                                f"{self.config.max_new_tokens}")
         if len(req.text) > 32 * self.config.max_input_tokens:  # cheap bound before tokenizing a huge text
-            raise InputTooLong(f"input has {len(req.text)} characters; the limit is {self.config.max_input_tokens} tokens")
+            raise InputTooLong(f"input has {len(req.text)} characters; the limit is {self.config.max_input_tokens} "
+                               f"tokens")
         self._check_logprob_fields(req)
         with self._tok_lock:
             labels = None
             if req.mode == "classify":
                 labels = self._labels.get(req.prompt.key)
                 if labels is None:
-                    labels = [self.tokenizer(lab.verbalizer, add_special_tokens=False)["input_ids"] for lab in spec.labels]
+                    labels = [self.tokenizer(lab.verbalizer, add_special_tokens=False)["input_ids"]
+                              for lab in spec.labels]
                     if len(self._labels) >= 16384:  # bounded: task versions come and go
                         self._labels.clear()
                     self._labels[req.prompt.key] = labels

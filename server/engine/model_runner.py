@@ -16,7 +16,6 @@ from prompt_core.layout import RowPlan
 from prompt_core.spec import PromptTensors
 
 from .head_cache import CachedHead, HeadCache
-
 from .kv_cache import SlotCache
 from .logits_processors import LogitsProcessor
 from .request import Sequence, TokenLogprob

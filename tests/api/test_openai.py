@@ -7,7 +7,6 @@ import pytest
 
 from .conftest import ACME, GLOBEX, hard_task, live_server, native_soft_prompt, pack, upload
 
-
 CHATML = "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"   # README's qa: already a chat prompt
 TERSE = "<|im_start|>system\nAnswer in one short sentence.<|im_end|>\n<|im_start|>user\n{input}<|im_end|>\n" \
         "<|im_start|>assistant\n"                                          # a chat prompt with its own system turn

@@ -13,8 +13,15 @@ from server.engine.request import SamplingParams
 from ..access import find_visible, prompt_ref
 from ..deps import EngineDep, RuntimeDep, StoreDep, TenantDep
 from ..errors import status_of
-from ..schemas import (ClassifyRequest, ClassifyResult, ErrorResponse, GenerateRequest, GenerateResponse, TokenEvent,
-                       Usage)
+from ..schemas import (
+    ClassifyRequest,
+    ClassifyResult,
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    TokenEvent,
+    Usage,
+)
 from ..serving import Job, check_output, precompile, sampling
 
 router = APIRouter(prefix="/v1/tasks", tags=["generate"])

@@ -23,10 +23,29 @@ from server.engine.request import PromptRef, RequestOutput, TokenLogprob
 from ..access import created_epoch, find_visible, list_visible, prompt_ref
 from ..deps import EngineDep, Runtime, RuntimeDep, StoreDep, TenantDep
 from ..errors import ApiError, status_of
-from ..schemas import (MAX_BATCH_INPUTS, AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk,
-                       ChatCompletionRequest, ChatCompletionResponse, ChatDelta, ChatLogprobs, ChatTokenLogprob,
-                       CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, CompletionUsage,
-                       ErrorResponse, ModelCard, ModelList, OpenAIBase, ResponseFormat, TopLogprob)
+from ..schemas import (
+    MAX_BATCH_INPUTS,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    CompletionUsage,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    OpenAIBase,
+    ResponseFormat,
+    TopLogprob,
+)
 from ..serving import CHAT_DEFAULTS, COMPLETIONS_DEFAULTS, Job, check_output, precompile, sampling
 from ..serving import choices as choice_params
 
