@@ -159,6 +159,9 @@ class SamplingFields(Strict):
     presence_penalty: Penalty = Field(0.0, description="subtracted once from every token already generated")
     frequency_penalty: Penalty = Field(0.0, description="subtracted per occurrence of a token already generated")
     response_format: ResponseFormat | None = Field(None, description="default: the task's, else free text")
+    min_tokens: int = Field(0, ge=0, description="no end-of-sequence token, and no stop string, before this many "
+                                                 "tokens (at most max_new_tokens)")
+    ignore_eos: bool = Field(False, description="an end-of-sequence token does not end the text (fixed length)")
 
 
 class GenerateRequest(SamplingFields):
@@ -218,6 +221,9 @@ class OpenAIBase(BaseModel):
     frequency_penalty: Penalty = 0.0
     logit_bias: LogitBias | None = None
     response_format: ResponseFormat | None = Field(None, description="default: the task's, else free text")
+    min_tokens: int = Field(0, ge=0, description="vLLM's: no end-of-sequence token, and no stop string, before this "
+                                                 "many tokens")
+    ignore_eos: bool = Field(False, description="vLLM's: an end-of-sequence token does not end the text")
     # vLLM's names for the same constraints, so vLLM clients are understood rather than silently ignored
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS)

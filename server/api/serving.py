@@ -87,7 +87,8 @@ CHAT_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 1.0}
 
 def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=None, top_k=None, seed=None,
              stop=None, cap: int | None = None, server: dict | None = None, logit_bias=None,
-             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, response_format=None) -> SamplingParams:
+             presence_penalty: float = 0.0, frequency_penalty: float = 0.0, response_format=None,
+             min_tokens: int = 0, ignore_eos: bool = False) -> SamplingParams:
     """Request fields win over the task's generation defaults, which win over the route's `server` defaults
     (greedy with 64 tokens natively; max_new_tokens never above the server's `cap`: leaving the field out must
     never be refused). The same order holds on every route. The task's response_format applies unless the request
@@ -110,7 +111,7 @@ def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=Non
                               top_p=float(pick(top_p, "top_p", 1.0)), top_k=int(pick(top_k, "top_k", 0)),
                               seed=seed, stop=tuple(str(s) for s in stops), logit_bias=logit_bias_of(logit_bias),
                               presence_penalty=float(presence_penalty), frequency_penalty=float(frequency_penalty),
-                              constraint=constraint_of(fmt))
+                              constraint=constraint_of(fmt), min_tokens=int(min_tokens), ignore_eos=bool(ignore_eos))
     except (TypeError, ValueError) as e:  # the task's stored defaults are not numbers: the user's to fix
         if isinstance(e, InvalidRequest):
             raise

@@ -207,3 +207,28 @@ def test_unsupported_fields_say_so(oai):
         with pytest.raises(openai.UnprocessableEntityError) as e:
             oai.completions.create(model="qa", prompt="x", max_tokens=2, extra_body=extra)
         assert "not supported" in e.value.body["message"]
+
+
+def test_min_tokens_and_ignore_eos_on_every_route(server, oai):
+    """The chatml task answers "The capital of France is Paris." and stops at end-of-sequence; with ignore_eos it
+    runs to max_tokens on every route, and min_tokens holds the end back until that many tokens."""
+    question = "What is the capital of France?"
+    plain = native(server, "chatml", question, 24)
+    assert plain["finish_reason"] == "stop" and plain["usage"]["completion_tokens"] < 12
+    short = plain["usage"]["completion_tokens"]
+    fixed = native(server, "chatml", question, 12, ignore_eos=True)
+    assert (fixed["finish_reason"], fixed["usage"]["completion_tokens"]) == ("length", 12)
+    assert fixed["text"].startswith(plain["text"])
+    held = native(server, "chatml", question, 24, min_tokens=short + 3)
+    assert held["usage"]["completion_tokens"] >= short + 3
+    extra = {"ignore_eos": True}
+    c = oai.completions.create(model="chatml", prompt=question, max_tokens=12, temperature=0, extra_body=extra)
+    assert (c.choices[0].finish_reason, c.usage.completion_tokens) == ("length", 12)
+    ch = oai.chat.completions.create(model="chatml", messages=[{"role": "user", "content": question}], max_tokens=12,
+                                     temperature=0, extra_body=extra)
+    assert (ch.choices[0].finish_reason, ch.usage.completion_tokens) == ("length", 12)
+    c = oai.completions.create(model="chatml", prompt=question, max_tokens=24, temperature=0,
+                               extra_body={"min_tokens": short + 3})
+    assert c.usage.completion_tokens >= short + 3
+    with pytest.raises(openai.UnprocessableEntityError, match="min_tokens"):
+        oai.completions.create(model="chatml", prompt=question, max_tokens=4, extra_body={"min_tokens": 5})

@@ -45,7 +45,7 @@ async def generate(task_id: TaskRef, body: GenerateRequest, request: Request, pr
                       top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop,
                       cap=rt.settings.max_new_tokens, logit_bias=body.logit_bias,
                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                      response_format=body.response_format)
+                      response_format=body.response_format, min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
     await precompile(engine, params)
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [body.input], "generate", params, "gen")
     if not body.stream:

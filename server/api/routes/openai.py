@@ -122,7 +122,8 @@ def _response_format(body: OpenAIBase) -> ResponseFormat | None:
 def _output_fields(body: OpenAIBase) -> dict:
     """The sampling fields every OpenAI route passes on."""
     return {"logit_bias": body.logit_bias, "presence_penalty": body.presence_penalty,
-            "frequency_penalty": body.frequency_penalty, "response_format": _response_format(body)}
+            "frequency_penalty": body.frequency_penalty, "response_format": _response_format(body),
+            "min_tokens": body.min_tokens, "ignore_eos": body.ignore_eos}
 
 
 @router.get("/models", response_model=ModelList, responses=ERRORS)
