@@ -53,6 +53,23 @@ def local_slice(global_batch: list[int], rank: int, world: int) -> list[int]:
     return global_batch[rank::world]
 
 
+class Control:
+    """Hooks a job runner hands the loop (the CLI passes none). The server's runner uses them to yield to serving
+    between steps, checkpoint often enough to resume after a crash, report progress, and cancel (by raising from
+    `before_step`)."""
+
+    def before_step(self, run: "Run") -> bool:
+        """Called before every optimizer step; False checkpoints and stops the run (to be resumed later)."""
+        return True
+
+    def after_step(self, run: "Run", loss: float) -> bool:
+        """Called after every optimizer step; True writes a checkpoint now."""
+        return False
+
+    def after_epoch(self, run: "Run", record: dict) -> None:
+        """Called with each epoch's held-out record, after it was checkpointed."""
+
+
 @dataclass
 class Run:
     """What one training run holds between its phases."""
@@ -70,6 +87,7 @@ class Run:
     best: dict[str, torch.Tensor]      # the method's state at the best held-out epoch
     log: RunLog
     quiet: bool
+    control: Control = None            # hooks of a job runner (None: the CLI)
 
     @property
     def main(self) -> bool:
@@ -129,6 +147,9 @@ def train_epoch(run: Run) -> list[float] | None:
                disable=not run.main or run.quiet, leave=False)
     try:
         for b in range(state.step_in_epoch, len(batches)):
+            if run.control is not None and not run.control.before_step(run):
+                run.checkpoint()
+                return None
             rows = [run.train_rows[i] for i in local_slice(batches[b], rank, world)]
             for group in run.optimizer.param_groups:  # linear decay, a function of the step alone: resumes exactly
                 group["lr"] = cfg.lr * (1.0 - state.global_step / total_steps)
@@ -143,6 +164,8 @@ def train_epoch(run: Run) -> list[float] | None:
             run.log.write(type="step", epoch=state.epoch + 1, step=state.global_step, loss=value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
+            if run.control is not None and run.control.after_step(run, value):
+                run.checkpoint()
             if cfg.max_steps is not None and state.global_step >= cfg.max_steps and b + 1 < len(batches):
                 run.checkpoint()
                 return None
@@ -173,6 +196,8 @@ def end_epoch(run: Run, losses: list[float]) -> None:
     run.say(f"epoch {state.epoch}: train loss {record['train_loss']:.4f}, held-out {shown}")
     state.finished = state.bad_epochs >= cfg.patience or state.epoch >= cfg.epochs
     run.checkpoint()
+    if run.control is not None:
+        run.control.after_epoch(run, record)
 
 
 def export(run: Run, seconds: float) -> dict:
@@ -200,11 +225,14 @@ def export(run: Run, seconds: float) -> dict:
     return result
 
 
-def train(cfg: TrainConfig, *, lm=None, accelerator: Accelerator | None = None, quiet: bool = False) -> dict:
-    """Run (or resume) training and export the best prompt. `lm` lets tests pass a tiny model. Returns the results
-    (empty on processes other than the main one), or {"stopped_at_step", "finished": False} after --max-steps."""
+def train(cfg: TrainConfig, *, lm=None, accelerator: Accelerator | None = None, quiet: bool = False,
+          control: Control | None = None) -> dict:
+    """Run (or resume) training and export the best prompt. `lm` lets tests (and the server) pass a loaded model.
+    Returns the results (empty on processes other than the main one), or {"stopped_at_step", "finished": False}
+    after --max-steps or when `control` paused the run."""
     t_start = time.perf_counter()
     run = setup(cfg, lm, accelerator, quiet)
+    run.control = control
     while not run.state.finished and run.state.epoch < cfg.epochs:
         losses = train_epoch(run)
         if losses is None:

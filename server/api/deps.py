@@ -34,6 +34,10 @@ class Runtime:
     loaded: LoadedModel | None = None
     store: PromptStore | None = None
     engine: AsyncEngine | None = None
+    files: object = None      # training.files.FileStore, once started (server/fine_tuning.py)
+    jobs: object = None       # training.jobs.JobStore
+    runner: object = None     # training.jobs.JobRunner, when this process trains
+    training_stats: dict = field(default_factory=dict)
     draining: bool = False
     started_at: float = field(default_factory=time.time)
 

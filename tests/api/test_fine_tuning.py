@@ -1,0 +1,226 @@
+"""Files and fine-tuning jobs through the official `openai` client, on a live server holding a tiny random Llama
+(so a job trains in seconds on two shared cores); one test trains on the default model and a shipped example.
+
+What matters here: every accepted data format, line-numbered refusals, limits and quotas, tenant isolation, a job
+whose `fine_tuned_model` serves at once on every endpoint with the same prompt the CLI trains from the same data,
+seed and settings, events and checkpoints, and cancellation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from prompt_core.model import ensure_default_model_dir
+from training.config import TrainConfig
+from training.loop import train
+
+from server.config import Settings
+
+from .conftest import ACME, ADMIN, GLOBEX, LiveServer, assert_error, write_auth_file
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+CLASSIFY = [{"input": f"{w} {i}", "label": lab} for i in range(6)
+            for w, lab in (("sunny warm", "good"), ("rainy cold", "bad"), ("storm dark", "bad"),
+                           ("bright day", "good"))]
+GENERATE = [{"prompt": f"{n} is {a}", "completion": f" {n} | {a}"} for n in ("Ann", "Bob", "Eve", "Max")
+            for a in (20, 31, 45, 52)]
+
+
+def jsonl(rows) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(module_tmp) -> Path:
+    path = module_tmp / "tiny-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(ensure_default_model_dir()).save_pretrained(path)
+    return path
+
+
+def tiny_settings(tmp: Path, tiny_dir: Path, **overrides) -> Settings:
+    tmp.mkdir(parents=True, exist_ok=True)
+    return Settings(store=tmp / "store", model=str(tiny_dir), device="cpu", dtype="float32", threads=1,
+                    auth_file=write_auth_file(tmp / "auth.json"), **overrides)
+
+
+@pytest.fixture(scope="module")
+def server(module_tmp, tiny_dir):
+    s = LiveServer(tiny_settings(module_tmp / "srv", tiny_dir, max_file_bytes=20_000,
+                                 max_file_bytes_per_tenant=60_000, max_jobs_per_tenant=2,
+                                 training_checkpoint_s=0.5)).start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def oai(server, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def wait_job(client: openai.OpenAI, job_id: str, states=("succeeded", "failed", "cancelled"), timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in states:
+            return job
+        assert time.monotonic() < deadline, f"job still {job.status} after {timeout_s} s"
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------- files
+
+@pytest.mark.parametrize("rows, tasks", [
+    (CLASSIFY[:4], ["classify"]),
+    ([{"input": "a", "output": "b"}, {"input": "c", "output": "d"}], ["generate"]),
+    (GENERATE[:3], ["classify", "generate"]),
+    ([{"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello"}]}], ["classify", "generate"]),
+])
+def test_upload_accepts_every_format(server, rows, tasks):
+    client = oai(server, ACME)
+    f = client.files.create(file=("train.jsonl", jsonl(rows)), purpose="fine-tune")
+    assert f.id.startswith("file-") and f.object == "file" and f.purpose == "fine-tune"
+    assert f.bytes == len(jsonl(rows)) and f.filename == "train.jsonl"
+    extra = f.model_extra
+    assert extra["lines"] == len(rows) and extra["tasks"] == tasks
+    assert client.files.retrieve(f.id).id == f.id
+    assert client.files.content(f.id).content == jsonl(rows)
+    assert f.id in [x.id for x in client.files.list()]
+    assert client.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([CLASSIFY[0], "", '{"input": "x", "label": "good"'], "train.jsonl:3: not valid JSON"),
+    ([CLASSIFY[0], {"input": "x"}], "train.jsonl:2: missing field 'output'"),
+    ([{"prompt": "x"}], "train.jsonl:1: missing field 'completion'"),
+    ([{"messages": [{"role": "user", "content": "hi"}]}], "train.jsonl:1: 'messages' has no assistant message"),
+    ([{"text": "x"}], "train.jsonl:1: no known fields"),
+    ([CLASSIFY[0], {"input": "x", "output": "y"}], "train.jsonl:2: a generate line, but line 1 is classify"),
+    (["   "], "train.jsonl: no examples"),
+])
+def test_malformed_file_is_a_line_numbered_422(server, rows, message):
+    with server.client(ACME) as c:
+        before = c.get("/v1/files").json()["data"]
+        r = c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", jsonl(rows))})
+        err = assert_error(r, 422, "invalid_request")
+        assert err["message"].startswith(message), err
+        assert c.get("/v1/files").json()["data"] == before  # nothing stored
+
+
+def test_upload_limits_and_quota(server):
+    with server.client(GLOBEX) as c:
+        r = c.post("/v1/files", data={"purpose": "assistants"}, files={"file": ("t.jsonl", jsonl(CLASSIFY))})
+        assert "purpose" in assert_error(r, 422, "invalid_request")["message"]
+        big = jsonl([{"input": "x" * 1000, "label": "a"}] * 25)   # > max_file_bytes (20,000)
+        assert_error(c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("b.jsonl", big)}), 413)
+        ok = jsonl([{"input": "x" * 1000, "label": "a"}] * 18)    # ~18 kB each; the tenant may store 60 kB
+        ids = [c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)}).json()["id"]
+               for _ in range(3)]
+        err = assert_error(c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)}),
+                           429, "quota_exceeded")
+        assert "delete some files" in err["message"]
+        with server.client(ACME) as other:  # the quota is per tenant
+            r = other.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)})
+            assert r.status_code == 200
+            other.delete(f"/v1/files/{r.json()['id']}")
+        for i in ids:
+            assert c.delete(f"/v1/files/{i}").status_code == 200
+        assert c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)}).status_code == 200
+
+
+# ---------------------------------------------------------------- jobs
+
+def cli_run(server, tmp: Path, data: bytes, **kw) -> dict:
+    """The same training through training.loop.train (the CLI's function) on the server's own model."""
+    path = tmp / "cli-data.jsonl"
+    path.write_bytes(data)
+    cfg = TrainConfig(data=path, out=tmp / "cli-out", device="cpu", **kw)
+    result = train(cfg, lm=server.runtime.loaded, quiet=True)
+    return {"result": result, "tensors": load_file(str(tmp / "cli-out" / "prompt.safetensors"))}
+
+
+def test_classify_job_serves_at_once_and_equals_the_cli(server, tmp_path):
+    client = oai(server, ACME)
+    f = client.files.create(file=("topics.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model="default", training_file=f.id, suffix="weather", seed=7,
+        method={"type": "prompt_tuning", "prompt_tuning": {
+            "hyperparameters": {"n_epochs": 2, "learning_rate": 0.03, "batch_size": 8, "num_virtual_tokens": 4},
+            "task_type": "classify", "labels": ["good", "bad"], "template": "Text: {input}\nWeather:"}})
+    assert job.status in ("queued", "running") and job.fine_tuned_model is None
+    assert job.hyperparameters.n_epochs == 2 and job.seed == 7
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    task_id = job.fine_tuned_model
+    assert task_id.startswith("ft-weather-")
+
+    # usable at once, everywhere, owned by the tenant, carrying the data's labels and template
+    with server.client(ACME) as c:
+        task = c.get(f"/v1/tasks/{task_id}").json()
+        assert task["owner"] == "acme" and task["kind"] == "prompt_tuning" and task["task_type"] == "classify"
+        assert task["template"] == "Text: {input}\nWeather:" and [x["name"] for x in task["labels"]] == ["good", "bad"]
+        assert job.id in task["description"] and "held-out accuracy" in task["description"]
+        preds = c.post(f"/v1/tasks/{task_id}/classify", json={"input": [r["input"] for r in CLASSIFY]}).json()
+        assert c.get(f"/v1/tasks/{task_id}/export").status_code == 200
+    comp = client.completions.create(model=task_id, prompt="sunny warm 9", max_tokens=2)
+    assert comp.model.startswith(task_id)
+    assert task_id in [m.id for m in client.models.list()]
+    with server.client(GLOBEX) as other:  # private to acme
+        assert_error(other.get(f"/v1/tasks/{task_id}"), 404)
+
+    # the same prompt as `python -m training train` with the same data, seed and settings
+    from prompt_core.spec import make_labels
+    cli = cli_run(server, tmp_path, jsonl(CLASSIFY), method="prompt-tuning", task="classify", epochs=2, lr=0.03,
+                  batch_size=8, virtual_tokens=4, seed=7, labels=make_labels(["good", "bad"]),
+                  template="Text: {input}\nWeather:")
+    served = server.runtime.store.tensors(server.runtime.store.get(task_id, None, admin=True))
+    assert torch.allclose(served.virtual.cpu(), cli["tensors"]["virtual"], atol=1e-6)
+    assert job.model_extra["result"]["history"] == cli["result"]["history"]
+    acc = 100.0 * sum(p["label"] == r["label"] for p, r in zip(preds, CLASSIFY)) / len(CLASSIFY)
+    assert acc >= 50.0  # the tiny random model; the exact figure is the CLI's, checked by the tensors above
+
+    # events: progress with step, loss and ETA; each epoch's held-out accuracy; the end
+    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
+    assert events[0].message.startswith("succeeded")
+    steps = [e for e in events if e.type == "metrics" and "train_loss" in e.data and "total_steps" in e.data]
+    assert steps and all("estimated_finish" in e.data for e in steps)
+    epochs = [e.data for e in events if "accuracy" in (e.data or {}) and "epoch" in e.data]
+    assert sorted(e["epoch"] for e in epochs) == [1, 2]
+    ckpts = list(client.fine_tuning.jobs.checkpoints.list(job.id))
+    assert [c.step_number for c in ckpts] == [6, 3] and "accuracy" in ckpts[0].metrics.model_extra
+    assert job.id in [j.id for j in client.fine_tuning.jobs.list()]
+
+
+def test_generate_job_from_prompt_completion_lines(server):
+    client = oai(server, GLOBEX)
+    f = client.files.create(file=("people.jsonl", jsonl(GENERATE)), purpose="fine-tune")
+    v = client.files.create(file=("valid.jsonl", jsonl(GENERATE[:4])), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="default", training_file=f.id, validation_file=v.id,
+                                         method={"type": "prefix_tuning", "prefix_tuning": {
+                                             "hyperparameters": {"n_epochs": 1, "batch_size": 8},
+                                             "template": "Text: {input}\nAnswer:"}})
+    assert job.method.model_extra["prefix_tuning"]["task_type"] == "generate"
+    assert job.hyperparameters.model_extra["learning_rate"] == 1e-2  # the CLI's default for prefix tuning
+    job = wait_job(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.model_extra["result"]["heldout_examples"] == 4
+    comp = client.completions.create(model=job.fine_tuned_model, prompt="Ann is 20", max_tokens=4)
+    assert comp.choices[0].finish_reason in ("length", "stop")
+    with server.client(GLOBEX) as c:
+        out = c.post(f"/v1/tasks/{job.fine_tuned_model}/generate", json={"input": "Ann is 20", "max_new_tokens": 3})
+        assert out.status_code == 200 and c.get(f"/v1/tasks/{job.fine_tuned_model}").json()["kind"] == "prefix_tuning"
