@@ -430,6 +430,7 @@ class JobRunner:
             def done(r: JobRecord) -> None:
                 r.status, r.finished_at, r.estimated_finish = "succeeded", int(time.time()), None
                 r.fine_tuned_model, r.result = getattr(task, "id", rec.task_id), result
+                r.trained_tokens = max(r.trained_tokens, int(control.tokens_per_step * r.step))
                 r.lease_owner, r.lease_until = None, 0.0
             self.jobs.update(rec.id, done)
             self.jobs.event(rec.id, f"succeeded: {rec.task_id} (best held-out {metric} {score:.1f} at epoch "
@@ -530,7 +531,7 @@ class _JobControl(Control):
 
         def change(r: JobRecord) -> None:
             r.checkpoints = [c for c in r.checkpoints if c["step_number"] != record["step"]] + [ckpt]
-            r.lease_until = lease
+            r.lease_until, r.step = lease, record["step"]
         self.jobs.update(self.rec.id, change)
         self.last_checkpoint = time.monotonic()
         self.jobs.event(self.rec.id, f"epoch {record['epoch']}: training loss {record['train_loss']:.4f}, held-out "

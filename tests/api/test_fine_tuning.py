@@ -167,7 +167,7 @@ def test_classify_job_serves_at_once_and_equals_the_cli(server, tmp_path):
     job = wait_job(client, job.id)
     assert job.status == "succeeded", job.error
     task_id = job.fine_tuned_model
-    assert task_id.startswith("ft-weather-")
+    assert task_id.startswith("ft-weather-") and job.trained_tokens > 0 and job.finished_at >= job.created_at
 
     # usable at once, everywhere, owned by the tenant, carrying the data's labels and template
     with server.client(ACME) as c:
@@ -224,3 +224,139 @@ def test_generate_job_from_prompt_completion_lines(server):
     with server.client(GLOBEX) as c:
         out = c.post(f"/v1/tasks/{job.fine_tuned_model}/generate", json={"input": "Ann is 20", "max_new_tokens": 3})
         assert out.status_code == 200 and c.get(f"/v1/tasks/{job.fine_tuned_model}").json()["kind"] == "prefix_tuning"
+
+
+def test_cancel_mid_job_and_the_job_quota(server):
+    from .conftest import METERED
+    client = oai(server, METERED)
+    f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+    long = {"type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"n_epochs": 5000, "batch_size": 1,
+                                                                    "patience": 5000}}}
+    first = client.fine_tuning.jobs.create(model="default", training_file=f.id, method=long)
+    second = client.fine_tuning.jobs.create(model="default", training_file=f.id, method=long)
+    with pytest.raises(openai.RateLimitError) as err:  # two queued or running jobs per tenant here
+        client.fine_tuning.jobs.create(model="default", training_file=f.id, method=long)
+    assert "cancel one" in str(err.value)
+    queued = client.fine_tuning.jobs.cancel(second.id)  # waiting behind the first: cancelled at once
+    assert queued.status == "cancelled"
+    deadline = time.monotonic() + 120
+    while client.fine_tuning.jobs.retrieve(first.id).model_extra["step"] < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.fine_tuning.jobs.cancel(first.id).status == "running"  # stops at its next step
+    job = wait_job(client, first.id)
+    assert job.status == "cancelled" and job.fine_tuned_model is None and job.finished_at
+    assert job.model_extra["step"] < job.model_extra["total_steps"]
+    with server.client(METERED) as c:
+        assert_error(c.post(f"/v1/fine_tuning/jobs/{first.id}/cancel"), 409, "conflict")
+        assert not [t for t in c.get("/v1/tasks").json()["data"] if t["owner"] == "metered"]
+    assert client.fine_tuning.jobs.list_events(first.id).data[0].message == "cancelled"
+
+
+def test_job_requests_are_checked_before_queueing(server):
+    client = oai(server, ACME)
+    f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY + [{"input": "odd", "label": "meh"}])),
+                            purpose="fine-tune")
+    before = len(client.fine_tuning.jobs.list().data)
+    cases = [
+        ({"method": {"type": "prompt_tuning", "prompt_tuning": {"labels": ["good", "bad"]}}},
+         f"{f.id}:25: label 'meh' is not one of ['bad', 'good']"),
+        ({"method": {"type": "lora"}}, "method.type expected one of"),
+        ({"method": {"type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"n_epoch": 2}}}},
+         "unknown fields ['n_epoch']"),
+        ({"method": {"type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"batch_size": 0}}}},
+         "--batch-size must be positive"),
+        ({"method": {"type": "prompt_tuning", "prompt_tuning": {"task_type": "generate"}}},
+         "training_file holds classify lines"),
+        ({"method": {"type": "p_tuning", "p_tuning": {"template": "no slot"}}}, "{input}"),
+        ({"model": "gpt-4o"}, "model expected 'default'"),
+        ({"suffix": "a b"}, "suffix expected"),
+    ]
+    with server.client(ACME) as c:
+        for extra, message in cases:
+            body = {"model": "default", "training_file": f.id, **extra}
+            err = assert_error(c.post("/v1/fine_tuning/jobs", json=body), 422, "invalid_request")
+            assert message in err["message"], (extra, err)
+        assert_error(c.post("/v1/fine_tuning/jobs", json={"model": "default", "training_file": "file-nope"}), 404)
+    assert len(client.fine_tuning.jobs.list().data) == before
+
+
+def test_isolation_matrix_for_files_and_jobs(server):
+    acme, globex, admin = oai(server, ACME), oai(server, GLOBEX), oai(server, ADMIN)
+    f = acme.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+    job = acme.fine_tuning.jobs.create(model="default", training_file=f.id, method={
+        "type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"n_epochs": 1}}})
+    for call in (lambda: globex.files.retrieve(f.id), lambda: globex.files.content(f.id),
+                 lambda: globex.files.delete(f.id),
+                 lambda: globex.fine_tuning.jobs.create(model="default", training_file=f.id),
+                 lambda: globex.fine_tuning.jobs.retrieve(job.id), lambda: globex.fine_tuning.jobs.cancel(job.id),
+                 lambda: globex.fine_tuning.jobs.list_events(job.id),
+                 lambda: globex.fine_tuning.jobs.checkpoints.list(job.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert f.id not in [x.id for x in globex.files.list()]
+    assert job.id not in [j.id for j in globex.fine_tuning.jobs.list(limit=100)]
+    # an admin sees every tenant's files and jobs
+    assert f.id in [x.id for x in admin.files.list()] and admin.files.retrieve(f.id).id == f.id
+    assert job.id in [j.id for j in admin.fine_tuning.jobs.list(limit=100)]
+    done = wait_job(acme, job.id)
+    assert done.status == "succeeded" and acme.files.retrieve(f.id).id == f.id  # untouched by the attempts
+    with server.client(GLOBEX) as c:
+        assert_error(c.post(f"/v1/tasks/{done.fine_tuned_model}/classify", json={"input": "x"}), 404)
+
+
+# ---------------------------------------------------------------- durability
+
+def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
+    """The server dies mid-job (SIGKILL, no chance to clean up); a new server on the same store resumes the job from
+    its last checkpoint, and the prompt equals an uninterrupted run's: nothing lost, nothing trained twice."""
+    from tests.server_process import ServerProcess
+
+    store = module_tmp / "kill-store"
+    args = ("--model", str(tiny_dir), "--threads", "1", "--training-checkpoint-s", "0.2")
+    method = {"type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {
+        "n_epochs": 30, "batch_size": 2, "num_virtual_tokens": 4, "patience": 1000}}}
+    first = ServerProcess(store, *args)
+    try:
+        client = openai.OpenAI(base_url=first.url + "/v1", api_key="none", max_retries=0)
+        f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="default", training_file=f.id, seed=3, method=method)
+        deadline = time.monotonic() + 120
+        while client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        first.close()  # SIGKILL
+    killed = json.loads((store / "fine_tuning" / job.id / "job.json").read_text())
+    assert killed["status"] == "running" and killed["step"] < killed["total_steps"]
+
+    second = ServerProcess(store, *args)
+    try:
+        client = openai.OpenAI(base_url=second.url + "/v1", api_key="none", max_retries=0)
+        done = wait_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]
+        assert any(m.startswith("resuming (attempt 2)") for m in messages)
+        resumed_log = (store / "fine_tuning" / job.id / "run" / "log.jsonl").read_text().splitlines()
+    finally:
+        second.close()
+    served = load_file(str(next((store / "tasks" / done.fine_tuned_model).glob("v*/prompt.safetensors"))))
+
+    from transformers import AutoModelForCausalLM
+    from prompt_core.model import LoadedModel, freeze
+    lm = LoadedModel(model=freeze(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32,
+                                                                       attn_implementation="sdpa")),
+                     tokenizer=AutoTokenizer.from_pretrained(tiny_dir), source="tiny", device=torch.device("cpu"),
+                     dtype=torch.float32)
+    from prompt_core.spec import make_labels
+    data = module_tmp / "kill-data.jsonl"
+    data.write_bytes(jsonl(CLASSIFY))
+    whole = train(TrainConfig(method="prompt-tuning", task="classify", data=data, out=module_tmp / "kill-cli",
+                              labels=make_labels(["bad", "good"]), epochs=30, batch_size=2, virtual_tokens=4,
+                              patience=1000, seed=3, device="cpu"), lm=lm, quiet=True)
+    reference = load_file(str(module_tmp / "kill-cli" / "prompt.safetensors"))
+    assert torch.allclose(served["virtual"], reference["virtual"], atol=1e-5)
+    assert done.model_extra["result"]["best_score"] == whole["best_score"]
+    # the steps after the last checkpoint were trained again, but the log holds each step's final record
+    steps = [json.loads(x)["step"] for x in resumed_log if '"type": "step"' in x]
+    assert steps[-1] == killed["total_steps"] and len(set(steps)) == killed["total_steps"]
