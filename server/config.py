@@ -55,6 +55,8 @@ class Settings(BaseSettings):
                                                     "resident model (off: leave them to `python -m training worker`)")
     training_share: float = Field(0.25, ge=0.0, le=1.0, description="while requests are in flight, the share of "
                                   "time training steps may take (0: train only when the engine is idle)")
+    training_micro_batch: int = Field(2, ge=0, description="rows per forward/backward of a training step; serving "
+                                                          "waits for at most one of them (0: the whole batch)")
     training_checkpoint_s: float = Field(30.0, gt=0, description="checkpoint a running job at least this often, "
                                                                  "besides every epoch end")
 

@@ -130,5 +130,6 @@ def open_fine_tuning(rt) -> None:
 
     gate = ServingGate(lambda: rt.engine, s.training_share)
     rt.runner = JobRunner(rt.jobs, rt.loaded, lambda rec, out: publish_task(rt.store, rec, out), gate=gate,
-                          config=RunnerConfig(checkpoint_every_s=s.training_checkpoint_s), on_progress=progress)
+                          config=RunnerConfig(checkpoint_every_s=s.training_checkpoint_s,
+                                              micro_batch=s.training_micro_batch or None), on_progress=progress)
     rt.runner.start()

@@ -35,6 +35,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--encoder", choices=ENCODERS, default="mlp", help="p-tuning prompt encoder")
     p.add_argument("--encoder-hidden", type=int, default=128, help="encoder / reparameterization width")
     p.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's MLP")
+    p.add_argument("--init-from", help="prompt.safetensors of a trained prompt to continue (prompt or prefix tuning)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share of --data without --eval")
     p.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resume later)")
@@ -86,6 +87,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                        labels=labels, template=a.template, virtual_tokens=a.virtual_tokens, epochs=a.epochs,
                        lr=a.lr, batch_size=a.batch_size, seed=a.seed, init=a.init, init_text=a.init_text,
                        encoder=a.encoder, encoder_hidden=a.encoder_hidden, prefix_projection=a.prefix_projection,
+                       init_from=a.init_from,
                        eval_fraction=a.eval_fraction, patience=a.patience, max_steps=a.max_steps, resume=a.resume,
                        max_new_tokens=a.max_new_tokens, device=a.device, dtype=a.dtype, extra=extra)
 

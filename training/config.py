@@ -39,6 +39,7 @@ class TrainConfig:
     encoder: str = "mlp"                  # p-tuning
     encoder_hidden: int = 128             # p-tuning encoder / prefix reparameterization width
     prefix_projection: bool = False       # prefix tuning with PEFT's Embedding->Linear->Tanh->Linear
+    init_from: Path | None = None         # a trained prompt.safetensors to continue (prompt or prefix tuning)
     eval_fraction: float = 0.2            # held out of --data when --eval is absent
     patience: int = 3                     # epochs without a better held-out score before stopping
     max_steps: int | None = None          # stop (and checkpoint) after this many optimizer steps in total
@@ -65,6 +66,11 @@ class TrainConfig:
         if self.lr is None:
             projected = self.method == "prefix-tuning" and self.prefix_projection
             self.lr = PREFIX_PROJECTION_LR if projected else DEFAULT_LR[self.method]
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
+            if self.method == "p-tuning" or self.prefix_projection:
+                raise ValueError("--init-from continues a served tensor, which P-tuning's encoder and the prefix MLP "
+                                 "cannot start from; use prompt-tuning or prefix-tuning without --prefix-projection")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         self.data, self.out = Path(self.data), Path(self.out)
@@ -73,5 +79,6 @@ class TrainConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d.update(data=str(self.data), out=str(self.out), eval_data=str(self.eval_data) if self.eval_data else None,
+                 init_from=str(self.init_from) if self.init_from else None,
                  labels=[[lab.name, lab.verbalizer] for lab in self.labels])
         return d

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -30,6 +31,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from safetensors.torch import save_file
 
 from prompt_core.spec import make_labels
 from prompt_store.errors import InvalidPrompt, QuotaExceeded, TaskNotFound
@@ -46,6 +49,7 @@ log = logging.getLogger("training.jobs")
 JOB_NAME = "job.json"
 EVENTS_NAME = "events.jsonl"
 RUN_DIR = "run"
+INIT_NAME = "init.safetensors"
 API_METHODS = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running")
@@ -89,6 +93,7 @@ class JobRecord:
     result: dict | None = None
     checkpoints: list[dict] = field(default_factory=list)
     metadata: dict | None = None
+    init_from: str | None = None      # "task@version" whose prompt the job continues (job dir: init.safetensors)
     cancel_requested: bool = False
     attempts: int = 0                 # claims so far (1 + resumes)
     lease_owner: str | None = None
@@ -301,6 +306,8 @@ def train_config(rec: JobRecord, job_dir: Path, device: str | None = None, dtype
         elif labels_from_data:
             labels = make_labels(sorted({e.target for e in load_jsonl(data, "classify")}))
     kw = {HYPER[k]: v for k, v in m["hyperparameters"].items()}
+    if rec.init_from:
+        kw["init_from"] = job_dir / INIT_NAME
     return TrainConfig(method=API_METHODS[m["type"]], task=m["task_type"], data=data, out=job_dir / RUN_DIR,
                        eval_data=job_dir / "valid.jsonl" if rec.validation_file else None, labels=labels,
                        template=m["template"], seed=rec.seed, device=device, dtype=dtype,
@@ -345,6 +352,7 @@ class RunnerConfig:
     checkpoint_every_s: float = 30.0  # at most this much training is redone after a crash (plus epoch ends)
     poll_s: float = 0.5              # how often an idle runner looks for queued jobs
     event_every_s: float = 2.0       # step events at most this often (every epoch and the first step always)
+    micro_batch: int | None = None   # rows per forward/backward within a step; the gate is asked between them
 
 
 class Gate:
@@ -467,6 +475,7 @@ class _JobControl(Control):
         self.t_step = 0.0
         self.tokens_per_step = 0.0
         self.first = True
+        self.micro_batch = runner.config.micro_batch
 
     def _cancelled(self) -> bool:
         if self.rec.id in self.runner._cancel:
@@ -489,13 +498,21 @@ class _JobControl(Control):
             self.total = per_epoch * self.cfg.epochs
             self.tokens_per_step = sum(r.plan.num_tokens for r in run.train_rows) / max(1, len(run.train_rows)) \
                 * self.cfg.batch_size
-        self.t_step = time.monotonic()
+        self.t_step = self.t_part = time.monotonic()
         return True
+
+    def between_micro_batches(self, run: Run) -> None:
+        now = time.monotonic()
+        self.runner.gate.done(now - self.t_part)
+        self.runner.gate.wait(self.runner._stop)  # a stop waits for the step's end: the checkpoint needs whole steps
+        waited = time.monotonic() - now
+        self.t_step += waited  # the step's time is compute time, for the ETA and tokens/s
+        self.t_part = time.monotonic()
 
     def after_step(self, run: Run, loss: float) -> bool:
         now = time.monotonic()
         took = now - self.t_step
-        self.runner.gate.done(took)
+        self.runner.gate.done(now - self.t_part)
         self.step_times = (self.step_times + [took])[-50:]
         step = run.state.global_step
         left = max(0, self.total - step)
@@ -541,10 +558,16 @@ class _JobControl(Control):
 
 def create_job(jobs: JobStore, files: FileStore, *, tenant: str, open_mode: bool, admin: bool, model: str,
                training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
-               method: dict | None, max_active: int, metadata: dict | None = None) -> JobRecord:
-    """Check the request, the files and the tenant's quota of active jobs; then queue the job durably."""
+               method: dict | None, max_active: int, metadata: dict | None = None,
+               continue_from: dict | None = None) -> JobRecord:
+    """Check the request, the files and the tenant's quota of active jobs; then queue the job durably.
+
+    `continue_from` ({"key", "kind", "template", "labels", "task_type", "num_virtual_tokens", "tensors"}) is a task
+    of the tenant whose prompt the job starts from; its method, template, labels and size are the defaults."""
     train_rec = files.get(training_file, tenant, admin)
     valid_rec: FileRecord | None = files.get(validation_file, tenant, admin) if validation_file else None
+    if continue_from is not None:
+        method = continued_method(method, continue_from)
     m = normalize_method(method, train_rec.tasks)
     if suffix is not None and (not isinstance(suffix, str) or not suffix or len(suffix) > 40
                                or not all(c.isalnum() or c in "-_." for c in suffix)):
@@ -554,7 +577,8 @@ def create_job(jobs: JobStore, files: FileStore, *, tenant: str, open_mode: bool
     task_id = f"ft-{suffix}-{job_id[6:14]}" if suffix else f"ft-{job_id[6:18]}"
     rec = JobRecord(id=job_id, tenant=tenant, open=open_mode, model=model, training_file=train_rec.id,
                     validation_file=valid_rec.id if valid_rec else None, suffix=suffix, seed=seed, method=m,
-                    task_id=task_id, metadata=metadata)
+                    task_id=task_id, metadata=metadata,
+                    init_from=continue_from["key"] if continue_from else None)
     validate_job(rec, files.path(train_rec), files.path(valid_rec) if valid_rec else None)
     with jobs.locked():
         active = [j for j in jobs.list(tenant, admin=False) if j.status in ACTIVE]
@@ -565,10 +589,44 @@ def create_job(jobs: JobStore, files: FileStore, *, tenant: str, open_mode: bool
         copies = {"train.jsonl": files.path(train_rec)}
         if valid_rec:
             copies["valid.jsonl"] = files.path(valid_rec)
-        jobs.create(rec, copies)
+        with tempfile.TemporaryDirectory(dir=jobs.staging) as tmp:
+            if continue_from is not None:
+                save_file(continue_from["tensors"], str(Path(tmp) / INIT_NAME))
+                copies[INIT_NAME] = Path(tmp) / INIT_NAME
+            jobs.create(rec, copies)
     jobs.event(rec.id, f"created: {m['type']} {m['task_type']} on {train_rec.filename} ({train_rec.lines} lines)"
                        + (f", validation {valid_rec.filename} ({valid_rec.lines} lines)" if valid_rec else ""))
     return rec
+
+
+def continued_method(method: dict | None, task: dict) -> dict:
+    """The job's method with the continued task's kind, template, labels, task type and size as defaults."""
+    kind = task["kind"]
+    if kind not in API_METHODS:
+        raise InvalidPrompt(f"model {task['key']!r} is a {kind} prompt, which has no trained tensors to continue; "
+                            "train from 'default' with its template instead")
+    if kind == "p_tuning":
+        raise InvalidPrompt(f"model {task['key']!r} is a P-tuning prompt, whose encoder is not stored with the task; "
+                            "it cannot be continued (train from 'default')")
+    m = dict(method or {"type": kind})
+    m.setdefault("type", kind)
+    if m["type"] != kind:
+        raise InvalidPrompt(f"method.type {m['type']!r} cannot continue model {task['key']!r}, a {kind} prompt")
+    opts = dict(m.get(kind) or {})
+    opts.setdefault("template", task["template"])
+    opts.setdefault("task_type", task["task_type"])
+    if task["task_type"] == "classify" and task["labels"]:
+        opts.setdefault("labels", {x["name"]: x["verbalizer"] for x in task["labels"]})
+    hyper = dict(opts.get("hyperparameters") or {})
+    if hyper.get("num_virtual_tokens", task["num_virtual_tokens"]) != task["num_virtual_tokens"]:
+        raise InvalidPrompt(f"num_virtual_tokens must stay {task['num_virtual_tokens']} to continue "
+                            f"{task['key']!r}, found {hyper['num_virtual_tokens']}")
+    hyper["num_virtual_tokens"] = task["num_virtual_tokens"]
+    if hyper.get("prefix_projection"):
+        raise InvalidPrompt("prefix_projection cannot continue a stored prefix (the MLP is not stored)")
+    opts["hyperparameters"] = hyper
+    m[kind] = opts
+    return m
 
 
 def cancel_job(jobs: JobStore, job_id: str, tenant: str, admin: bool) -> JobRecord:

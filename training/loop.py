@@ -69,6 +69,11 @@ class Control:
     def after_epoch(self, run: "Run", record: dict) -> None:
         """Called with each epoch's held-out record, after it was checkpointed."""
 
+    micro_batch: int | None = None     # split each batch into micro-batches of this many rows (None: one pass)
+
+    def between_micro_batches(self, run: "Run") -> None:
+        """Called between the micro-batches of one step (only when `micro_batch` splits it)."""
+
 
 @dataclass
 class Run:
@@ -153,9 +158,7 @@ def train_epoch(run: Run) -> list[float] | None:
             rows = [run.train_rows[i] for i in local_slice(batches[b], rank, world)]
             for group in run.optimizer.param_groups:  # linear decay, a function of the step alone: resumes exactly
                 group["lr"] = cfg.lr * (1.0 - state.global_step / total_steps)
-            virtual, prefix = run.wrapped()
-            loss = compute(run.model, rows, virtual, prefix)
-            acc.backward(loss)
+            loss = step_loss(run, rows, compute)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             value = acc.reduce(loss.detach(), reduction="mean").item()
@@ -172,6 +175,29 @@ def train_epoch(run: Run) -> list[float] | None:
     finally:
         bar.close()
     return losses
+
+
+def step_loss(run: Run, rows: list[Row], compute) -> torch.Tensor:
+    """Forward and backward of one batch. A job runner may split it into micro-batches (`control.micro_batch`
+    rows each, gradients accumulated, each weighted by its share of the batch's loss terms: rows for classify,
+    output tokens for generate), so that serving waits for at most one micro-batch; the CLI does one pass."""
+    size = getattr(run.control, "micro_batch", None)
+    if not size or len(rows) <= size:
+        virtual, prefix = run.wrapped()
+        loss = compute(run.model, rows, virtual, prefix)
+        run.accelerator.backward(loss)
+        return loss
+    weights = [r.num_output if run.cfg.task == "generate" else 1 for r in rows]
+    total = float(sum(weights))
+    loss_sum = None
+    for i in range(0, len(rows), size):
+        if i:
+            run.control.between_micro_batches(run)
+        virtual, prefix = run.wrapped()
+        part = compute(run.model, rows[i:i + size], virtual, prefix) * (sum(weights[i:i + size]) / total)
+        run.accelerator.backward(part)
+        loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+    return loss_sum
 
 
 def end_epoch(run: Run, losses: list[float]) -> None:

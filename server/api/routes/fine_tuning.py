@@ -13,9 +13,10 @@ from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import InvalidPrompt
-from training.config import DEFAULT_LR, PREFIX_PROJECTION_LR
+from training.config import DEFAULT_LR
 from training.jobs import API_METHODS, TERMINAL, JobRecord, JobStore, cancel_job, create_job
 
+from ..access import find_visible
 from ..deps import RuntimeDep, TenantDep
 from ..errors import ApiError
 from ..fine_tuning_schemas import (Checkpoint, CheckpointList, Job, JobCreate, JobError, JobEvent, JobEventList,
@@ -63,9 +64,9 @@ def _page(items: list, after: str | None, limit: int) -> tuple[list, bool]:
     return items[:limit], len(items) > limit
 
 
-def _method_from_legacy(body: JobCreate) -> dict | None:
+def _method_from_legacy(body: JobCreate, kind: str = "prompt_tuning") -> dict | None:
     """OpenAI's older top-level `hyperparameters` (n_epochs, batch_size, learning_rate_multiplier) on the default
-    method, prompt tuning."""
+    method: prompt tuning, or the kind of the task the job continues."""
     if body.hyperparameters is None:
         return body.method
     if body.method is not None:
@@ -75,21 +76,37 @@ def _method_from_legacy(body: JobCreate) -> dict | None:
     if unknown:
         raise InvalidPrompt(f"hyperparameters has unknown fields {unknown}")
     if "learning_rate_multiplier" in hp:
-        hp["learning_rate"] = DEFAULT_LR["prompt-tuning"] * float(hp.pop("learning_rate_multiplier"))
-    return {"type": "prompt_tuning", "prompt_tuning": {"hyperparameters": hp}}
+        hp["learning_rate"] = DEFAULT_LR.get(API_METHODS.get(kind, ""), DEFAULT_LR["prompt-tuning"]) \
+            * float(hp.pop("learning_rate_multiplier"))
+    return {"type": kind, kind: {"hyperparameters": hp}}
+
+
+def _continued_task(rt, principal, ref: str) -> dict:
+    """`model` naming a task the caller may use: the job continues its prompt (404 if not visible)."""
+    if rt.store is None:
+        raise ApiError(503, "unavailable", "the prompt store is not open", {"Retry-After": "1"})
+    record = find_visible(rt.store, principal, ref)
+    tensors = rt.store.host_tensors(record) if record.kind != "hard" else None
+    t = {} if tensors is None else {k: v.detach().float().cpu().contiguous()
+                                    for k, v in (("virtual", tensors.virtual), ("prefix", tensors.prefix))
+                                    if v is not None}
+    return {"key": record.key, "kind": record.kind, "template": record.template,
+            "labels": [dict(x) for x in record.labels], "task_type": record.task_type,
+            "num_virtual_tokens": record.num_virtual_tokens, "tensors": t}
 
 
 @router.post("", response_model=Job, responses=ERRORS)
 async def create(body: JobCreate, principal: TenantDep, rt: RuntimeDep) -> Job:
     """Validate the files against the method (line-numbered 422s) and queue the job."""
     files, jobs = file_store(rt), job_store(rt)
+    base = None
     if body.model not in ("default", rt.settings.model):
-        raise InvalidPrompt(f"model expected 'default' (the server's base model), found {body.model!r}")
+        base = await run_in_threadpool(_continued_task, rt, principal, body.model)
     rec = await run_in_threadpool(
         create_job, jobs, files, tenant=principal.tenant, open_mode=principal.open, admin=principal.admin,
         model=body.model, training_file=body.training_file, validation_file=body.validation_file,
-        suffix=body.suffix, seed=body.seed, method=_method_from_legacy(body),
-        max_active=rt.settings.max_jobs_per_tenant, metadata=body.metadata)
+        suffix=body.suffix, seed=body.seed, method=_method_from_legacy(body, base["kind"] if base else "prompt_tuning"),
+        max_active=rt.settings.max_jobs_per_tenant, metadata=body.metadata, continue_from=base)
     if rt.runner is not None:
         rt.runner.wake()
     return job_object(rec)
