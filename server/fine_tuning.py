@@ -10,20 +10,15 @@ keeps its latency and an idle server trains at full speed. One job trains at a t
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from prompt_store.errors import TaskNotFound
-from training.export import ARTIFACT_FILES
 from training.files import FileLimits, FileStore
-from training.jobs import Gate, JobRecord, JobRunner, JobStore, RunnerConfig
+from training.jobs import Gate, JobRunner, JobStore, RunnerConfig, publish_task
 
 log = logging.getLogger("server.fine_tuning")
 
@@ -89,30 +84,6 @@ class TrainingCollector(Collector):
         yield rate
 
 
-def publish_task(store, rec: JobRecord, out: Path):
-    """The finished job's artifact becomes task `rec.task_id` of its tenant. Idempotent: a runner that died after
-    publishing and before marking the job succeeded finds the task there and does not add a second version."""
-    try:
-        existing = store.get(rec.task_id, None, admin=True)
-        if rec.id in existing.description:
-            return existing
-    except TaskNotFound:
-        pass
-    import json
-
-    results = json.loads((out / "results.json").read_text())
-    metric = "accuracy" if rec.method["task_type"] == "classify" else "exact_match"
-    description = (f"{rec.method['type']} ({rec.method['task_type']}) trained by fine-tuning job {rec.id}: "
-                   f"held-out {metric} {results['best_score']:.1f} at epoch {results['best_epoch']}, "
-                   f"{results['train_examples']} training examples")
-    with tempfile.TemporaryDirectory(prefix="publish-", dir=store.staging_dir) as tmp:
-        for name in ARTIFACT_FILES:  # only the artifact: logs, checkpoints and the PEFT copy stay with the job
-            if (out / name).is_file():
-                shutil.copyfile(out / name, Path(tmp) / name)
-        return store.create(rec.task_id, None if rec.open else rec.tenant, source_dir=Path(tmp),
-                            metadata={"description": description}, admin=False)
-
-
 def open_fine_tuning(rt) -> None:
     """Called once the model, store and engine are up: the file and job stores, and the runner (if enabled)."""
     s = rt.settings
@@ -130,6 +101,7 @@ def open_fine_tuning(rt) -> None:
 
     gate = ServingGate(lambda: rt.engine, s.training_share)
     rt.runner = JobRunner(rt.jobs, rt.loaded, lambda rec, out: publish_task(rt.store, rec, out), gate=gate,
+                          base_model=rt.store.fingerprint.embedding_sha256,
                           config=RunnerConfig(checkpoint_every_s=s.training_checkpoint_s,
                                               micro_batch=s.training_micro_batch or None), on_progress=progress)
     rt.runner.start()

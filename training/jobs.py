@@ -40,9 +40,11 @@ from prompt_store.errors import InvalidPrompt, QuotaExceeded, TaskNotFound
 from .checkpoint import CHECKPOINT_DIR, STATE
 from .config import TrainConfig
 from .data import load_jsonl
+from .export import ARTIFACT_FILES
 from .files import FileRecord, FileStore, write_json_atomic
 from .loop import Control, Run, train
 from .methods import make_spec
+from .search import search
 
 log = logging.getLogger("training.jobs")
 
@@ -50,14 +52,16 @@ JOB_NAME = "job.json"
 EVENTS_NAME = "events.jsonl"
 RUN_DIR = "run"
 INIT_NAME = "init.safetensors"
-API_METHODS = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning"}
+API_METHODS = {"prompt_tuning": "prompt-tuning", "p_tuning": "p-tuning", "prefix_tuning": "prefix-tuning",
+               "auto": "auto"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running")
 # hyperparameters a job may set: the CLI's options under their API names (same names where they exist)
 HYPER = {"n_epochs": "epochs", "learning_rate": "lr", "batch_size": "batch_size",
          "num_virtual_tokens": "virtual_tokens", "init": "init", "init_text": "init_text", "encoder": "encoder",
          "encoder_hidden": "encoder_hidden", "prefix_projection": "prefix_projection",
-         "eval_fraction": "eval_fraction", "patience": "patience", "max_new_tokens": "max_new_tokens"}
+         "eval_fraction": "eval_fraction", "patience": "patience", "max_new_tokens": "max_new_tokens",
+         "time_budget_s": "time_budget_s"}
 
 
 class JobNotFound(TaskNotFound):
@@ -94,6 +98,7 @@ class JobRecord:
     checkpoints: list[dict] = field(default_factory=list)
     metadata: dict | None = None
     init_from: str | None = None      # "task@version" whose prompt the job continues (job dir: init.safetensors)
+    base_model: str | None = None     # embedding sha256 of the model it trains on: only such a runner claims it
     cancel_requested: bool = False
     attempts: int = 0                 # claims so far (1 + resumes)
     lease_owner: str | None = None
@@ -102,6 +107,10 @@ class JobRecord:
     @property
     def train_config_method(self) -> str:
         return API_METHODS[self.method["type"]]
+
+
+def metric_name(task: str) -> str:
+    return "accuracy" if task == "classify" else "exact_match"
 
 
 def new_id(prefix: str) -> str:
@@ -369,8 +378,10 @@ class JobRunner:
     """Trains claimed jobs one at a time on `lm` (the caller's resident model) in a daemon thread."""
 
     def __init__(self, jobs: JobStore, lm, publish: Callable[[JobRecord, Path], object], gate: Gate | None = None,
-                 config: RunnerConfig | None = None, on_progress: Callable[[JobRecord, dict], None] | None = None):
+                 config: RunnerConfig | None = None, on_progress: Callable[[JobRecord, dict], None] | None = None,
+                 base_model: str | None = None):
         self.jobs, self.lm, self.publish = jobs, lm, publish
+        self.base_model = base_model
         self.gate = gate or Gate()
         self.config = config or RunnerConfig()
         self.on_progress = on_progress
@@ -378,6 +389,7 @@ class JobRunner:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._cancel: set[str] = set()
+        self._lost: set[str] = set()
         self._thread: threading.Thread | None = None
         self.current: str | None = None
 
@@ -405,7 +417,7 @@ class JobRunner:
             pass
         while not self._stop.is_set():
             try:
-                rec = self.jobs.claim(self.owner, self.config.lease_s)
+                rec = self.jobs.claim(self.owner, self.config.lease_s, self._mine)
             except Exception:  # noqa: BLE001 - a bad record must not stop the runner
                 log.exception("claiming a job failed")
                 rec = None
@@ -415,24 +427,59 @@ class JobRunner:
                 continue
             self.run_job(rec)
 
+    def _mine(self, rec: JobRecord) -> bool:
+        """Only jobs made for the model this runner holds (a worker with another model leaves them)."""
+        return rec.base_model is None or self.base_model is None or rec.base_model == self.base_model
+
+    def _renew(self, job_id: str, done: threading.Event) -> None:
+        """Keep the lease while the job is ours, whatever the loop is doing (a long held-out eval included); if
+        another runner took it over (this one was presumed dead), the loop stops at its next step."""
+        while not done.wait(self.config.lease_s / 4):
+            lost = False
+
+            def change(r: JobRecord) -> None:
+                nonlocal lost
+                if r.lease_owner != self.owner or r.status != "running":
+                    lost = True
+                else:
+                    r.lease_until = time.time() + self.config.lease_s
+            try:
+                self.jobs.update(job_id, change)
+            except Exception:  # noqa: BLE001 - a failed renewal is retried; the lease outlives several
+                log.exception("renewing the lease of %s failed", job_id)
+            if lost:
+                self._lost.add(job_id)
+                return
+
     def run_job(self, rec: JobRecord) -> None:
         self.current = rec.id
         job_dir = self.jobs.job_dir(rec.id)
+        renewed = threading.Event()
+        threading.Thread(target=self._renew, args=(rec.id, renewed), name="lease", daemon=True).start()
         try:
             cfg = train_config(rec, job_dir, device=str(self.lm.device), dtype=None)
             cfg.resume = (cfg.out / CHECKPOINT_DIR / STATE).is_file()
             if rec.attempts == 1 and not cfg.resume:
-                self.jobs.event(rec.id, f"training {cfg.method} ({cfg.task}): {cfg.epochs} epochs, lr {cfg.lr:g}, "
+                lr = f"lr {cfg.lr:g}" if cfg.lr is not None else f"time budget {cfg.time_budget_s:g} s"
+                self.jobs.event(rec.id, f"training {cfg.method} ({cfg.task}): {cfg.epochs} epochs, {lr}, "
                                         f"batch {cfg.batch_size}, seed {cfg.seed}")
             control = _JobControl(self, rec, cfg)
-            result = train(cfg, lm=self.lm, quiet=True, control=control)
+            if cfg.method == "auto":
+                def candidate(row: dict) -> None:
+                    if not any(e.get("data", {}).get("candidate") == row["name"] for e in self.jobs.events(rec.id)):
+                        self.jobs.event(rec.id, f"candidate {row['name']}: held-out {metric_name(cfg.task)} "
+                                                f"{row['score']:.1f} at epoch {row['best_epoch']} ({row['seconds']:.0f} s)",
+                                        type_="metrics", data={"candidate": row["name"], **row})
+                result = search(cfg, lm=self.lm, quiet=True, control=control, on_candidate=candidate)
+            else:
+                result = train(cfg, lm=self.lm, quiet=True, control=control)
             if not result.get("finished"):
                 self.jobs.release(rec.id, self.owner)
                 self.jobs.event(rec.id, f"paused at step {result.get('stopped_at_step')} (runner stopping); "
                                         "resumes from its checkpoint")
                 return
             task = self.publish(rec, cfg.out)
-            metric = "accuracy" if cfg.task == "classify" else "exact_match"
+            metric = metric_name(cfg.task)
             score = result.get("best_score")
 
             def done(r: JobRecord) -> None:
@@ -441,10 +488,14 @@ class JobRunner:
                 r.trained_tokens = max(r.trained_tokens, int(control.tokens_per_step * r.step))
                 r.lease_owner, r.lease_until = None, 0.0
             self.jobs.update(rec.id, done)
-            self.jobs.event(rec.id, f"succeeded: {rec.task_id} (best held-out {metric} {score:.1f} at epoch "
-                                    f"{result.get('best_epoch')}, {result.get('train_seconds')} s)",
-                            data={metric: score, "best_epoch": result.get("best_epoch")})
+            won = f"{result['winner']} won the search; " if result.get("winner") else ""
+            self.jobs.event(rec.id, f"succeeded: {rec.task_id} ({won}best held-out {metric} {score:.1f} at epoch "
+                                    f"{result.get('best_epoch')}, {result.get('search_seconds') or result.get('train_seconds')} s)",
+                            data={metric: score, "best_epoch": result.get("best_epoch"), "winner": result.get("winner")})
         except JobCancelled:
+            if rec.id in self._lost:
+                self.jobs.event(rec.id, f"runner {self.owner} lost its lease and stopped", level="warn")
+                return
             self._finish(rec.id, "cancelled", None)
             self.jobs.event(rec.id, "cancelled")
         except Exception as e:  # noqa: BLE001 - the job fails, the runner goes on
@@ -453,8 +504,10 @@ class JobRunner:
             self._finish(rec.id, "failed", {"code": "training_failed", "message": message[:2000], "param": None})
             self.jobs.event(rec.id, f"failed: {message[:500]}", level="error")
         finally:
+            renewed.set()
             self.current = None
             self._cancel.discard(rec.id)
+            self._lost.discard(rec.id)
 
     def _finish(self, job_id: str, status: str, error: dict | None) -> None:
         def change(r: JobRecord) -> None:
@@ -478,7 +531,7 @@ class _JobControl(Control):
         self.micro_batch = runner.config.micro_batch
 
     def _cancelled(self) -> bool:
-        if self.rec.id in self.runner._cancel:
+        if self.rec.id in self.runner._cancel or self.rec.id in self.runner._lost:
             return True
         if time.monotonic() - self.last_sync > 1.0:  # another process (an API replica) may have asked
             self.last_sync = time.monotonic()
@@ -556,10 +609,36 @@ class _JobControl(Control):
                         data={k: v for k, v in record.items()})
 
 
+def publish_task(store, rec: JobRecord, out: Path):
+    """The finished job's artifact becomes task `rec.task_id` of its tenant. Idempotent: a runner that died after
+    publishing and before marking the job succeeded finds the task there and does not add a second version."""
+    try:
+        existing = store.get(rec.task_id, None, admin=True)
+        if rec.id in existing.description:
+            return existing
+    except TaskNotFound:
+        pass
+    results = json.loads((out / "results.json").read_text())
+    metric = "accuracy" if rec.method["task_type"] == "classify" else "exact_match"
+    won = (f"auto search winner {results['winner']} of "
+           + ", ".join(f"{c['name']} {c['score']:.1f}" for c in results["candidates"] if c["score"] is not None)
+           + "; ") if results.get("winner") else ""
+    description = (f"{rec.method['type']} ({rec.method['task_type']}) trained by fine-tuning job {rec.id}: {won}"
+                   f"held-out {metric} {results['best_score']:.1f} at epoch {results['best_epoch']}, "
+                   f"{results['train_examples']} training examples")
+    with tempfile.TemporaryDirectory(prefix="publish-", dir=store.staging_dir) as tmp:
+        for name in ARTIFACT_FILES:  # only the artifact: logs, checkpoints and the PEFT copy stay with the job
+            if (out / name).is_file():
+                shutil.copyfile(out / name, Path(tmp) / name)
+        return store.create(rec.task_id, None if rec.open else rec.tenant, source_dir=Path(tmp),
+                            metadata={"description": description}, admin=False)
+
+
+
 def create_job(jobs: JobStore, files: FileStore, *, tenant: str, open_mode: bool, admin: bool, model: str,
                training_file: str, validation_file: str | None, suffix: str | None, seed: int | None,
                method: dict | None, max_active: int, metadata: dict | None = None,
-               continue_from: dict | None = None) -> JobRecord:
+               continue_from: dict | None = None, base_model: str | None = None) -> JobRecord:
     """Check the request, the files and the tenant's quota of active jobs; then queue the job durably.
 
     `continue_from` ({"key", "kind", "template", "labels", "task_type", "num_virtual_tokens", "tensors"}) is a task
@@ -578,7 +657,7 @@ def create_job(jobs: JobStore, files: FileStore, *, tenant: str, open_mode: bool
     rec = JobRecord(id=job_id, tenant=tenant, open=open_mode, model=model, training_file=train_rec.id,
                     validation_file=valid_rec.id if valid_rec else None, suffix=suffix, seed=seed, method=m,
                     task_id=task_id, metadata=metadata,
-                    init_from=continue_from["key"] if continue_from else None)
+                    init_from=continue_from["key"] if continue_from else None, base_model=base_model)
     validate_job(rec, files.path(train_rec), files.path(valid_rec) if valid_rec else None)
     with jobs.locked():
         active = [j for j in jobs.list(tenant, admin=False) if j.status in ACTIVE]

@@ -159,7 +159,8 @@ def make_spec(cfg: TrainConfig, labels: tuple[Label, ...]) -> PromptSpec:
     """The PromptSpec of the run; the virtual-token count comes from the markers when they place them."""
     marked = sum(p.virtual for p in parse_template(cfg.template))
     T = cfg.virtual_tokens or marked or 8
-    return PromptSpec(kind=KIND[cfg.method], num_virtual_tokens=T, template=cfg.template, labels=labels)
+    kind = KIND.get(cfg.method, KIND["prompt-tuning"])  # "auto": its candidates share everything but the kind
+    return PromptSpec(kind=kind, num_virtual_tokens=T, template=cfg.template, labels=labels)
 
 
 def build_method(cfg: TrainConfig, spec: PromptSpec, model, tokenizer) -> SoftPrompt:

@@ -317,6 +317,27 @@ def test_a_job_continues_a_task_of_the_tenant(server):
                                                               "training_file": g.json()["id"]}), 404)
 
 
+def test_auto_job_searches_and_publishes_the_winner(server):
+    client = oai(server, GLOBEX)
+    f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+    job = wait_job(client, client.fine_tuning.jobs.create(model="default", training_file=f.id, method={
+        "type": "auto", "auto": {"hyperparameters": {"n_epochs": 1, "time_budget_s": 600}}}).id)
+    assert job.status == "succeeded", job.error
+    result = job.model_extra["result"]
+    names = [c["name"] for c in result["candidates"]]
+    scored = [e.data for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if "candidate" in e.data]
+    assert sorted(d["candidate"] for d in scored) == sorted(names)          # every candidate's score, in events
+    best = max(result["candidates"], key=lambda c: c["score"])
+    assert result["winner"] == best["name"]
+    with server.client(GLOBEX) as c:
+        task = c.get(f"/v1/tasks/{job.fine_tuned_model}").json()
+    assert task["kind"] == best["method"].replace("-", "_") and best["name"] in task["description"]
+    with server.client(GLOBEX) as c:
+        err = assert_error(c.post("/v1/fine_tuning/jobs", json={"model": "default", "training_file": f.id, "method": {
+            "type": "auto", "auto": {"hyperparameters": {"learning_rate": 0.1}}}}), 422)
+        assert "chooses the method and learning rate" in err["message"]
+
+
 def test_isolation_matrix_for_files_and_jobs(server):
     acme, globex, admin = oai(server, ACME), oai(server, GLOBEX), oai(server, ADMIN)
     f = acme.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
@@ -435,3 +456,41 @@ def test_gate_trains_when_idle_and_within_its_share_when_busy():
     t0 = time.monotonic()
     gate.wait(stop)                       # stopping never blocks
     assert time.monotonic() - t0 < 0.05
+
+
+def test_a_worker_trains_jobs_of_a_server_that_does_not(module_tmp, tiny_dir):
+    """Scale-out: the server (`--no-training-runner`) queues; `python -m training worker` on the same store trains;
+    the server serves the result."""
+    import threading
+
+    from training.worker import run_worker
+
+    server = LiveServer(tiny_settings(module_tmp / "scale", tiny_dir, training_runner=False)).start()
+    stop = threading.Event()
+    worker = None
+    try:
+        client = oai(server, ACME)
+        f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="default", training_file=f.id, method={
+            "type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"n_epochs": 1}}})
+        time.sleep(1.0)
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"  # nobody here trains
+        worker = threading.Thread(target=run_worker, kwargs=dict(store=module_tmp / "scale" / "store",
+                                                                 model=str(tiny_dir), device="cpu", stop=stop))
+        worker.start()
+        done = wait_job(client, job.id)
+        assert done.status == "succeeded", done.error
+        deadline = time.monotonic() + 30
+        with server.client(ACME) as c:  # the server sees the worker's task at its next store poll
+            while (r := c.post(f"/v1/tasks/{done.fine_tuned_model}/classify", json={"input": "sunny"})).status_code \
+                    == 404:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert r.status_code == 200 and r.json()["label"] in ("good", "bad")
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+        assert events[0].startswith("succeeded")
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join(60)
+        server.stop()

@@ -106,7 +106,8 @@ async def create(body: JobCreate, principal: TenantDep, rt: RuntimeDep) -> Job:
         create_job, jobs, files, tenant=principal.tenant, open_mode=principal.open, admin=principal.admin,
         model=body.model, training_file=body.training_file, validation_file=body.validation_file,
         suffix=body.suffix, seed=body.seed, method=_method_from_legacy(body, base["kind"] if base else "prompt_tuning"),
-        max_active=rt.settings.max_jobs_per_tenant, metadata=body.metadata, continue_from=base)
+        max_active=rt.settings.max_jobs_per_tenant, metadata=body.metadata, continue_from=base,
+        base_model=rt.store.fingerprint.embedding_sha256 if rt.store is not None else None)
     if rt.runner is not None:
         rt.runner.wake()
     return job_object(rec)
