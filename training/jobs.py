@@ -235,7 +235,8 @@ class JobStore:
         with self.locked():
             now = time.time()
             for rec in sorted(self.list(), key=lambda r: (r.created_at, r.id)):
-                if not job_filter(rec) or not (rec.status == "queued" or (rec.status == "running" and orphaned(rec, now))):
+                claimable = rec.status == "queued" or (rec.status == "running" and orphaned(rec, now))
+                if not claimable or not job_filter(rec):
                     continue
                 resumed = rec.status == "running"
                 rec.status, rec.lease_owner, rec.lease_until = "running", owner, now + lease_s
@@ -468,7 +469,8 @@ class JobRunner:
                 def candidate(row: dict) -> None:
                     if not any(e.get("data", {}).get("candidate") == row["name"] for e in self.jobs.events(rec.id)):
                         self.jobs.event(rec.id, f"candidate {row['name']}: held-out {metric_name(cfg.task)} "
-                                                f"{row['score']:.1f} at epoch {row['best_epoch']} ({row['seconds']:.0f} s)",
+                                                f"{row['score']:.1f} at epoch {row['best_epoch']} "
+                                                f"({row['seconds']:.0f} s)",
                                         type_="metrics", data={"candidate": row["name"], **row})
                 result = search(cfg, lm=self.lm, quiet=True, control=control, on_candidate=candidate)
             else:
@@ -489,9 +491,11 @@ class JobRunner:
                 r.lease_owner, r.lease_until = None, 0.0
             self.jobs.update(rec.id, done)
             won = f"{result['winner']} won the search; " if result.get("winner") else ""
+            seconds = result.get("search_seconds") or result.get("train_seconds")
             self.jobs.event(rec.id, f"succeeded: {rec.task_id} ({won}best held-out {metric} {score:.1f} at epoch "
-                                    f"{result.get('best_epoch')}, {result.get('search_seconds') or result.get('train_seconds')} s)",
-                            data={metric: score, "best_epoch": result.get("best_epoch"), "winner": result.get("winner")})
+                                    f"{result.get('best_epoch')}, {seconds} s)",
+                            data={metric: score, "best_epoch": result.get("best_epoch"),
+                                  "winner": result.get("winner")})
         except JobCancelled:
             if rec.id in self._lost:
                 self.jobs.event(rec.id, f"runner {self.owner} lost its lease and stopped", level="warn")

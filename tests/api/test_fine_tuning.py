@@ -306,7 +306,8 @@ def test_a_job_continues_a_task_of_the_tenant(server):
     with server.client(ACME) as c:  # what cannot be continued is refused before queueing
         c.post("/v1/tasks", json={"task_id": "acme-hard", "kind": "hard", "template": "Q: {input}"})
         for body, message in (({"model": "acme-hard"}, "no trained tensors"),
-                              ({"model": base.fine_tuned_model, "method": {"type": "prompt_tuning"}}, "cannot continue"),
+                              ({"model": base.fine_tuned_model, "method": {"type": "prompt_tuning"}},
+                               "cannot continue"),
                               ({"model": base.fine_tuned_model, "method": {"type": "prefix_tuning", "prefix_tuning": {
                                   "hyperparameters": {"num_virtual_tokens": 5}}}}, "must stay 3")):
             err = assert_error(c.post("/v1/fine_tuning/jobs", json={"training_file": f.id, **body}), 422)
@@ -417,6 +418,35 @@ def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
     # the steps after the last checkpoint were trained again, but the log holds each step's final record
     steps = [json.loads(x)["step"] for x in resumed_log if '"type": "step"' in x]
     assert steps[-1] == killed["total_steps"] and len(set(steps)) == killed["total_steps"]
+
+
+def test_sigterm_checkpoints_the_running_job_and_requeues_it(module_tmp, tiny_dir):
+    import signal
+
+    from tests.server_process import ServerProcess
+
+    store = module_tmp / "term-store"
+    proc = ServerProcess(store, "--model", str(tiny_dir), "--threads", "1", "--shutdown-grace-s", "1")
+    try:
+        client = openai.OpenAI(base_url=proc.url + "/v1", api_key="none", max_retries=0)
+        f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="default", training_file=f.id, method={
+            "type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"n_epochs": 500, "patience": 500,
+                                                                           "batch_size": 1}}})
+        deadline = time.monotonic() + 60
+        while client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.proc.send_signal(signal.SIGTERM)
+        assert proc.proc.wait(timeout=60) == 0
+    finally:
+        proc.close()
+    rec = json.loads((store / "fine_tuning" / job.id / "job.json").read_text())
+    state = json.loads((store / "fine_tuning" / job.id / "run" / "checkpoint" / "state.json").read_text())
+    assert rec["status"] == "queued" and rec["lease_owner"] is None  # any runner may take it on from here
+    assert state["state"]["global_step"] >= rec["step"] >= 5
+    events = (store / "fine_tuning" / job.id / "events.jsonl").read_text()
+    assert "paused at step" in events
 
 
 # ---------------------------------------------------------------- serving first

@@ -70,8 +70,8 @@ def test_init_from_continues_a_trained_prompt(tiny_lm, tmp_path, classify_file):
     train(TrainConfig(out=tmp_path / "a", labels=names, **base), lm=tiny_lm, quiet=True)
     start = tmp_path / "a" / "prompt.safetensors"
     train(TrainConfig(out=tmp_path / "b", labels=names, lr=1e-12, init_from=start, **base), lm=tiny_lm, quiet=True)
-    assert torch.allclose(load_file(str(start))["prefix"], load_file(str(tmp_path / "b" / "prompt.safetensors"))["prefix"],
-                          atol=1e-6)
+    continued = load_file(str(tmp_path / "b" / "prompt.safetensors"))["prefix"]
+    assert torch.allclose(load_file(str(start))["prefix"], continued, atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
         train(TrainConfig(out=tmp_path / "c", labels=names, init_from=start, **{**base, "virtual_tokens": 4}),
               lm=tiny_lm, quiet=True)
