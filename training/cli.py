@@ -69,12 +69,17 @@ def _eval_parser(sub) -> None:
 
 
 def _worker_parser(sub) -> None:
-    p = sub.add_parser("worker", help="train the queued fine-tuning jobs of a shared store (scale-out)")
-    p.add_argument("--store", required=True, help="the servers' prompt store directory (shared)")
-    p.add_argument("--model", help="base model path or id (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device")
-    p.add_argument("--dtype")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    import os
+
+    env = lambda name: os.environ.get(f"PROMPTSERVE_{name}") or None  # noqa: E731 - the server's variables
+    p = sub.add_parser("worker", help="train the queued fine-tuning jobs of a shared store (scale-out)",
+                       description="Defaults come from the server's PROMPTSERVE_STORE, _MODEL, _DEVICE, _DTYPE and "
+                                   "_THREADS variables, so a worker can share the servers' configuration.")
+    p.add_argument("--store", default=env("STORE"), help="the servers' prompt store directory (shared)")
+    p.add_argument("--model", default=env("MODEL"), help="base model path or id (default: the embedded model)")
+    p.add_argument("--device", default=env("DEVICE"))
+    p.add_argument("--dtype", default=env("DTYPE"))
+    p.add_argument("--threads", type=int, default=int(env("THREADS") or 0), help="torch CPU threads (0: default)")
     p.add_argument("--lease-s", type=float, default=60.0, help="a job whose worker is silent this long moves on")
     p.add_argument("--checkpoint-s", type=float, default=30.0, help="checkpoint a job at least this often")
 
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         import logging
 
+        if not args.store:
+            print("error: worker needs --store DIR (or PROMPTSERVE_STORE)", file=sys.stderr)
+            return 2
         from .worker import run_worker
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         run_worker(Path(args.store), args.model, args.device, args.dtype, args.threads, args.lease_s,
