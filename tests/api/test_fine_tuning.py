@@ -363,6 +363,42 @@ def test_isolation_matrix_for_files_and_jobs(server):
         assert_error(c.post(f"/v1/tasks/{done.fine_tuned_model}/classify", json={"input": "x"}), 404)
 
 
+def test_default_model_on_the_shipped_example_scores_as_the_cli(module_tmp):
+    """The default model and the emotion example (its first 24 lines, one epoch, to stay quick): a job through the
+    openai client and the CLI with the same data, seed and settings give the same prompt and the same test accuracy,
+    the job's measured through the server's classify endpoint."""
+    from prompt_core.spec import make_labels
+    from training.score import artifact_eval
+
+    from .conftest import live_server
+
+    root = Path(__file__).resolve().parents[2] / "training" / "examples" / "emotion"
+    train_bytes = b"".join(root.joinpath("train.jsonl").read_bytes().splitlines(keepends=True)[:24])
+    test_rows = [json.loads(x) for x in root.joinpath("test.jsonl").read_text().splitlines() if x.strip()]
+    template, labels = "Sentence: {input}\nEmotion:", ["joy", "anger", "fear", "sadness"]
+    with live_server(module_tmp / "default-model", threads=1) as server:
+        client = oai(server, ACME)
+        f = client.files.create(file=("emotion.jsonl", train_bytes), purpose="fine-tune")
+        job = wait_job(client, client.fine_tuning.jobs.create(model="default", training_file=f.id, seed=7, method={
+            "type": "prompt_tuning", "prompt_tuning": {
+                "hyperparameters": {"n_epochs": 1, "batch_size": 8, "num_virtual_tokens": 8},
+                "task_type": "classify", "labels": labels, "template": template}}).id)
+        assert job.status == "succeeded", job.error
+        with server.client(ACME) as c:
+            preds = c.post(f"/v1/tasks/{job.fine_tuned_model}/classify",
+                           json={"input": [r["input"] for r in test_rows[:32]]}).json()
+        served = 100.0 * sum(p["label"] == r["label"] for p, r in zip(preds, test_rows)) / len(preds)
+        cli = cli_run(server, module_tmp, train_bytes, method="prompt-tuning", task="classify", epochs=1,
+                      batch_size=8, virtual_tokens=8, seed=7, labels=make_labels(labels), template=template)
+        test_file = module_tmp / "emotion-test.jsonl"
+        test_file.write_text("".join(json.dumps(r) + "\n" for r in test_rows[:32]))
+        cli_test = artifact_eval(str(module_tmp / "cli-out"), str(test_file), server.runtime.loaded)
+        stored = server.runtime.store.tensors(server.runtime.store.get(job.fine_tuned_model, None, admin=True))
+        assert torch.allclose(stored.virtual.cpu(), cli["tensors"]["virtual"], atol=1e-5)
+    assert served == pytest.approx(cli_test["accuracy"])
+    assert job.model_extra["result"]["best_score"] == cli["result"]["best_score"]
+
+
 # ---------------------------------------------------------------- durability
 
 def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
@@ -437,6 +473,7 @@ def test_sigterm_checkpoints_the_running_job_and_requeues_it(module_tmp, tiny_di
         while client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] < 5:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        proc.wait_for(r"training\.jobs: ftjob-\S+: step \d+/\d+: training loss", 30)  # progress in the log
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.proc.wait(timeout=60) == 0
     finally:
