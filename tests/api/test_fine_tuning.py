@@ -285,6 +285,21 @@ def test_job_requests_are_checked_before_queueing(server):
     assert len(client.fine_tuning.jobs.list().data) == before
 
 
+def test_metrics_count_jobs_by_state_and_training_tokens(server):
+    client = oai(server, GLOBEX)
+    f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
+    wait_job(client, client.fine_tuning.jobs.create(model="default", training_file=f.id, method={
+        "type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"n_epochs": 1}}}).id)
+    with server.client() as c:
+        text = c.get("/metrics").text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith(("promptserve_fine_tuning", "promptserve_training"))}
+    succeeded = sum(j.status == "succeeded" for j in oai(server, ADMIN).fine_tuning.jobs.list(limit=1000))
+    assert values['promptserve_fine_tuning_jobs{state="succeeded"}'] == succeeded >= 1
+    assert values["promptserve_fine_tuning_queue_length"] == 0
+    assert values["promptserve_training_tokens_total"] > 0 and values["promptserve_training_tokens_per_second"] > 0
+
+
 def test_a_job_continues_a_task_of_the_tenant(server):
     """`model` naming a task: its kind, template, labels and size are the defaults and its prompt the start (with a
     vanishing learning rate the result is the task's own prompt)."""
