@@ -5,8 +5,7 @@ Each candidate is an ordinary run of training.loop.train in DIR/candidates/<n>-<
 and resumes like any run: a finished candidate (its results.json) is never trained again, and a paused search
 continues with the candidate it was in. Candidates are tried in order of how well they did on the shipped examples
 (docs/training.md); a candidate is not started once the budget is spent or too small for one more candidate
-of the average length so far (the first always runs). The winner has the best held-out score (for generate, token
-F1 breaks a tie of exact match; then the earlier candidate wins). Its artifact is copied to DIR, so DIR looks like any
+of the average length so far (the first always runs). The winner's artifact is copied to DIR, so DIR looks like any
 run's output, with the search in results.json.
 """
 
@@ -66,11 +65,8 @@ def search(cfg: TrainConfig, *, lm=None, quiet: bool = False, control: Control |
                 return {"finished": False, "stopped_at_step": result.get("stopped_at_step"), "candidate": name}
             result["train_seconds"] = round(result.get("train_seconds") or (time.perf_counter() - t0), 1)
             done.write_text(json.dumps(result, indent=1) + "\n")
-        at_best = next((h for h in result.get("history", []) if h.get("epoch") == result["best_epoch"]), {})
         row = {"name": name, "method": method, "lr": lr, "status": "done", "score": result["best_score"],
                "best_epoch": result["best_epoch"], "seconds": result["train_seconds"]}
-        if "token_f1" in at_best:  # generate: breaks ties of exact match on a small held-out set
-            row["token_f1"] = at_best["token_f1"]
         spent += row["seconds"]
         rows.append(row)
         if on_candidate is not None:
@@ -79,8 +75,7 @@ def search(cfg: TrainConfig, *, lm=None, quiet: bool = False, control: Control |
             print(f"candidate {name}: held-out score {row['score']:.1f} (epoch {row['best_epoch']}, "
                   f"{row['seconds']:.0f} s)")
     ran = [r for r in rows if r["status"] == "done"]
-    # the best score; token F1 breaks a tie of exact match; then the earlier (preferred) candidate
-    best = max(ran, key=lambda r: (r["score"], r.get("token_f1", 0.0)))
+    best = max(ran, key=lambda r: r["score"])  # the first of equals: the earlier (preferred) candidate
     src = out / CANDIDATES_DIR / best["name"]
     for name in ARTIFACT_FILES:
         shutil.copyfile(src / name, out / name)

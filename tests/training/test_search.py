@@ -27,7 +27,7 @@ def test_cli_auto_keeps_the_best_candidate_and_records_all(tiny_dir, tmp_path, c
     rows = result["candidates"]
     assert [(r["method"], r["lr"]) for r in rows] == CANDIDATES["classify"]
     assert all(r["status"] == "done" and r["score"] is not None for r in rows)
-    best = max(rows, key=lambda r: r["score"])  # the first of the best (classify has no tie-breaker)
+    best = max(rows, key=lambda r: r["score"])
     assert result["winner"] == best["name"] and result["best_score"] == best["score"]
     manifest = json.loads((out / "task.json").read_text())
     assert manifest["kind"] == best["method"].replace("-", "_")
