@@ -24,6 +24,11 @@ class StepInputs:
     positions: torch.Tensor             # [n, Q] rotary position of each query
     slots: torch.Tensor                 # [n, Q] cache slot each query's key/value is written to
     mask: torch.Tensor                  # [n, 1, Q, K] additive attention mask over the first K slots
+    key_positions: torch.Tensor         # [n, K] position of the token in each slot (for attention windows)
+
+    @property
+    def kv_len(self) -> int:
+        return self.mask.shape[-1]
 
 
 @dataclass
@@ -51,6 +56,24 @@ def attention_mask(prefix: torch.Tensor, tok_start: torch.Tensor, ctx_end: torch
     mask = torch.zeros(allowed.shape, dtype=dtype, device=slots.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]                                               # [n, 1, Q, K]
+
+
+def key_positions(prefix: torch.Tensor, tok_start: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Position of the token held in each slot: prefix slot s holds position s (a prefix occupies positions
+    0..P-1, as a PEFT prefix does in front of the input), token slot s holds position P + (s - tok_start).
+
+    prefix, tok_start: [n]. Returns [n, kv_len]."""
+    s = torch.arange(kv_len, device=prefix.device)                    # [K]
+    return torch.where(s < prefix[:, None], s, s - tok_start[:, None] + prefix[:, None])
+
+
+def windowed(mask: torch.Tensor, key_pos: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
+    """A sliding-window layer's mask: also hide keys `window` or more positions behind the query (transformers'
+    `sliding_window_overlay`: a query at q sees k > q - window).
+
+    mask: [n, 1, Q, K]; key_pos: [n, K]; positions: [n, Q]."""
+    too_old = key_pos[:, None, :] <= positions[..., None] - window    # [n, Q, K]
+    return mask.masked_fill(too_old[:, None], torch.finfo(mask.dtype).min)
 
 
 def build_prefill(plans: list[RowPlan], tok_start: list[int], virtual: list[torch.Tensor | None],
@@ -108,7 +131,11 @@ def build_prefill(plans: list[RowPlan], tok_start: list[int], virtual: list[torc
     kv_len = int(max(t + Q for t in tok_start))
     mask = attention_mask(prefix, t_start, L(ctx_end), L(seg_start), slots, kv_len, dtype)
     table = torch.cat([t.to(device=device, dtype=dtype) for t in tables]) if tables else None
-    step = StepInputs(ids=L(ids), virt=L(virt), virtual_table=table, positions=L(pos), slots=slots, mask=mask)
+    positions = L(pos)
+    # the step's own slots hold its queries' positions (label tokens do not sit at slot - tok_start + prefix)
+    kpos = key_positions(prefix, t_start, kv_len).scatter_(1, slots, positions)   # [n, K]
+    step = StepInputs(ids=L(ids), virt=L(virt), virtual_table=table, positions=positions, slots=slots, mask=mask,
+                      key_positions=kpos)
     readout = Readout(last_q=L(last_q), label_row=L(lab_row), label_q=L(lab_q), label_tok=L(lab_tok),
                       label_index=L(lab_idx), labels_per_row=per_row)
     return step, readout
@@ -122,4 +149,4 @@ def build_decode(ids: torch.Tensor, prefix: torch.Tensor, tok_start: torch.Tenso
     positions = prefix[:, None] + (slots - tok_start[:, None])        # [n, 1]
     mask = attention_mask(prefix, tok_start, tok_start[:, None], tok_start[:, None], slots, kv_len, dtype)
     return StepInputs(ids=ids[:, None], virt=torch.full_like(slots, -1), virtual_table=None,
-                      positions=positions, slots=slots, mask=mask)
+                      positions=positions, slots=slots, mask=mask, key_positions=key_positions(prefix, tok_start, kv_len))

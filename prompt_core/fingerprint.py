@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from transformers import PreTrainedModel
 
+from .arch import kv_geometry
+
 
 @dataclass(frozen=True)
 class ModelFingerprint:
@@ -37,19 +39,18 @@ class ModelFingerprint:
                 for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
 
 
-def model_dims(config) -> tuple[int, int, int, int, int]:
-    """(hidden, layers, heads, kv_heads, head_dim) from a transformers config."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or hidden // heads
-    return hidden, config.num_hidden_layers, heads, kv, head_dim
+def model_dims(model: PreTrainedModel) -> tuple[int, int, int, int, int]:
+    """(hidden, layers, heads, kv_heads, head_dim): the key/value geometry as the model really caches it (a
+    multi-query model keeps one KV head whatever its config's num_key_value_heads says)."""
+    config = model.config
+    kv = kv_geometry(model)
+    return config.hidden_size, kv.layers, config.num_attention_heads, kv.kv_heads, kv.head_dim
 
 
 @torch.no_grad()
 def fingerprint(model: PreTrainedModel) -> ModelFingerprint:
     config = model.config
-    hidden, layers, heads, kv, head_dim = model_dims(config)
+    hidden, layers, heads, kv, head_dim = model_dims(model)
     weight = model.get_input_embeddings().weight.detach()
     raw = weight.to(device="cpu", dtype=torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
     arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from .batch import Readout, StepInputs
+from .arch import mask_layout, output_logits
+from .batch import Readout, StepInputs, windowed
 
 
 def embed(model: PreTrainedModel, step: StepInputs) -> torch.Tensor:
@@ -23,16 +24,30 @@ def body(model: PreTrainedModel) -> torch.nn.Module:
     return getattr(model, model.base_model_prefix)
 
 
+def attention_masks(model: PreTrainedModel, step: StepInputs) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The step's layout mask with each layer type's window applied: one [n, 1, Q, K] mask where every layer
+    attends alike, else a dict by layer type, which the model routes to its layers as its own masks."""
+    layout = mask_layout(model.config)
+    if layout.plain:
+        return step.mask
+    masks = [step.mask if w is None else windowed(step.mask, step.key_positions, step.positions, w)
+             for w in layout.windows]
+    if layout.keys == (None,):
+        return masks[0]
+    return dict(zip(layout.keys, masks))
+
+
 def hidden_states(model: PreTrainedModel, step: StepInputs, cache) -> torch.Tensor:
     """Run the decoder over the step's queries; the cache holds the prefix and earlier tokens. [n, Q, D]"""
-    out = body(model)(inputs_embeds=embed(model, step), attention_mask=step.mask, position_ids=step.positions,
-                      cache=cache, use_cache=True)
+    out = body(model)(inputs_embeds=embed(model, step), attention_mask=attention_masks(model, step),
+                      position_ids=step.positions, cache=cache, use_cache=True)
     return out.last_hidden_state
 
 
 def logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """LM head on only the hidden states asked for. [..., D] -> [..., V], at least fp32."""
-    out = model.get_output_embeddings()(hidden)
+    """LM head and the model's own steps after it (softcapping, scaling) on only the hidden states asked for.
+    [..., D] -> [..., V], at least fp32."""
+    out = output_logits(model.config, model.get_output_embeddings()(hidden))
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 

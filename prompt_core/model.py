@@ -11,7 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .arch import UnsupportedModel, architecture, check_config, kv_geometry
+from .arch import attn_implementation as pick_attn_implementation
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +122,38 @@ def resolve_model_path(name: str | None) -> str:
 
 
 def load_model(name: str | None = None, device: str | None = None, dtype: str | None = None,
-               attn_implementation: str = "sdpa") -> LoadedModel:
-    """Load the frozen base model: the embedded default, a local directory, or a hub id where a network exists."""
+               attn_implementation: str = "auto") -> LoadedModel:
+    """Load the frozen base model: the embedded default, a local directory, or a hub id where a network exists.
+
+    Raises UnsupportedModel, with a one-line reason naming the architecture, for anything the engine cannot serve
+    exactly (encoder-decoder, no causal-LM class, no attention key/value cache, unequal layers, unknown attention
+    kinds) and for a model that cannot be read at all."""
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     path = resolve_model_path(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attn_implementation)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - missing path, no network, malformed config: one line for the operator
+        raise UnsupportedModel(f"cannot read a model config from {name or path!r}: {_first_line(e)}") from e
+    check_config(config)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UnsupportedModel(f"{architecture(config)} (model type {config.model_type!r}) has no causal-LM class "
+                               "in transformers; the engine serves decoder-only causal LMs")
+    impl = pick_attn_implementation(config, attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=impl)
+    except ValueError as e:
+        if attn_implementation not in ("auto", "", None) or impl == "eager":
+            raise UnsupportedModel(f"{architecture(config)} cannot load with attn_implementation={impl!r}: "
+                                   f"{_first_line(e)}") from e
+        log.info("%s does not support %s attention; using eager", architecture(config), impl)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="eager")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(dev)
+    kv_geometry(model)  # refuses a model without a per-layer attention key/value cache, before anything else
     return LoadedModel(model=freeze(model), tokenizer=tokenizer, source=name or DEFAULT_MODEL, device=dev, dtype=dt)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"

@@ -38,6 +38,20 @@ class ArchiveLimits:
     max_files: int = 32
 
 
+# beside the one tensor file, an adapter folder holds small JSON/text files (config, manifest, a model card)
+_SMALL_FILES_BYTES = 4 << 20
+
+
+def limits_for_model(fp, max_virtual_tokens: int, max_archive_bytes: int) -> ArchiveLimits:
+    """Caps a valid adapter for this model cannot exceed, so a bomb within the upload limit is refused while it is
+    being extracted, not after filling the disk. The largest valid tensor is max_virtual_tokens rows of
+    max(D, L*2*H_kv*Dh) (prefix tuning) values of at most 8 bytes; safetensors adds a small header."""
+    per_token = max(fp.hidden_size, fp.num_layers * 2 * fp.num_kv_heads * fp.head_dim)
+    tensor = max_virtual_tokens * per_token * 8 + (1 << 20)
+    return ArchiveLimits(max_archive_bytes=max_archive_bytes, max_file_bytes=tensor,
+                         max_total_bytes=tensor + _SMALL_FILES_BYTES)
+
+
 class _Budget:
     """Counts bytes and files actually written, whatever the headers claim."""
 

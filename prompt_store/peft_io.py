@@ -140,6 +140,16 @@ def _peft_expressible(spec: PromptSpec) -> None:
         seen_text = seen_text or part.virtual == 0
 
 
+def base_model_name(model: str | None) -> str:
+    """`base_model_name_or_path` for exports: a name `AutoPeftModelForCausalLM.from_pretrained(dir)` can load. The
+    embedded default is its converted directory (not a hub id: its weights are the dequantized GGUF's, which no hub
+    copy matches); a directory is made absolute; a hub id stays as it is."""
+    from prompt_core.model import resolve_model_path
+
+    path = resolve_model_path(model)
+    return str(Path(path).resolve()) if Path(path).is_dir() else path
+
+
 def export_peft(directory: Path, spec: PromptSpec, tensors: PromptTensors, fingerprint: ModelFingerprint,
                 base_model: str = "") -> None:
     """Write adapter_config.json + adapter_model.safetensors that `PeftModel.from_pretrained` loads.

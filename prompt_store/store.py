@@ -42,7 +42,8 @@ from .errors import (CorruptArtifact, Forbidden, InvalidPrompt, PayloadTooLarge,
 from .format import (MANIFEST_NAME, TENSORS_NAME, TaskManifest, decode_tensors, encode_tensors, read_artifact,
                      read_manifest, utc_now, write_durably)
 from .tiers import TierCache
-from .validate import check_fingerprint, check_task_id, check_tenant, check_tensors, expected_shape, parse_ref
+from .validate import (NAMESPACE_SEP, check_fingerprint, check_storage_id, check_task_id, check_tenant,
+                       check_tensors, expected_shape, own_copy, parse_ref, task_name)
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +89,18 @@ class TaskRecord:
     created_at: str
     spec: PromptSpec
     path: str  # the version directory
-    key: str = ""                           # "id@version", filled by from_manifest
+    key: str = ""                           # "<storage id>@version": unique in the store, filled by from_manifest
+    sid: str = ""                           # the task's directory: its id, or "<id>~<tenant>" for a tenant's copy
     tier_key: tuple[str, str] = ("", "")    # (key, sha256): one shared tuple, so cache lookups hit by identity
 
     @property
     def is_public(self) -> bool:
         return self.visibility == "public"
+
+    @property
+    def ref(self) -> str:
+        """`id@version` as its owner knows it (never the storage id)."""
+        return f"{self.id}@{self.version}"
 
     def to_dict(self) -> dict:
         """Public metadata for the API (no filesystem path)."""
@@ -105,16 +112,19 @@ class TaskRecord:
                 "created_at": self.created_at}
 
     @classmethod
-    def from_manifest(cls, m: TaskManifest, path: Path, fingerprint: dict | None = None) -> "TaskRecord":
+    def from_manifest(cls, m: TaskManifest, path: Path, fingerprint: dict | None = None,
+                      sid: str | None = None) -> "TaskRecord":
         """Small repeated strings are interned: 10,000 records share them, and hot-path compares hit identity."""
-        key = f"{m.id}@{m.version}"
+        sid = sid or m.id
+        key = f"{sid}@{m.version}"
         return cls(id=m.id, version=m.version, tenant=sys.intern(m.tenant), visibility=sys.intern(m.visibility),
                    kind=sys.intern(m.kind), num_virtual_tokens=m.num_virtual_tokens, template=m.template,
                    labels=tuple(m.labels), task_type=sys.intern(m.task_type), generation=m.generation,
                    description=m.description, key=key, tier_key=(key, m.tensors_sha256 or ""),
                    fingerprint=fingerprint if fingerprint is not None and fingerprint == m.fingerprint
                    else m.fingerprint,  # share one dict across 10,000 records
-                   tensors_sha256=m.tensors_sha256, created_at=m.created_at, spec=m.spec(), path=str(path))
+                   tensors_sha256=m.tensors_sha256, created_at=m.created_at, spec=m.spec(), path=str(path),
+                   sid=sid)
 
 
 @dataclass
@@ -187,9 +197,10 @@ class PromptStore:
         self._lock = threading.RLock()
         self._flock_depth = 0
         self._disk_total = 0  # tensor bytes of live versions, kept incrementally
-        self._live: dict[str, TaskRecord] = {}  # "id@N" -> record of every servable version
+        self._live: dict[str, TaskRecord] = {}  # "<storage id>@N" -> record of every servable version
         self._owned: dict[str, int] = {}  # live tasks per owner, kept incrementally (quota checks are O(1))
-        self._tasks: dict[str, _Task] = {}
+        self._tasks: dict[str, _Task] = {}  # by storage id
+        self._copies: dict[str, frozenset[str]] = {}  # id -> storage ids "<id>~<tenant>" of tenants' own copies
         self._generation = -1
         self._epoch = ""
         self.quarantined: list[dict] = []    # {"path", "reason"} moved aside by this process
@@ -217,10 +228,10 @@ class PromptStore:
         """Resolve `id` (latest) or `id@N` for this tenant; TaskNotFound if it is absent or another tenant's
         private task (the two are indistinguishable)."""
         task_id, version = parse_ref(ref)
-        task = self._visible_task(task_id, tenant, admin)
+        task = self._resolve(task_id, tenant, admin)
         if task is None:
             self.refresh()  # another replica may have just written it; a cheap generation check when nothing did
-            task = self._visible_task(task_id, tenant, admin)
+            task = self._resolve(task_id, tenant, admin)
         if task is None:
             raise TaskNotFound(f"task {task_id!r} not found")
         if version is None:
@@ -231,13 +242,17 @@ class PromptStore:
         return rec
 
     def list(self, tenant: str | None, admin: bool = False) -> list[TaskRecord]:
-        """Latest version of every task this tenant can see, by id."""
+        """Latest version of every task this tenant can see, by id (for an id it reaches twice, the one its requests
+        reach: its own copy before another tenant's public task)."""
         with self._lock:
             tasks = list(self._tasks.values())
-        return sorted((t.latest for t in tasks if self._can_see(t, tenant, admin)), key=lambda r: r.id)
+        seen = [t for t in tasks if self._can_see(t, tenant, admin)]
+        if tenant is not None and not admin:
+            seen = [t for t in seen if self._resolve(task_name(t.id), tenant, admin) is t]
+        return sorted((t.latest for t in seen), key=lambda r: (r.id, r.sid))
 
     def versions(self, task_id: str, tenant: str | None, admin: bool = False) -> list[TaskRecord]:
-        task = self._visible_task(check_task_id(task_id), tenant, admin)
+        task = self._resolve(check_storage_id(task_id), tenant, admin)
         if task is None:
             raise TaskNotFound(f"task {task_id!r} not found")
         return [task.versions[v] for v in sorted(task.versions)]
@@ -314,9 +329,16 @@ class PromptStore:
             if blob is not None:
                 write_durably(staging / TENSORS_NAME, blob, self.config.fsync)
             with self._exclusive():
-                task = self._rescan_task(task_id)
+                self.refresh()
+                if tenant is not None:
+                    self._rescan_task(own_copy(task_id, tenant))
+                self._rescan_task(task_id)
+                sid = self._target(task_id, tenant, admin)
+                task = self._rescan_task(sid)
                 self._check_write(task, task_id, tenant, admin, creating=True)
-                manifest.version = self._next_version(task_id)
+                if (visibility or (task.latest.visibility if task is not None else "private")) == "public":
+                    self._check_public_name(task_id, sid)
+                manifest.version = self._next_version(sid)
                 if task is not None:
                     manifest.tenant = task.owner  # an admin adding a version does not take the task over
                 if visibility is None:
@@ -326,16 +348,16 @@ class PromptStore:
                               self.config.fsync)
                 _fsync_dir(staging, self.config.fsync)
                 self._before_publish()
-                task_dir = self.tasks_dir / task_id
+                task_dir = self.tasks_dir / sid
                 if not task_dir.is_dir():
                     task_dir.mkdir()
                     _fsync_dir(self.tasks_dir, self.config.fsync)
                 final = task_dir / f"v{manifest.version}"
                 os.rename(staging, final)   # the publish: all or nothing
                 _fsync_dir(task_dir, self.config.fsync)
-                self._bump_generation(task_id)
-                self._rescan_task(task_id)
-                rec = self._tasks[task_id].versions[manifest.version]
+                self._bump_generation(sid)
+                self._rescan_task(sid)
+                rec = self._tasks[sid].versions[manifest.version]
         except OSError as e:
             if is_disk_full(e):
                 raise StorageFull(f"no space left on the store's disk ({self.root}); nothing was published: {e}") \
@@ -358,13 +380,16 @@ class PromptStore:
         """Remove a task (all versions) from service at once: a tombstone first, then the files."""
         if "@" in str(task_id):
             raise InvalidPrompt(f"delete expected a task id without @version, found {task_id!r}")
-        check_task_id(task_id)
+        check_storage_id(task_id)
         with self._exclusive():
-            task = self._rescan_task(task_id)
+            self.refresh()
+            task = self._resolve(task_id, tenant, admin)
+            task = self._rescan_task(task.id) if task is not None else None
             if task is None or not self._can_see(task, tenant, admin):
                 raise TaskNotFound(f"task {task_id!r} not found")
+            name, task_id = task_id, task.id  # the storage id from here on
             if not self._may_change(task, tenant, admin):
-                raise Forbidden(f"only the owner of task {task_id!r} or an admin may delete it")
+                raise Forbidden(f"only the owner of task {name!r} or an admin may delete it")
             through = self._next_version(task_id) - 1
             try:
                 _write_json_atomic(self.tasks_dir / task_id / TOMBSTONE_NAME,
@@ -372,7 +397,7 @@ class PromptStore:
                                    self.staging_dir, self.config.fsync)
             except OSError as e:
                 if is_disk_full(e):
-                    raise StorageFull(f"no space left on the store's disk ({self.root}); task {task_id!r} was not "
+                    raise StorageFull(f"no space left on the store's disk ({self.root}); task {name!r} was not "
                                       f"deleted: {e}") from e
                 raise
             self._bump_generation(task_id)
@@ -458,8 +483,10 @@ class PromptStore:
     def verify(self) -> list[str]:
         """Check every live tensor file against its sha256 (slow: reads everything); returns failing keys."""
         bad = []
-        for rec in self.list(None, admin=True):
-            for r in self.versions(rec.id, None, admin=True):
+        with self._lock:
+            tasks = list(self._tasks.values())
+        for task in tasks:
+            for r in task.versions.values():
                 try:
                     self.host_tensors(r)
                 except StoreError:
@@ -468,9 +495,42 @@ class PromptStore:
 
     # ---------------------------------------------------------------- internals
 
-    def _visible_task(self, task_id: str, tenant: str | None, admin: bool) -> _Task | None:
-        task = self._tasks.get(task_id)  # atomic read; _Task objects are replaced, never mutated
-        return task if task is not None and self._can_see(task, tenant, admin) else None
+    def _resolve(self, name: str, tenant: str | None, admin: bool) -> _Task | None:
+        """The task `name` means to this tenant: its own copy of a reused id, else the task of that id if it may
+        see it, else a public copy. Admins (and open mode) reach a tenant's copy by its storage id "<id>~<tenant>"."""
+        tasks = self._tasks  # atomic reads; _Task objects are replaced, never mutated
+        if NAMESPACE_SEP in name:
+            return tasks.get(name) if tenant is None or admin else None
+        if tenant is not None:
+            own = tasks.get(own_copy(name, tenant))
+            if own is not None:
+                return own
+        task = tasks.get(name)
+        if task is not None and self._can_see(task, tenant, admin):
+            return task
+        for sid in sorted(self._copies.get(name, ())):
+            copy = tasks.get(sid)
+            if copy is not None and copy.latest.visibility == "public":
+                return copy
+        return None
+
+    def _target(self, name: str, tenant: str | None, admin: bool) -> str:
+        """Where a create of `name` by this tenant goes: the task it reaches by that name, or, when the id is held
+        privately by another tenant (invisible to this one), this tenant's own copy, as if the id were free."""
+        task = self._resolve(name, tenant, admin)
+        if task is not None:
+            return task.id
+        held = self._tasks.get(name)
+        if held is not None and tenant is not None and not self._can_see(held, tenant, admin):
+            return own_copy(name, tenant)
+        return name
+
+    def _check_public_name(self, name: str, sid: str) -> None:
+        """One public task per id: every tenant must reach the same one."""
+        for other in [name, *sorted(self._copies.get(name, ()))]:
+            task = self._tasks.get(other)
+            if other != sid and task is not None and task.latest.visibility == "public":
+                raise Forbidden(f"a public task {name!r} already exists; choose another id")
 
     @staticmethod
     def _can_see(task: _Task, tenant: str | None, admin: bool) -> bool:
@@ -503,7 +563,7 @@ class PromptStore:
         """Fail fast before staging; the authoritative check repeats under the lock."""
         self.refresh()
         with self._lock:
-            task = self._tasks.get(task_id)
+            task = self._tasks.get(self._target(task_id, tenant, admin))
         self._check_write(task, task_id, tenant, admin, creating=True)
 
     def _read_source(self, src: Path) -> tuple[PromptSpec, PromptTensors | None, dict]:
@@ -701,7 +761,7 @@ class PromptStore:
     def _rescan_task(self, task_id: str) -> _Task | None:
         """Re-read one task directory into the index (authoritative: disk wins)."""
         try:
-            check_task_id(task_id)
+            check_storage_id(task_id)
         except InvalidPrompt:
             self._quarantine(self.tasks_dir / task_id, f"directory name {task_id!r} is not a valid task id")
             return None
@@ -727,7 +787,7 @@ class PromptStore:
             vdir = task_dir / name
             try:
                 m = read_manifest(vdir)
-                if m.id != task_id or m.version != n:
+                if m.id != task_name(task_id) or m.version != n:
                     raise InvalidPrompt(f"manifest says {m.id}@{m.version}, directory says {key}")
                 if m.kind != PromptKind.HARD.value and not (vdir / TENSORS_NAME).is_file():
                     raise InvalidPrompt(f"{TENSORS_NAME} is missing")
@@ -741,7 +801,7 @@ class PromptStore:
                     self.incompatible[key] = str(e)
                     log.warning("task %s skipped: %s", key, e)
                     continue
-            versions[n] = TaskRecord.from_manifest(m, vdir, self._fp_dict)
+            versions[n] = TaskRecord.from_manifest(m, vdir, self._fp_dict, sid=task_id)
         with self._lock:
             if not versions:
                 self._drop(task_id)
@@ -749,6 +809,9 @@ class PromptStore:
             owner = versions[min(versions)].tenant
             task = _Task(task_id, owner, versions)
             self._tasks[task_id] = task
+            if NAMESPACE_SEP in task_id:  # replaced whole, never mutated: readers iterate it without the lock
+                name = task_name(task_id)
+                self._copies[name] = self._copies.get(name, frozenset()) | {task_id}
             for rec in versions.values():
                 self._live[rec.key] = rec
             self._disk_total += self._task_bytes(task) - self._task_bytes(old)
@@ -763,6 +826,12 @@ class PromptStore:
     def _drop(self, task_id: str) -> None:
         with self._lock:
             old = self._tasks.pop(task_id, None)
+            name = task_name(task_id)
+            copies = self._copies.get(name, frozenset()) - {task_id}
+            if copies:
+                self._copies[name] = copies
+            else:
+                self._copies.pop(name, None)
             if old is not None:
                 for rec in old.versions.values():
                     self._live.pop(rec.key, None)

@@ -26,6 +26,31 @@ def check_task_id(task_id: str) -> str:
     return task_id
 
 
+# A tenant that reuses an id another tenant holds privately gets its own copy, stored as "<id>~<tenant>" (a name
+# no task id can take), so creating it answers exactly as for a free id and reveals nothing.
+NAMESPACE_SEP = "~"
+
+
+def own_copy(task_id: str, tenant: str) -> str:
+    return f"{task_id}{NAMESPACE_SEP}{tenant}"
+
+
+def task_name(storage_id: str) -> str:
+    """The id users see for a stored task: "<id>" for "<id>" and for "<id>~<tenant>"."""
+    return storage_id.partition(NAMESPACE_SEP)[0]
+
+
+def check_storage_id(storage_id: str) -> str:
+    """A task directory name: a task id, or "<id>~<tenant>" (a tenant's own copy of a reused id)."""
+    if not isinstance(storage_id, str):
+        raise InvalidPrompt(f"task id expected a string, found {storage_id!r}")
+    task_id, sep, tenant = storage_id.partition(NAMESPACE_SEP)
+    check_task_id(task_id)
+    if sep:
+        check_tenant(tenant)
+    return storage_id
+
+
 def check_tenant(tenant: str) -> str:
     if not isinstance(tenant, str) or not TENANT_PATTERN.match(tenant) or ".." in tenant:
         raise InvalidPrompt(f"tenant expected to match {TENANT_PATTERN.pattern} without '..', found {tenant!r}")
@@ -38,7 +63,7 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     if not isinstance(ref, str):
         raise InvalidPrompt(f"task reference expected a string 'id' or 'id@version', found {ref!r}")
     task_id, sep, ver = ref.partition("@")
-    check_task_id(task_id)
+    check_storage_id(task_id)
     if not sep:
         return task_id, None
     if not ver.isdigit() or int(ver) < 1 or len(ver) > 9:

@@ -8,13 +8,17 @@ in-flight requests get up to --shutdown-grace-s to finish, whatever is left is c
 
 from __future__ import annotations
 
-import logging
-import sys
+import time
 
-import uvicorn
-from pydantic import ValidationError
+LAUNCHED_AT = time.monotonic()  # before the heavy imports, so the ready log can say where start-up time went
 
-from server.config import Settings
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import uvicorn  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from server.config import Settings  # noqa: E402
 
 
 class DrainingServer(uvicorn.Server):
@@ -46,10 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     from server.main import create_app  # torch and the engine load only once the settings are known to be sane
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, launched_at=LAUNCHED_AT)
     except ValueError as e:  # a bad auth file
         print(f"python -m server: {e}", file=sys.stderr)
         return 2
+    from prompt_core.arch import UnsupportedModel
+    from server.main import open_runtime
+
+    try:  # before uvicorn, so a model we cannot serve is one line of ours and exit status 3, not a traceback
+        open_runtime(app.state.runtime)
+    except UnsupportedModel as e:
+        print(f"python -m server: cannot serve model {settings.model!r}: {e}", file=sys.stderr)
+        return 3
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace_s, access_log=True,
                             lifespan="on")

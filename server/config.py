@@ -11,6 +11,10 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import TypeAliasType
+
+# named so that `--help` shows `--auth-file PATH` rather than the union's parts
+PATH = TypeAliasType("PATH", Path | None)
 
 LOOPBACK_NAMES = {"localhost", "ip6-localhost", "ip6-loopback"}
 
@@ -25,15 +29,24 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to bind (0 picks a free one)")
     model: str = Field("default", description="'default' (the embedded SmolLM2-135M-Instruct), a directory or a hub id")
     store: Path = Field(Path("./data/store"), description="prompt store directory (shared by replicas)")
-    auth_file: Path | None = Field(None, description="JSON file of API keys; without it the server is one open tenant")
+    auth_file: PATH = Field(None, description="JSON file of API keys; without it the server is one open tenant")
+    serve_base_model: bool = Field(True, description="serve the bare model (no task prompt) as the OpenAI model "
+                                                     "'default'; off: only tasks are models")
     allow_insecure_bind: bool = Field(False, description="allow a non-loopback host without an auth file")
     device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device such as cuda:1")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    attn_implementation: str = Field("auto", description="auto (sdpa, or eager where the model needs it, e.g. "
+                                                         "attention softcapping), sdpa or eager")
+    self_check: bool = Field(True, description="at start, compare the engine's batched logits with the model's own "
+                                               "forward on probe requests and refuse to serve a model that differs")
+    self_check_tokens: int = Field(256, ge=8, description="longest probe request of the start-up check")
 
     max_batch_size: int = Field(64, ge=1, description="rows in one engine step")
     max_prefill_tokens: int = Field(4096, ge=1, description="tokens prefilled in one engine step")
     max_input_tokens: int = Field(2048, ge=1, description="longest accepted input, task prompt included (413 above)")
-    max_new_tokens: int = Field(1024, ge=1, description="most tokens one request may generate (422 above)")
+    max_new_tokens: int = Field(1024, ge=1, description="most tokens one request may generate (413 above)")
+    max_logprobs: int = Field(20, ge=0, description="most alternatives per token that logprobs / top_logprobs may ask "
+                                                   "for (422 above)")
     head_cache_mb: int = Field(1024, ge=0, description="memory for cached key/values of task prompt heads (leading "
                                                        "virtual tokens and template text); 0 turns the cache off")
     max_queue: int = Field(1024, ge=1, description="engine requests in flight (running or waiting), all tenants "

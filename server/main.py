@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -21,33 +22,57 @@ from server.metrics import HttpMetricsMiddleware, Metrics
 log = logging.getLogger("server")
 
 
-def _open(rt: Runtime) -> None:
-    """Blocking start-up work, off the event loop: model, store, engine."""
-    from prompt_core.fingerprint import fingerprint
+def load_served_model(s: Settings):
+    """The frozen model as the settings ask; raises prompt_core.arch.UnsupportedModel with a one-line reason."""
     from prompt_core.model import load_model
-    from prompt_store.archive import ArchiveLimits
+
+    return load_model(s.model, device=s.device, dtype=s.dtype, attn_implementation=s.attn_implementation)
+
+
+def open_runtime(rt: Runtime) -> None:
+    """Blocking start-up work: model, store, engine and the start-up check. `python -m server` runs it before
+    uvicorn starts (so a model we cannot serve is refused in one line); the lifespan runs it for other hosts."""
+    if rt.engine is not None:
+        return
+    from prompt_core.fingerprint import fingerprint
+    from prompt_store.archive import limits_for_model
+    from prompt_store.peft_io import base_model_name
     from prompt_store.store import PromptStore, StoreConfig
     from server.engine.async_engine import AsyncEngine
     from server.engine.engine import EngineConfig, LLMEngine
 
     s = rt.settings
+    t0 = time.monotonic()
     if s.threads:
         import torch
 
         torch.set_num_threads(s.threads)
-    rt.loaded = load_model(s.model, device=s.device, dtype=s.dtype)
-    limits = ArchiveLimits(max_archive_bytes=s.max_upload_bytes)
-    rt.store = PromptStore(s.store, fingerprint(rt.loaded.model), device=rt.loaded.device, dtype=rt.loaded.dtype,
+    if rt.loaded is None:
+        rt.loaded = load_served_model(s)
+    t1 = time.monotonic()
+    fp = fingerprint(rt.loaded.model)
+    limits = limits_for_model(fp, StoreConfig.max_virtual_tokens, max_archive_bytes=s.max_upload_bytes)
+    rt.store = PromptStore(s.store, fp, device=rt.loaded.device, dtype=rt.loaded.dtype,
                            config=StoreConfig(max_tasks_per_tenant=s.max_tasks_per_tenant, archive=limits,
-                                              base_model=s.model),
+                                              base_model=base_model_name(s.model)),
                            poll=True)
     weights = {t: p.weight for t, p in rt.keyring.policies.items()}
     engine = LLMEngine(rt.loaded, EngineConfig(max_batch_size=s.max_batch_size, max_prefill_tokens=s.max_prefill_tokens,
                                                max_input_tokens=s.max_input_tokens, max_new_tokens=s.max_new_tokens,
-                                               tenant_weights=weights, head_cache_bytes=s.head_cache_mb << 20),
+                                               tenant_weights=weights, head_cache_bytes=s.head_cache_mb << 20,
+                                               max_logprobs=s.max_logprobs),
                        observer=rt.metrics)
+    t2 = time.monotonic()
+    if s.self_check:
+        from server.engine.self_check import self_check
+
+        worst = self_check(engine, s.self_check_tokens)
+        log.info("start-up check: batched logits equal the model's own forward (max relative difference %.1e)", worst)
     rt.engine = AsyncEngine(engine, max_queue=s.max_queue)
     rt.engine.start()
+    rt.startup = {"imports_s": t0 - rt.launched_at if rt.launched_at is not None else None, "model_s": t1 - t0,
+                  "store_and_engine_s": t2 - t1, "check_s": time.monotonic() - t2,
+                  "since": rt.launched_at if rt.launched_at is not None else t0}
     from server.fine_tuning import open_fine_tuning
 
     open_fine_tuning(rt)
@@ -56,8 +81,12 @@ def _open(rt: Runtime) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     rt: Runtime = app.state.runtime
-    await run_in_threadpool(_open, rt)
-    log.info("ready: model %s on %s, store %s", rt.settings.model, rt.loaded.device, rt.settings.store)
+    await run_in_threadpool(open_runtime, rt)
+    st = rt.startup
+    imports = f"imports and app {st['imports_s']:.1f} s, " if st.get("imports_s") is not None else ""
+    log.info("ready in %.1f s (%smodel %.1f s, fingerprint, store and engine %.1f s, start-up check %.1f s): "
+             "model %s on %s, store %s", time.monotonic() - st["since"], imports, st["model_s"],
+             st["store_and_engine_s"], st["check_s"], rt.settings.model, rt.loaded.device, rt.settings.store)
     try:
         yield
     finally:
@@ -78,11 +107,12 @@ def _tiers(rt: Runtime) -> dict:
     return tiers
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, launched_at: float | None = None) -> FastAPI:
+    """`launched_at`: time.monotonic() when the process started, for the start-up breakdown in the ready log."""
     settings = settings or Settings()
     keyring = KeyRing.load(settings.auth_file) if settings.auth_file else KeyRing.open_ring()
     metrics = Metrics(tier_stats=lambda: _tiers(rt))
-    rt = Runtime(settings=settings, keyring=keyring, metrics=metrics,
+    rt = Runtime(settings=settings, keyring=keyring, metrics=metrics, launched_at=launched_at,
                  limiter=TenantLimiter(keyring, settings.max_concurrent, settings.tokens_per_minute))
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan,
                   description="One frozen causal LM serving many task prompts (hard, prompt tuning, P-tuning, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from prompt_core.model import LoadedModel, ensure_default_model_dir, freeze, load_model
 from prompt_core.spec import PromptKind, PromptSpec, PromptTensors
@@ -48,8 +48,8 @@ def random_prompt(loaded: LoadedModel, kind: str, T: int, seed: int) -> PromptTe
     # would be), not unit noise, whose outlier logits would test float rounding rather than the engine.
     ids = torch.randint(100, cfg.vocab_size, (1, T), generator=g)
     with torch.no_grad():
-        out = loaded.model(input_ids=ids, use_cache=True)
-    cache = out.past_key_values
+        cache = DynamicCache()  # keeps every token (a config-built cache trims sliding layers to their window)
+        loaded.model(input_ids=ids, cache=cache, use_cache=True)
     kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers])  # [L, 2, H, T, Dh]
     return PromptTensors(prefix=kv.clone())
 

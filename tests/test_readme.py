@@ -81,6 +81,13 @@ def test_readme_server_generates_for_hard_and_soft_tasks(served, tmp_path):
                                                              "max_new_tokens": 12})
         assert r.status_code == 200, r.text
         assert "Paris" in r.json()["text"]
+        # the same question as a chat: the template is already a chat prompt, so it is not wrapped in another one
+        chat = client.post("/v1/chat/completions", json={
+            "model": "capitals", "max_tokens": 12, "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        assert chat.status_code == 200, chat.text
+        assert chat.json()["choices"][0]["message"]["content"] == r.json()["text"]
+        assert chat.json()["usage"]["prompt_tokens"] == r.json()["usage"]["prompt_tokens"]
 
         r = client.post("/v1/tasks", data={"task_id": "soft"}, files={"adapter": ("a.zip", peft_zip(tmp_path))})
         assert r.status_code == 201, r.text

@@ -129,6 +129,9 @@ def cmd_train(a: argparse.Namespace) -> int:
         return 0
     if not result.get("finished"):
         print(f"stopped at step {result['stopped_at_step']}; continue with --resume")
+        if a.push:  # nothing is exported before training ends, so there is nothing to push yet: say so
+            print(f"not pushed: training stopped at step {result['stopped_at_step']} before its end; the same "
+                  f"command with --resume pushes to {a.push} when it finishes", file=sys.stderr)
         return 0
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))
     if a.push:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from prompt_core.fingerprint import fingerprint
 from prompt_core.model import load_model
 from prompt_core.spec import PromptSpec
+from prompt_store.peft_io import base_model_name
 
 from .checkpoint import TrainState, check_resumable, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -92,6 +93,7 @@ class Run:
     best: dict[str, torch.Tensor]      # the method's state at the best held-out epoch
     log: RunLog
     quiet: bool
+    base_model: str = ""               # what the model was loaded from: exports name it for PEFT
     control: Control = None            # hooks of a job runner (None: the CLI)
 
     @property
@@ -131,7 +133,8 @@ def setup(cfg: TrainConfig, lm, accelerator: Accelerator | None, quiet: bool) ->
               wrapped=wrapped, optimizer=optimizer,
               train_rows=make_rows(spec, lm.tokenizer, train_ex, cfg.task, with_outputs=True),
               held_rows=make_rows(spec, lm.tokenizer, held_ex, cfg.task, with_outputs=False),
-              state=state, best=best, log=RunLog(cfg.out, fresh=not cfg.resume, enabled=main), quiet=quiet)
+              state=state, best=best, log=RunLog(cfg.out, fresh=not cfg.resume, enabled=main), quiet=quiet,
+              base_model=lm.source)
     world = accelerator.num_processes
     run.say(f"{cfg.method} {cfg.task}: {len(run.train_rows)} train / {len(run.held_rows)} held-out examples, "
             f"{method.num_trainable():,} trained parameters, {world} process(es)"
@@ -236,7 +239,8 @@ def export(run: Run, seconds: float) -> dict:
         fp = fingerprint(run.model)
         manifest = make_manifest(run.spec, cfg.task, fp, cfg.extra.get("task_id") or default_task_id(cfg.out),
                                  cfg.extra.get("description") or f"{cfg.method} ({cfg.task})", cfg.max_new_tokens)
-        export_all(cfg.out, manifest, tensors, method.peft_representable, fp, base_model=str(cfg.model or ""))
+        export_all(cfg.out, manifest, tensors, method.peft_representable, fp,
+                   base_model=base_model_name(run.base_model))
         result = {
             "method": cfg.method, "task": cfg.task, "best_epoch": state.best_epoch, "best_score": state.best_score,
             "history": state.history, "stopped_early": state.bad_epochs >= cfg.patience, "epochs_run": state.epoch,

@@ -120,7 +120,7 @@ class PrefixTuning(SoftPrompt):
     def __init__(self, spec: PromptSpec, cfg: TrainConfig, model, tokenizer, gen: torch.Generator):
         super().__init__()
         self.spec = spec
-        _, L, _, Hkv, Dh = model_dims(model.config)
+        _, L, _, Hkv, Dh = model_dims(model)
         self.shape = (L, 2, Hkv, Dh)
         T = spec.num_virtual_tokens
         self.projection = cfg.prefix_projection

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from prompt_store.store import PromptStore, TaskRecord
-from server.auth import Principal
+from server.auth import OPEN_TENANT, Principal
 from server.engine.request import PromptRef
 
 from .schemas import LabelPublic, TaskPublic
@@ -45,4 +45,5 @@ def task_public(record: TaskRecord) -> TaskPublic:
                       num_virtual_tokens=record.num_virtual_tokens, sha256=record.tensors_sha256,
                       task_type=record.task_type, template=record.template, description=record.description,
                       labels=[LabelPublic(**dict(x)) for x in record.labels], visibility=record.visibility,
-                      owner=record.tenant, generation=dict(record.generation), created_at=record.created_at)
+                      owner=record.tenant or OPEN_TENANT, generation=dict(record.generation),
+                      created_at=record.created_at)

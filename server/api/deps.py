@@ -40,6 +40,8 @@ class Runtime:
     training_stats: dict = field(default_factory=dict)
     draining: bool = False
     started_at: float = field(default_factory=time.time)
+    launched_at: float | None = None    # time.monotonic() at process start (python -m server), else None
+    startup: dict = field(default_factory=dict)  # seconds per start-up phase, for the ready log
 
 
 def get_runtime(request: Request) -> Runtime:

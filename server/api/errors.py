@@ -77,12 +77,31 @@ _UNION_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 def _field_path(loc: tuple) -> str:
     """`body.stop.0`, without pydantic's union-branch tags (`constrained-str`, `list[str]`) that name no field."""
-    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "-" in p or p in _UNION_TAGS))]
+    parts = [str(p) for p in loc if not _is_tag(p)]
     return ".".join(parts) or "body"
+
+
+def _is_tag(p) -> bool:
+    return isinstance(p, str) and ("[" in p or "-" in p or p in _UNION_TAGS)
+
+
+def _relevant(errors: list[dict]) -> list[dict]:
+    """For a union field (a string or a list), drop "should be a valid string" when the value is a list that failed
+    on its own terms (65 items): only the branch the value's type chose says what is wrong."""
+    def split(e):
+        loc = tuple(e.get("loc", ()))
+        i = next((k for k, p in enumerate(loc) if _is_tag(p)), None)
+        mismatch = i is not None and len(loc) == i + 1 and str(e.get("type", "")).endswith("_type")
+        return (loc[:i] if i is not None else None), mismatch
+
+    marks = [split(e) for e in errors]
+    chosen = {field for field, mismatch in marks if field is not None and not mismatch}
+    return [e for e, (field, mismatch) in zip(errors, marks) if not (mismatch and field in chosen)]
 
 
 def validation_message(errors: list[dict]) -> str:
     """`body.max_new_tokens: Input should be greater than or equal to 1; body.input: Field required`."""
+    errors = _relevant(errors)
     parts = list(dict.fromkeys(f"{_field_path(tuple(e.get('loc', ())))}: {e.get('msg', 'invalid')}" for e in errors))
     more = f" (and {len(parts) - 20} more)" if len(parts) > 20 else ""
     return "; ".join(parts[:20]) + more

@@ -1,4 +1,5 @@
-"""Per-tenant admission: concurrent requests and a token rate, both answered with 429 and Retry-After.
+"""Per-tenant admission: concurrent requests and a token rate, both answered with 429 and Retry-After (a call
+larger than the tenant's whole concurrency is a 413: waiting cannot help it).
 
 The token rate is a bucket that may go into debt: a request is admitted while the tenant's balance is positive and
 is charged its real prompt and completion tokens when it finishes, so nothing is estimated up front. A tenant that
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 
 from server.auth import KeyRing
 
-from .errors import rate_limited
+from .errors import ApiError, rate_limited
 
 
 @dataclass
@@ -57,8 +58,14 @@ class TenantLimiter:
             return st.in_flight if st else 0
 
     def acquire(self, tenant: str, requests: int = 1) -> Admission:
-        """Hold `requests` slots (a classify list or completions list counts each input), or raise 429."""
+        """Hold `requests` slots (a classify list or completions list counts each input), or raise 429; 413 for a call
+        larger than the tenant may ever run."""
         conc, tpm = self.limits(tenant)
+        if requests > conc:  # no retry can succeed: not a 429, and no Retry-After
+            raise ApiError(413, "too_many_inputs",
+                           f"this call holds {requests} inputs but tenant {tenant!r} may run at most {conc} "
+                           f"requests at once, so it can never be admitted: split it into calls of at most "
+                           f"{conc} inputs")
         with self._lock:
             st = self._tenants.get(tenant)
             if st is None:
@@ -68,9 +75,6 @@ class TenantLimiter:
                 wait = -st.balance / (tpm / 60.0) + 0.001
                 raise rate_limited(f"tenant {tenant!r} is over its {tpm} tokens per minute; retry in "
                                    f"{math.ceil(wait)} s", wait)
-            if requests > conc:
-                raise rate_limited(f"this call holds {requests} requests but tenant {tenant!r} may run {conc} at "
-                                   f"once; split it", 1)
             if st.in_flight + requests > conc:
                 raise rate_limited(f"tenant {tenant!r} already has {st.in_flight} requests in flight (limit {conc})",
                                    1)

@@ -157,35 +157,56 @@ class OpenAIBase(BaseModel):
     """OpenAI clients send fields we do not use (user, ...): ignore those, but refuse what would change the output."""
     model_config = ConfigDict(extra="ignore")
     model: str = Field(min_length=1, description="a task id, or id@version")
-    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False, description="0 is greedy")
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False,
+                                      description="0 is greedy; default: the task's, else 1")
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False, description="default: the task's, else 1")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: StopStr | list[StopStr] | None = Field(None, max_length=MAX_STOP)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-    frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported: only 0")
-    logprobs: Any = Field(None, description="not supported: only null/false")
+    presence_penalty: float = Field(0.0, description="not supported: only 0")
+    frequency_penalty: float = Field(0.0, description="not supported: only 0")
 
-    @field_validator("logprobs")
+    @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
-    def _no_logprobs(cls, v: Any) -> Any:
-        if v not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return None
+    def _no_penalties(cls, v: float, info) -> float:
+        if v != 0:
+            raise ValueError(f"{info.field_name} is not supported: only 0")
+        return v
+
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_INPUT_CHARS)]
 
 
 class CompletionRequest(OpenAIBase):
-    prompt: Input | Annotated[list[Input], Field(min_length=1, max_length=MAX_BATCH_INPUTS)]
-    max_tokens: int | None = Field(16, ge=1)
-    echo: bool = Field(False, description="not supported: only false")
+    prompt: (Input | Annotated[list[Input], Field(min_length=1, max_length=MAX_BATCH_INPUTS)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_INPUTS)]) = Field(
+        description="a string, a list of strings, a list of token ids, or a list of token-id lists; each is one "
+                    "input to the task, placed in its template where {input} is")
+    max_tokens: int | None = Field(None, ge=0, description="default: the task's max_new_tokens, else 16; 0 (with "
+                                                           "echo) scores the prompt without generating")
+    echo: bool = Field(False, description="return the prompt, and with logprobs its tokens' log-probabilities, "
+                                          "before the completion")
+    logprobs: int | None = Field(None, ge=0, description="each token's log-probability and the N most likely "
+                                                         "alternatives (at most --max-logprobs)")
 
-    @field_validator("echo")
+    @field_validator("logprobs", mode="before")
     @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
+    def _false_is_none(cls, v: Any) -> Any:
+        return None if v is False else v
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_form(cls, v: Any) -> Any:
+        """One clear message for a list that mixes forms, instead of one per union branch."""
+        if isinstance(v, list) and v:
+            kinds = {"token id" if isinstance(x, int) and not isinstance(x, bool) else
+                     "string" if isinstance(x, str) else "list" if isinstance(x, list) else "other" for x in v}
+            if len(kinds) > 1 or "other" in kinds:
+                raise ValueError("a prompt list holds strings, token ids or lists of token ids, one form only; "
+                                 f"found {', '.join(sorted(kinds))}")
         return v
 
 
@@ -207,6 +228,9 @@ class ChatCompletionRequest(OpenAIBase):
     messages: list[ChatMessage] = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = Field(None, description="each generated token's log-probability")
+    top_logprobs: int | None = Field(None, ge=0, description="with logprobs: the N most likely alternatives per "
+                                                             "token (at most --max-logprobs)")
 
 
 class CompletionUsage(BaseModel):
@@ -218,10 +242,20 @@ class CompletionUsage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's completions layout, one entry per token of `text` (the prompt's first with echo). A token that
+    nothing precedes has null `token_logprobs` and `top_logprobs`; `top_logprobs` maps the N most likely tokens,
+    and the token itself, to their log-probabilities; `text_offset` is where the token starts in `text`."""
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -240,9 +274,24 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"]
 
 
@@ -263,6 +312,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 

@@ -32,19 +32,30 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
+# what a route uses for a field that neither the request nor the task sets
+NATIVE_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 0.0}
+COMPLETIONS_DEFAULTS = {"max_new_tokens": 16, "temperature": 1.0}   # OpenAI's own defaults
+CHAT_DEFAULTS = {"max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "temperature": 1.0}
+
+
 def sampling(defaults: dict, *, max_new_tokens=None, temperature=None, top_p=None, top_k=None, seed=None,
-             stop=None, cap: int | None = None) -> SamplingParams:
-    """Request fields win over the task's generation defaults, which win over greedy with 64 tokens (or the
-    server's `cap` on max_new_tokens, if lower: leaving the field out must never be refused)."""
+             stop=None, cap: int | None = None, server: dict | None = None) -> SamplingParams:
+    """Request fields win over the task's generation defaults, which win over the route's `server` defaults
+    (greedy with 64 tokens natively; max_new_tokens never above the server's `cap`: leaving the field out must
+    never be refused). The same order holds on every route."""
+    server = server or NATIVE_DEFAULTS
+
     def pick(value, name, fallback):
-        return value if value is not None else defaults.get(name, fallback)
+        return value if value is not None else defaults.get(name, server.get(name, fallback))
 
     stops = stop if stop is not None else defaults.get("stop") or ()
     if isinstance(stops, str):
         stops = (stops,)
     try:
-        fallback = min(DEFAULT_MAX_NEW_TOKENS, cap) if cap else DEFAULT_MAX_NEW_TOKENS
-        return SamplingParams(max_new_tokens=int(pick(max_new_tokens, "max_new_tokens", fallback)),
+        fallback = server.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        fallback = min(fallback, cap) if cap else fallback
+        return SamplingParams(max_new_tokens=int(max_new_tokens if max_new_tokens is not None
+                                                 else defaults.get("max_new_tokens", fallback)),
                               temperature=float(pick(temperature, "temperature", 0.0)),
                               top_p=float(pick(top_p, "top_p", 1.0)), top_k=int(pick(top_k, "top_k", 0)),
                               seed=seed, stop=tuple(str(s) for s in stops))
@@ -71,16 +82,21 @@ class Job:
 
     @classmethod
     def start(cls, rt: Runtime, engine: AsyncEngine, principal: Principal, prompt: PromptRef, texts: list[str],
-              mode: Mode, params: SamplingParams, prefix: str = "req") -> "Job":
-        """Admit (429), then submit every input (422/413/503 raise here, before any response is sent)."""
+              mode: Mode, params: SamplingParams, prefix: str = "req", *,
+              input_ids: list[list[int] | None] | None = None, echo: bool = False,
+              logprobs: int | None = None) -> "Job":
+        """Admit (429), then submit every input (422/413/503 raise here, before any response is sent).
+        input_ids[i], when given, is input i as token ids (texts[i] is then unused)."""
         admission = rt.limiter.acquire(principal.tenant, len(texts))
         job_id = new_id(prefix)
         streams: list[RequestStream] = []
         try:
             for i, text in enumerate(texts):
                 rid = job_id if len(texts) == 1 else f"{job_id}-{i}"
-                streams.append(engine.submit(EngineRequest(request_id=rid, prompt=prompt, text=text, mode=mode,
-                                                           sampling=params, tenant=principal.tenant)))
+                ids = input_ids[i] if input_ids is not None else None
+                streams.append(engine.submit(EngineRequest(
+                    request_id=rid, prompt=prompt, text=text, mode=mode, sampling=params, tenant=principal.tenant,
+                    input_ids=tuple(ids) if ids is not None else None, echo=echo, logprobs=logprobs)))
         except BaseException:
             for s in streams:
                 s.cancel()

@@ -33,10 +33,13 @@ class EngineConfig:
     max_new_tokens: int = 1024      # the largest max_new_tokens a request may ask for
     tenant_weights: dict[str, float] = field(default_factory=dict)
     head_cache_bytes: int = 1 << 30    # cached key/values of prompt heads (virtual tokens, fixed text); 0 disables
+    max_logprobs: int = 20             # most alternatives (top-N) a request may ask for per token
 
     def __post_init__(self) -> None:
         if self.head_cache_bytes < 0:
             raise ValueError("head_cache_bytes must be >= 0")
+        if self.max_logprobs < 0:
+            raise ValueError("max_logprobs must be >= 0")
         for name in ("max_batch_size", "max_prefill_tokens", "max_input_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -63,6 +66,7 @@ class LLMEngine:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_ids = frozenset(eos)
         self.max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
+        self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
         self._tok_lock = threading.Lock()
         self._labels: dict[str, list[list[int]]] = {}  # verbalizer tokens per prompt key
         self._heads: dict[str, int] = {}               # static head length per prompt key
@@ -78,6 +82,7 @@ class LLMEngine:
                                f"{self.config.max_new_tokens}")
         if len(req.text) > 32 * self.config.max_input_tokens:  # cheap bound before tokenizing a huge text
             raise InputTooLong(f"input has {len(req.text)} characters; the limit is {self.config.max_input_tokens} tokens")
+        self._check_logprob_fields(req)
         with self._tok_lock:
             labels = None
             if req.mode == "classify":
@@ -88,17 +93,53 @@ class LLMEngine:
                         self._labels.clear()
                     self._labels[req.prompt.key] = labels
             try:
-                plan = plan_row(spec, self.tokenizer, req.text, with_labels=req.mode == "classify", label_ids=labels)
+                plan = plan_row(spec, self.tokenizer, req.text, with_labels=req.mode == "classify", label_ids=labels,
+                                input_ids=list(req.input_ids) if req.input_ids is not None else None,
+                                separate_input=req.echo)
             except ValueError as e:
                 raise InvalidRequest(str(e)) from None
-        if plan.num_tokens > self.config.max_input_tokens:
-            raise InputTooLong(f"the prompt has {plan.num_tokens} tokens; the limit is {self.config.max_input_tokens}")
+        if plan.prefix + plan.num_tokens > self.config.max_input_tokens:
+            raise InputTooLong(f"the prompt has {plan.prefix + plan.num_tokens} tokens (virtual tokens included); the "
+                               f"limit is {self.config.max_input_tokens}")
         longest = plan.prefix + plan.num_queries + req.sampling.max_new_tokens
         if self.max_positions and longest > self.max_positions:
             raise InputTooLong(f"prefix, prompt and max_new_tokens make {longest} positions; the model has "
                                f"{self.max_positions}")
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        return Sequence(request=req, plan=plan, seed=seed, head_len=self._head_len(req.prompt))
+        head_len = self._head_len(req.prompt)
+        if req.echo and plan.input_span is not None:
+            # the query before the input's first token predicts it: it must be computed, not taken from the head
+            head_len = max(0, min(head_len, plan.input_span[0] - 1))
+        return Sequence(request=req, plan=plan, seed=seed, head_len=head_len)
+
+    def _check_logprob_fields(self, req: EngineRequest) -> None:
+        """Token-id inputs, echo, logprobs and score mode: what fits together, within the server's limits."""
+        if req.logprobs is not None and not 0 <= req.logprobs <= self.config.max_logprobs:
+            raise InvalidRequest(f"logprobs asks for {req.logprobs} alternatives per token; this server returns "
+                                 f"between 0 and {self.config.max_logprobs}")
+        if req.mode == "score" and not req.echo:
+            raise InvalidRequest("scoring without generating (max_tokens 0) needs echo")
+        if req.mode == "classify" and (req.echo or req.logprobs is not None):
+            raise InvalidRequest("classify returns label scores; echo and logprobs are for generate and score")
+        if req.input_ids is not None:
+            if not req.input_ids:
+                raise InvalidRequest("a token-id input needs at least one token")
+            if len(req.input_ids) > self.config.max_input_tokens:
+                raise InputTooLong(f"the input has {len(req.input_ids)} tokens; the limit is "
+                                   f"{self.config.max_input_tokens}")
+            bad = [t for t in req.input_ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequest(f"token id {bad[0]} is outside the model's vocabulary (0..{self.vocab_size - 1})")
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens as written), for log-probability listings."""
+        with self._tok_lock:
+            return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
+    def decode_ids(self, ids: list[int]) -> str:
+        """The text of a token-id input, special tokens kept (what echo returns for it)."""
+        with self._tok_lock:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
     def _head_len(self, prompt) -> int:
         """How many leading tokens every request of a task shares: its leading virtual tokens and the template
@@ -168,6 +209,8 @@ class LLMEngine:
         for s, res in results:
             if s.is_classify:
                 outputs.append(self._classified(s, res))
+            elif s.request.mode == "score":  # the prompt's log-probabilities are all it asked for
+                outputs.append(self._finish(s, "length"))
             else:
                 outputs.append(self._append_token(s, res))
         self._release_finished(seqs)  # finished at prefill (classified, EOS, failed) leave at once
@@ -238,7 +281,22 @@ class LLMEngine:
                 return self._finish(seq, "stop", new_tokens=[token], new_text=delta, truncated=True)
         if len(seq.output_ids) >= sampling.max_new_tokens:
             return self._finish(seq, "length", new_tokens=[token], new_text=delta)
-        return RequestOutput(seq.request_id, [token], delta, finished=False)
+        return self._attach_logprobs(seq, RequestOutput(seq.request_id, [token], delta, finished=False))
+
+    @staticmethod
+    def _attach_logprobs(seq: Sequence, out: RequestOutput) -> RequestOutput:
+        """Hand out the log-probabilities the runner recorded since the last output: the prompt's (echo) on the
+        first output and again on the final one, each sampled token's (EOS included) as it comes, all on the final."""
+        req = seq.request
+        if seq.prompt_logprobs is not None and (out.finished or not seq.prompt_sent):
+            out.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_sent = True
+        if req.logprobs is not None:
+            out.new_logprobs = seq.output_logprobs[seq.sent_logprobs:]
+            seq.sent_logprobs = len(seq.output_logprobs)
+            if out.finished:
+                out.logprobs = list(seq.output_logprobs)
+        return out
 
     def _detokenize(self, seq: Sequence) -> str:
         """Incremental detokenization: only text that can no longer change is emitted (no split characters)."""
@@ -268,6 +326,10 @@ class LLMEngine:
         if seq.output_ids and not truncated:  # flush text held back for a split character
             with self._tok_lock:
                 full = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            if seq.read_offset < len(seq.output_ids) and full.endswith("\ufffd"):
+                # the last character was cut by the end (max_new_tokens, EOS): its bytes are no text, so they go,
+                # and only the complete characters held back with them are flushed
+                full = full[:-1]
             if full.startswith(seq.text) and len(full) > len(seq.text):
                 new_text += full[len(seq.text):]
                 seq.text = full
@@ -277,6 +339,7 @@ class LLMEngine:
                             error=error,
                             queue_wait_s=(seq.scheduled_at or now) - seq.arrival,
                             ttft_s=(seq.first_token_at - seq.arrival) if seq.first_token_at else None)
+        self._attach_logprobs(seq, out)
         if self.observer:
             self.observer.request_finished(out, seq.tenant, seq.request.prompt.key)
         return out

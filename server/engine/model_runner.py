@@ -18,16 +18,18 @@ from prompt_core.spec import PromptTensors
 from .head_cache import CachedHead, HeadCache
 
 from .kv_cache import SlotCache
-from .request import Sequence
-from .sampler import sample
+from .request import Sequence, TokenLogprob
+from .sampler import sample, token_logprobs
 
 
 class ModelRunner:
+    LOGPROB_CHUNK = 512  # prompt positions turned into [chunk, V] logits at a time (echo)
+
     def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_rows: int,
                  head_cache_bytes: int = 1 << 30):
         self.model, self.device, self.dtype = model, device, dtype
         self.heads = HeadCache(head_cache_bytes)
-        _, layers, _, kv_heads, head_dim = model_dims(model.config)
+        _, layers, _, kv_heads, head_dim = model_dims(model)
         self.cache = SlotCache(layers, kv_heads, head_dim, dtype, device)
         self.seqs: list[Sequence] = []
         long = lambda: torch.zeros(max_rows, dtype=torch.long, device=device)  # noqa: E731
@@ -52,7 +54,7 @@ class ModelRunner:
         plans, kv_prefixes = self._start_after_heads(seqs, tensors)
         step, readout = build_prefill(plans, [p.prefix for p in plans],
                                       [t.virtual if t is not None else None for t in tensors], self.device, self.dtype)
-        kv_len = step.mask.shape[-1]
+        kv_len = step.kv_len
         max_new = max(s.request.sampling.max_new_tokens for s in seqs)
         self.cache.ensure(base + k, kv_len + max_new)
         prefixed = [(base + i, kv) for i, kv in enumerate(kv_prefixes) if kv is not None]
@@ -61,10 +63,12 @@ class ModelRunner:
         self.cache.prepare(slice(base, base + k), step.slots, kv_len)
         hidden = F.hidden_states(self.model, step, self.cache)                     # [k, Q, D]
         scores = F.label_scores(self.model, hidden, readout)
-        gen = [i for i, s in enumerate(seqs) if not s.is_classify]
-        results: list[int | list[float]] = [sc.tolist() for sc in scores]
+        prompt_logprobs = self._prompt_logprobs(hidden, seqs, plans)
+        gen = [i for i, s in enumerate(seqs) if s.samples]
+        results: list[int | list[float] | None] = [sc.tolist() for sc in scores]
         rows = torch.arange(base, base + k, device=self.device)
         self._set_rows(rows, seqs, plans)
+        sampled = None
         if gen:
             gi = torch.tensor(gen, device=self.device)
             logits = F.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
@@ -73,9 +77,76 @@ class ModelRunner:
             toks = sample(logits, self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r], self.step[r])
             self.last_token[r] = toks
             self.step[r] += 1
+            sampled = self._sampled_logprobs(logits, toks, [seqs[i] for i in gen])
             for i, tok in zip(gen, toks.tolist()):
                 results[i] = tok
+        # the forward succeeded: only now does any sequence's state change
+        for i, lps in prompt_logprobs.items():
+            seqs[i].prompt_logprobs = lps
+        if sampled:
+            for s, lp in sampled:
+                s.output_logprobs.append(lp)
         return results
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence],
+                         plans: list[RowPlan]) -> dict[int, list[TokenLogprob]]:
+        """With echo and logprobs: each input token's log-probability given everything before it in the row
+        (prefix, virtual tokens, template text, earlier input tokens), from this prefill's hidden states.
+
+        hidden: [k, Q, D]. Query j of row i holds plans[i].ids[j], so token p of the original plan is predicted by
+        query p - 1 - shift, where shift is the cached head the row starts after (capped by the engine so that
+        query is always computed here)."""
+        want = [i for i, s in enumerate(seqs) if s.request.echo and s.request.logprobs is not None
+                and s.prompt_logprobs is None and s.plan.input_span is not None]
+        if not want:
+            return {}
+        Q = hidden.shape[1]
+        flat, targets, owners = [], [], []
+        for i in want:
+            start, end = seqs[i].plan.input_span
+            shift = seqs[i].plan.num_tokens + len(seqs[i].output_ids) - plans[i].num_tokens
+            for p in range(max(start, 1), end):  # a token at position 0 has no context: its logprob is None
+                assert p - 1 >= shift, "the cached head covers a query that echo needs"
+                flat.append(i * Q + p - 1 - shift)
+                targets.append(seqs[i].plan.ids[p])
+                owners.append(i)
+        top_n = max(seqs[i].request.top_n for i in want)
+        L = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        h = hidden.reshape(-1, hidden.shape[-1])                                    # [k*Q, D]
+        lp, top_lp, top_ids = [], [], []
+        idx, tgt = L(flat), L(targets)                                              # [E], [E]
+        for c in range(0, len(flat), self.LOGPROB_CHUNK):  # bounded memory: [chunk, V] logits at a time
+            logits = F.logits(self.model, h[idx[c:c + self.LOGPROB_CHUNK]])        # [c, V]
+            a, b, t = token_logprobs(logits, tgt[c:c + self.LOGPROB_CHUNK], top_n)  # [c], [c, N], [c, N]
+            lp.append(a); top_lp.append(b); top_ids.append(t)
+        out: dict[int, list[TokenLogprob]] = {i: [] for i in want}
+        if flat:
+            rows = zip(torch.cat(lp).tolist(), torch.cat(top_lp).tolist(), torch.cat(top_ids).tolist())
+        else:
+            rows = iter(())
+        for i in want:
+            if seqs[i].plan.input_span[0] == 0 < seqs[i].plan.input_span[1]:
+                out[i].append(TokenLogprob(seqs[i].plan.ids[0], None))
+        for owner, tok, (v, tl, ti) in zip(owners, targets, rows):
+            n = seqs[owner].request.top_n
+            out[owner].append(TokenLogprob(tok, v, tuple(zip(ti[:n], tl[:n]))))
+        return out
+
+    @staticmethod
+    def _sampled_logprobs(logits: torch.Tensor, toks: torch.Tensor,
+                          seqs: list[Sequence]) -> list[tuple[Sequence, TokenLogprob]]:
+        """The sampled tokens' log-probabilities for the rows that asked. logits: [m, V], toks: [m]."""
+        want = [j for j, s in enumerate(seqs) if s.request.logprobs is not None]
+        if not want:
+            return []
+        top_n = max(seqs[j].request.top_n for j in want)
+        w = torch.tensor(want, device=logits.device)
+        lp, top_lp, top_ids = token_logprobs(logits[w], toks[w], top_n)             # [w], [w, N], [w, N]
+        out = []
+        for j, v, tl, ti in zip(want, lp.tolist(), top_lp.tolist(), top_ids.tolist()):
+            n = seqs[j].request.top_n
+            out.append((seqs[j], TokenLogprob(int(toks[j]), v, tuple(zip(ti[:n], tl[:n])))))
+        return out
 
     def _start_after_heads(self, seqs: list[Sequence], tensors: list[PromptTensors | None]):
         """Each row's plan and the key/values in front of it: a row whose task has a static head (leading virtual
@@ -118,8 +189,7 @@ class ModelRunner:
         cache = F.prefix_cache(self.model, [t.prefix if t is not None else None for t in tensors], width)
         step, _ = build_prefill(heads, [width] * len(heads), [t.virtual if t is not None else None for t in tensors],
                                 self.device, self.dtype)
-        F.body(self.model)(inputs_embeds=F.embed(self.model, step), attention_mask=step.mask,
-                           position_ids=step.positions, cache=cache, use_cache=True)
+        F.hidden_states(self.model, step, cache)
         layers = cache.layers
         out = []
         for i, (p, n) in enumerate(zip(heads, lengths)):
@@ -159,6 +229,8 @@ class ModelRunner:
         self.lengths[:n] += 1
         self.step[:n] += 1
         self.last_token[:n] = toks
+        for s, lp in self._sampled_logprobs(logits, toks, self.seqs):
+            s.output_logprobs.append(lp)
         return toks.tolist()
 
     def _record(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:

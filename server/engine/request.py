@@ -70,17 +70,43 @@ class PromptRef:
     load: Callable[[], PromptTensors | None] = lambda: None
 
 
-Mode = Literal["generate", "classify"]
+Mode = Literal["generate", "classify", "score"]
 
 
 @dataclass
 class EngineRequest:
+    """One input to a task. `mode`: generate (sample tokens), classify (score every label), or score (the prompt's
+    own log-probabilities only, finished at prefill; needs `echo`).
+
+    input_ids: token ids given instead of `text`; they go where the template's `{input}` is, like text would.
+    echo: also return the log-probability of each input token given everything before it (virtual tokens and
+      the template's text before the input are context). The input is then tokenized apart from the template
+      text, so that its tokens are the client's own.
+    logprobs: None for none; N >= 0 for each token's log-probability and the N most likely alternatives.
+    """
     request_id: str
     prompt: PromptRef
     text: str
     mode: Mode = "generate"
     sampling: SamplingParams = field(default_factory=SamplingParams)
     tenant: str = "default"
+    input_ids: tuple[int, ...] | None = None
+    echo: bool = False
+    logprobs: int | None = None
+
+    @property
+    def top_n(self) -> int:
+        """Alternatives returned per token (0 when logprobs are off or only the token's own is asked for)."""
+        return self.logprobs or 0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token and its log-probability under the model (raw logits, before temperature or top-k/top-p), with the
+    `top_n` most likely tokens at that position. logprob is None for a first token that nothing precedes."""
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Status(enum.Enum):
@@ -107,6 +133,10 @@ class Sequence:
     cancelled: bool = False
     seed: int = 0                          # the sampling seed in use (drawn at random when none was given)
     head_len: int = 0                      # leading tokens that are the same for every request of the task
+    prompt_logprobs: list[TokenLogprob] | None = None  # the input's tokens, with echo (set at prefill)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per sampled token (EOS included)
+    sent_logprobs: int = 0                 # output_logprobs already handed out in a RequestOutput
+    prompt_sent: bool = False              # prompt_logprobs went out with an earlier output
     # incremental detokenization offsets (see LLMEngine._detokenize)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -124,9 +154,16 @@ class Sequence:
         return self.request.mode == "classify"
 
     @property
+    def samples(self) -> bool:
+        """Whether the row generates tokens (classify and score rows finish at prefill)."""
+        return self.request.mode == "generate"
+
+    @property
     def prompt_tokens(self) -> int:
-        """Real and virtual input tokens (prefix slots not counted)."""
-        return self.plan.num_tokens
+        """Every input token the model attends to: the template's and the input's, prompt tuning's and P-tuning's
+        virtual tokens, and prefix tuning's virtual tokens (its prefix slots), so every kind counts alike toward
+        input limits, token quotas and usage."""
+        return self.plan.prefix + self.plan.num_tokens
 
     @property
     def kv_extent(self) -> int:
@@ -163,3 +200,6 @@ class RequestOutput:
     error: str | None = None
     queue_wait_s: float | None = None
     ttft_s: float | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None  # with echo: on the first output and on the final one
+    new_logprobs: list[TokenLogprob] = field(default_factory=list)  # with logprobs: the tokens of this delta
+    logprobs: list[TokenLogprob] | None = None  # with logprobs, on the final output: every sampled token

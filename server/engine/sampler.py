@@ -50,3 +50,16 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     out = greedy.clone()
     out[rows] = drawn
     return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-softmax of the raw logits (no temperature, top-k or top-p): each row's token and its top_n most likely.
+    logits [m, V] fp32, tokens [m]. Returns ([m] logprob of the token, [m, N] top logprobs, [m, N] top ids)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)                               # [m, V]
+    chosen = logp.gather(1, tokens[:, None].long())[:, 0]                          # [m]
+    if top_n <= 0:
+        empty = logp.new_zeros(logp.shape[0], 0)
+        return chosen, empty, empty.long()
+    top = logp.topk(min(top_n, logp.shape[-1]), dim=-1)                            # [m, N] each
+    return chosen, top.values, top.indices

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,12 @@ def refused(url: str) -> bool:
 def test_sigterm_finishes_in_flight_refuses_new_and_exits(tmp_path):
     server = ServerProcess(tmp_path / "store", "--shutdown-grace-s", "60")
     try:
+        # the ready log says where start-up time went: imports, model, the rest (docs/runbook.md)
+        m = re.search(r"ready in ([\d.]+) s \(imports and app ([\d.]+) s, model ([\d.]+) s, "
+                      r"fingerprint, store and engine ([\d.]+) s, start-up check ([\d.]+) s\)", "".join(server.log))
+        assert m, "".join(server.log)
+        total, *parts = map(float, m.groups())
+        assert -0.3 <= total - sum(parts) <= 1.0 and parts[1] < parts[0]  # the rest: uvicorn starting, rounding
         with httpx.Client(base_url=server.url, timeout=30) as c:
             assert c.get("/ready").status_code == 200
             assert hard_task(c, "count", "{input}").status_code == 201
@@ -114,6 +121,16 @@ def test_refuses_a_public_bind_without_an_auth_file(tmp_path):
         assert p.returncode == 2 and "auth file" in p.stderr, p.stderr
 
 
+def test_help_states_the_statuses_the_server_answers(capsys):
+    from server.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "generate (413 above)" in text and "(422 above)" not in text  # as the server and docs/api.md answer
+    assert "--auth-file PATH" in text and "{Path,null}" not in text
+
+
 def test_settings_from_flags_env_and_defaults(monkeypatch, tmp_path):
     s = Settings()
     assert (s.host, s.port, s.model, s.auth_file, s.cors_origins, s.log_requests) == \
@@ -158,7 +175,11 @@ def test_cors_is_off_by_default_and_on_when_configured(tmp_path):
 
 def test_ready_fails_when_the_engine_loop_dies(tmp_path):
     with live_server(tmp_path, auth=False) as server, server.client() as c:
-        assert hard_task(c, "qa").status_code == 201
+        created = hard_task(c, "qa")
+        assert created.status_code == 201
+        # the open tenant has one name everywhere: task owner, model owner (and metrics' tenant label)
+        assert created.json()["owner"] == "default"
+        assert {m["id"]: m["owned_by"] for m in c.get("/v1/models").json()["data"]}["qa"] == "default"
         assert c.get("/ready").status_code == 200
 
         def boom():

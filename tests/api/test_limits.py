@@ -64,6 +64,20 @@ def test_429_when_a_tenant_has_too_many_requests_in_flight(server):
         assert acme.post("/v1/tasks/qa/generate", json={"input": "x", "max_new_tokens": 1}).status_code == 200
 
 
+def test_a_call_larger_than_the_tenants_concurrency_is_not_retryable(server):
+    """acme may run 1 request at once: a list of 2 can never be admitted, so it is no 429 and has no Retry-After."""
+    with server.client(ACME) as acme:
+        for path, body in (("/v1/tasks/qa/classify", {"input": ["a", "b"]}),
+                           ("/v1/completions", {"model": "qa", "prompt": ["a", "b"], "max_tokens": 1})):
+            r = acme.post(path, json=body)
+            err = assert_error(r, 413, "too_many_inputs")
+            assert "retry-after" not in r.headers
+            assert "can never be admitted" in err["message"] and "at most 1 inputs" in err["message"]
+        assert server.runtime.limiter.in_flight("acme") == 0  # nothing was held
+        r = acme.post("/v1/tasks/qa/generate", json={"input": "x", "max_new_tokens": 1})
+        assert r.status_code == 200
+
+
 def test_429_when_a_tenant_spends_its_token_rate(server):
     with server.client(METERED) as metered:
         first = metered.post("/v1/tasks/qa/generate", json={"input": "word " * 20, "max_new_tokens": 4})

@@ -116,7 +116,7 @@ def test_upload_serves_what_peft_computes(server, adapters, method, fmt):
     ids = [json.loads(d)["id"] for e, d in events if e == "token" and json.loads(d)["id"] is not None]
     assert ids == greedy[:len(ids)] and len(ids) >= 1
     done = json.loads(events[-1][1])
-    assert done["usage"]["prompt_tokens"] == (len(TEXT.split()) + (0 if method.startswith("prefix") else 4))
+    assert done["usage"]["prompt_tokens"] == len(TEXT.split()) + 4  # every kind's 4 virtual tokens count
 
 
 @pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
@@ -136,6 +136,27 @@ def test_export_gives_back_the_same_peft_adapter(server, adapters, method, fmt):
     cfg, orig_cfg = json.loads(got["adapter_config.json"]), json.loads(files["adapter_config.json"])
     for key in ("peft_type", "num_virtual_tokens", "token_dim", "num_layers", "num_attention_heads"):
         assert cfg[key] == orig_cfg[key], key
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_export_loads_with_auto_peft_model_alone(server, adapters, method, tmp_path):
+    """`AutoPeftModelForCausalLM.from_pretrained(dir)` finds the base model from the export alone (no hub) and
+    computes what the uploaded adapter computes."""
+    task = f"{method.replace('_', '-')}-zip"
+    with server.client(ACME) as c:
+        r = c.get(f"/v1/tasks/{task}/export")
+    assert r.status_code == 200, r.text
+    for name, data in unpack(r.content, "zip").items():
+        (tmp_path / name).write_bytes(data)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(Path(resolve_model_path("default")).resolve())
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(cfg["base_model_name_or_path"])
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    seq = list(ids)
+    for _ in range(STEPS):  # PEFT's own forward, step by step (its generate() is off for these methods)
+        seq.append(int(peft_logits(model, seq)[-1].argmax()))
+    assert seq[len(ids):] == adapters[method][1]
 
 
 def test_export_of_a_peft_upload_round_trips_through_the_server(server, adapters):

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import ACME, ADMIN, GLOBEX, assert_error, live_server, native_soft_prompt, pack, upload
+from .conftest import ACME, ADMIN, GLOBEX, METERED, assert_error, live_server, native_soft_prompt, pack, upload
 
 LABELS = [{"name": "yes", "verbalizer": " yes"}, {"name": "no", "verbalizer": " no"}]
 
@@ -96,9 +96,10 @@ def test_others_private_task_looks_exactly_like_a_missing_one(acme):
 
 def test_lists_and_models_show_own_and_public_only(acme, server):
     assert {t["id"] for t in acme.get("/v1/tasks").json()["data"]} == {"acme-own", "globex-public"}
-    assert {m["id"] for m in acme.get("/v1/models").json()["data"]} == {"acme-own", "globex-public"}
+    models = {"acme-own", "globex-public", "default"}  # "default": the bare model, no task
+    assert {m["id"] for m in acme.get("/v1/models").json()["data"]} == models
     with openai.OpenAI(base_url=f"{server.url}/v1", api_key=ACME, max_retries=0) as oai:
-        assert {m.id for m in oai.models.list()} == {"acme-own", "globex-public"}
+        assert {m.id for m in oai.models.list()} == models
         with pytest.raises(openai.NotFoundError):
             oai.completions.create(model="globex-private", prompt="x", max_tokens=1)
         with pytest.raises(openai.NotFoundError):
@@ -113,10 +114,24 @@ def test_changes_need_the_owner_or_an_admin(server, acme):
     assert_error(acme.delete("/v1/tasks/globex-private"), 404, "not_found")     # not revealed
     assert_error(acme.delete("/v1/tasks/globex-public"), 403, "forbidden")      # visible, not acme's
     assert_error(upload(acme, "globex-public", soft), 403, "forbidden")         # no new version either
-    assert_error(upload(acme, "globex-private", soft), 403, "forbidden")        # the id is taken; whose is not said
+    # creating each kind of id: own -> its next version; another's private -> acme's own task of that name, exactly
+    # as for a free id (nothing revealed); public -> 403 (above)
+    own, hidden, free = (upload(acme, task, soft) for task in ("acme-own", "globex-private", "acme-free"))
+    assert own.status_code == 201 and own.json()["version"] == 2
+    assert hidden.status_code == free.status_code == 201
+    assert (hidden.json()["version"], hidden.json()["owner"]) == (free.json()["version"], free.json()["owner"])
+    assert acme.get("/v1/tasks/globex-private").json()["owner"] == "acme"
     with server.client(GLOBEX) as globex:
         assert globex.get("/v1/tasks/globex-public").json()["version"] == 1
-        assert globex.get("/v1/tasks/globex-private").status_code == 200
+        mine = globex.get("/v1/tasks/globex-private").json()
+        assert (mine["owner"], mine["version"]) == ("globex", 1)
+        assert [v["version"] for v in globex.get("/v1/tasks/globex-private/versions").json()["data"]] == [1]
+    with server.client(METERED) as other:  # a third tenant sees neither private task
+        assert_error(other.get("/v1/tasks/globex-private"), 404, "not_found")
+    for task in ("globex-private", "acme-free"):
+        assert acme.delete(f"/v1/tasks/{task}").status_code == 204
+    with server.client(GLOBEX) as globex:
+        assert globex.get("/v1/tasks/globex-private").json()["version"] == 1  # acme's delete touched only its own
 
 
 def test_owner_deletes_own_and_admin_sees_and_deletes_any(server, acme):

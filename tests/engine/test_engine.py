@@ -16,6 +16,21 @@ def loaded():
     return tiny_llama()
 
 
+@pytest.mark.parametrize("kind", [PromptKind.PROMPT_TUNING, PromptKind.P_TUNING, PromptKind.PREFIX_TUNING])
+def test_every_kinds_virtual_tokens_count_toward_limits_and_usage(loaded, kind):
+    """T virtual tokens count the same whether they are input embeddings or prefix key/values: an input that fits
+    beside them passes, one token more is refused, and usage reports them."""
+    T = 6
+    ref = prompt_ref(f"{kind}@1", PromptSpec(kind, T, "{input}"), random_prompt(loaded, kind, T, 0))
+    text_tokens = len(loaded.tokenizer("word " * 9, add_special_tokens=False)["input_ids"])
+    engine = new_engine(loaded, max_input_tokens=T + text_tokens)
+    out = run(engine, [EngineRequest("fits", ref, "word " * 9, sampling=greedy(2))])["fits"]
+    assert out.prompt_tokens == T + text_tokens
+    with pytest.raises(InputTooLong, match=f"has {T + text_tokens} tokens .*limit is {T + text_tokens - 1}"):
+        new_engine(loaded, max_input_tokens=T + text_tokens - 1).add_request(
+            EngineRequest("long", ref, "word " * 9, sampling=greedy(2)))
+
+
 def test_limits_give_clear_errors(loaded):
     engine = new_engine(loaded, max_input_tokens=16, max_new_tokens=8)
     with pytest.raises(InputTooLong, match="limit is 16"):
@@ -67,6 +82,36 @@ def test_streamed_deltas_add_up_to_the_text(loaded):
             deltas.append(out.new_text)
             final = out if out.finished else final
     assert "".join(deltas) == final.text and final.completion_tokens == 10
+
+
+def scripted(engine, monkeypatch, tokens: list[int]) -> None:
+    """The engine's one generating row produces `tokens`, in order, whatever the model says."""
+    script = iter(tokens)
+    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
+    monkeypatch.setattr(engine.runner, "prefill", lambda seqs, tensors: [
+        next(script) if isinstance(r, int) else r for r in real_prefill(seqs, tensors)])
+    monkeypatch.setattr(engine.runner, "decode", lambda kv_len: [next(script) for _ in real_decode(kv_len)])
+
+
+@pytest.mark.parametrize("text, cut, expected", [
+    ("🙂🙂", 3, "🙂"),             # the second emoji's first bytes, then max_new_tokens
+    ("中文 日本語", 3, "中文 "),     # the space held back with the split character is still flushed
+    ("中文 日本語", 5, "中文 日"),   # a character completed by the last token
+])
+def test_a_character_split_by_the_end_is_held_back_not_replaced(loaded, monkeypatch, text, cut, expected):
+    """Streams never carry U+FFFD for a split character: deltas wait until it completes; one the end cuts is dropped."""
+    engine = new_engine(loaded)
+    tokens = engine.tokenizer.encode(text, add_special_tokens=False)
+    scripted(engine, monkeypatch, tokens[:cut])
+    engine.add_request(EngineRequest("u", HARD, "hello", sampling=greedy(cut)))
+    deltas, final = [], None
+    while engine.has_work():
+        for out in engine.step():
+            deltas.append(out.new_text)
+            final = out if out.finished else final
+    assert final.completion_tokens == cut and final.finish_reason == "length"
+    assert final.text == expected and "".join(deltas) == expected
+    assert not any("\ufffd" in d for d in deltas)
 
 
 def test_cancel_frees_the_row(loaded):

@@ -71,13 +71,45 @@ def test_tenants_and_visibility(make_store):
         s.delete("shared", "bob")
     with pytest.raises(Forbidden, match="only the owner"):
         s.create("shared", "bob", spec=PT, tensors=vt(3))
-    with pytest.raises(Forbidden, match="not available"):
-        s.create("secret", "bob", spec=PT, tensors=vt(3))
     # an admin may add a version; the task stays alice's and keeps its visibility
     r = s.create("shared", "root", spec=PT, tensors=vt(4), admin=True)
     assert (r.version, r.tenant, r.visibility) == (2, "alice", "public")
     s.delete("shared", "bob", admin=True)
     assert [r.id for r in s.list("alice")] == ["secret"]
+
+
+def test_an_id_held_privately_by_another_tenant_is_free_in_each_namespace(make_store):
+    """bob creating alice's private id gets his own task of that name, as if the id were free; nothing of alice's
+    is reachable, changed or revealed, and each reaches its own under the same name."""
+    s = make_store()
+    alice = s.create("secret", "alice", spec=PT, tensors=vt(1))
+    bob = s.create("secret", "bob", spec=PT, tensors=vt(2))
+    assert (bob.id, bob.version, bob.tenant, bob.ref) == ("secret", 1, "bob", "secret@1")
+    assert bob.key != alice.key  # the engine and caches tell them apart
+    assert s.create("secret", "bob", spec=PT, tensors=vt(3)).version == 2  # bob adds versions to his own
+    assert float(s.tensors(s.get("secret", "bob")).virtual[0, 0]) == 3.0
+    assert float(s.tensors(s.get("secret", "alice")).virtual[0, 0]) == 1.0
+    assert [r.version for r in s.versions("secret", "alice")] == [1]
+    assert [(r.id, r.tenant) for r in s.list("bob")] == [("secret", "bob")]
+    with pytest.raises(TaskNotFound):
+        s.get("secret", "carol")
+    with pytest.raises(TaskNotFound):  # a tenant cannot address the storage name of another's copy
+        s.get(bob.sid, "alice")
+    assert s.get(bob.sid, "root", admin=True).tenant == "bob"  # admins can
+    # a fresh process (another replica) resolves the same way
+    s2 = PromptStore(s.root, s.fingerprint)
+    assert s2.get("secret", "bob").version == 2 and s2.get("secret", "alice").version == 1
+    # one public task per id: bob's copy goes public, so alice may not publish hers (public ids are no secret)
+    s.create("secret", "bob", spec=PT, tensors=vt(4), metadata={"visibility": "public"})
+    assert s.get("secret", "carol").tenant == "bob"
+    with pytest.raises(Forbidden, match="public task 'secret' already exists"):
+        s.create("secret", "alice", spec=PT, tensors=vt(5), metadata={"visibility": "public"})
+    assert s.get("secret", "alice").tenant == "alice"  # her own wins for her
+    # deleting bob's copy leaves alice's task as it was
+    s.delete("secret", "bob")
+    with pytest.raises(TaskNotFound):
+        s.get("secret", "bob")
+    assert s.get("secret", "alice").version == 1
 
 
 def test_quota(make_store):

@@ -78,7 +78,10 @@ def test_huge_inputs(acme, disk):
     over_chars = "x" * 1_000_001                  # past the schema's character cap: refused before tokenizing
     for path in NATIVE_ENDPOINTS:
         assert_error(acme.post(path, json={"input": over_chars}), 422, "invalid_request")
-    assert_error(acme.post("/v1/tasks/cls/classify", json={"input": ["x"] * 65}), 422, "invalid_request")
+    err = assert_error(acme.post("/v1/tasks/cls/classify", json={"input": ["x"] * 65}), 422, "invalid_request")
+    assert err["message"] == "body.input: List should have at most 64 items after validation, not 65"  # no str noise
+    err = assert_error(acme.post("/v1/completions", json={"model": "qa", "prompt": ["x", 3]}), 422)
+    assert err["message"] == "body.prompt.1: Input should be a valid string"
     assert_error(acme.post("/v1/chat/completions", json={"model": "qa", "messages": [
         {"role": "user", "content": "x"}] * 257}), 422, "invalid_request")
     assert_error(hard_task(acme, "big", "{input}" + "x" * 20_001), 422, "invalid_request")
@@ -235,20 +238,28 @@ def test_truncated_archives(acme, disk):
 
 @pytest.fixture(scope="module")
 def zip_bomb() -> bytes:
-    """~0.5 MB that inflates to 520 MB of zeros (past the 512 MB uncompressed cap)."""
+    """~0.4 MB that inflates to 400 MB of zeros: under the old fixed 512 MiB cap, far past any valid adapter."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         with zf.open("adapter/prompt.safetensors", "w", force_zip64=True) as f:
             chunk = bytes(1 << 20)
-            for _ in range(520):
+            for _ in range(400):
                 f.write(chunk)
         zf.writestr("adapter/task.json", _good_files()["task.json"])
     return buf.getvalue()
 
 
-def test_zip_bomb_and_many_files(acme, disk, zip_bomb):
+def test_zip_bomb_and_many_files(server, acme, disk, zip_bomb):
+    """Within the 2 MiB upload limit, 400 MB of zeros: refused before or while extracting, once past what a valid
+    adapter for this model can be (~50 MB for the default model: 512 virtual tokens of a prefix in float64), not
+    after writing up to 512 MiB to the store's tmp."""
+    from prompt_store.archive import limits_for_model
+
     assert len(zip_bomb) < 2 << 20
-    assert "bytes" in _refused(acme, zip_bomb, 413)
+    limits = limits_for_model(server.runtime.store.fingerprint, 512, 2 << 20)
+    assert limits.max_total_bytes < 64 << 20
+    message = _refused(acme, zip_bomb, 413)
+    assert f"at most {limits.max_total_bytes} bytes" in message or f"at most {limits.max_file_bytes} bytes" in message
     many = _zip([(f"adapter/f{i}.txt", b"x") for i in range(200)] + [(f"adapter/{k}", v) for k, v in
                                                                      _good_files().items()])
     _refused(acme, many, 413)

@@ -95,7 +95,7 @@ def test_another_tenants_private_task_is_a_404_identical_to_a_missing_one(acme, 
     missing = ref.replace("globex-private", "nothing-here")
     hidden_ops, missing_ops = ops(ref), ops(missing)
     for name in hidden_ops:
-        if name == "new_version":  # reusing the id is refused (403, documented), creating a missing one works
+        if name == "new_version":  # creating either id works alike (test below)
             continue
         hidden, absent = send(acme, hidden_ops[name]), send(acme, missing_ops[name])
         assert_error(hidden, 404, "not_found")
@@ -109,13 +109,30 @@ def test_another_tenants_private_task_is_a_404_identical_to_a_missing_one(acme, 
         assert [v["version"] for v in globex.get("/v1/tasks/globex-private/versions").json()["data"]] == [1]
 
 
-def test_reusing_another_tenants_id_does_not_take_it_over(acme, server):
-    r = send(acme, ops("globex-private")["new_version"])
-    assert_error(r, 403, "forbidden")
-    message = r.json()["error"]["message"].replace("globex-private", "<id>")
-    assert "globex" not in message and "owner" not in message and "private" not in message  # never says whose
-    rec = server.runtime.store.get("globex-private", None, admin=True)
-    assert rec.tenant == "globex" and rec.version == 1
+def test_reusing_another_tenants_private_id_answers_as_for_a_free_one(acme, server):
+    """Creating an id that another tenant holds privately looks exactly like creating a free id (201, the same body
+    and headers, version 1): the caller gets its own task of that name, and the other tenant's is untouched."""
+    fresh = send(acme, ops("free-id")["new_version"])
+    reused = send(acme, ops("globex-private")["new_version"])
+    assert fresh.status_code == reused.status_code == 201, reused.text
+    strip = lambda body: {k: v for k, v in body.items() if k not in ("id", "created_at")}  # noqa: E731
+    assert strip(reused.json()) == strip(fresh.json()) and reused.json()["id"] == "globex-private"
+    assert reused.headers["location"] == "/v1/tasks/globex-private@1"
+    assert set(reused.headers) == set(fresh.headers)
+    mine = acme.post("/v1/tasks/globex-private/generate", json={"input": "x", "max_new_tokens": 1}).json()
+    assert mine["task"] == "globex-private@1"  # never the storage name
+    theirs = server.runtime.store.get("globex-private", "globex")
+    assert theirs.tenant == "globex" and theirs.version == 1 and theirs.kind == "prompt_tuning"
+    with server.client(GLOBEX) as globex:
+        assert globex.get("/v1/tasks/globex-private").json()["kind"] == "prompt_tuning"
+        assert [t["id"] for t in globex.get("/v1/tasks").json()["data"]].count("globex-private") == 1
+    assert acme.get("/v1/tasks/globex-private").json()["kind"] == "hard"
+    assert [t["id"] for t in acme.get("/v1/tasks").json()["data"]].count("globex-private") == 1
+    # deleting its own copy leaves the other tenant's task alone, and the id answers 404 to it again
+    assert acme.delete("/v1/tasks/globex-private").status_code == 204
+    assert_error(acme.get("/v1/tasks/globex-private"), 404, "not_found")
+    assert server.runtime.store.get("globex-private", "globex").version == 1
+    assert acme.delete("/v1/tasks/free-id").status_code == 204
 
 
 def test_lists_never_show_another_tenants_private_task(acme, server):

@@ -255,6 +255,9 @@ def test_cli_train_eval_and_push(tiny_dir, tmp_path, classify_file, capsys):
     for name in ("task.json", "prompt.safetensors", "peft/adapter_config.json", "log.jsonl", "curves.png",
                  "results.json", "checkpoint/trainer.safetensors"):
         assert (out / name).is_file(), name
+    # the PEFT copy names a base model AutoPeftModelForCausalLM can load, not a bare "default"
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["base_model_name_or_path"] == str(Path(tiny_dir).resolve())
     path, headers, body = _Stub.seen[-1]
     assert path == "/v1/tasks" and headers["Authorization"] == "Bearer sk-test"
     fields = _multipart(headers, body)
@@ -278,6 +281,54 @@ def test_cli_train_eval_and_push(tiny_dir, tmp_path, classify_file, capsys):
     assert cli_main(["eval", "--template", "{input} ->", "--data", str(gen), "--model", str(tiny_dir),
                      "--max-new-tokens", "3"]) == 0
     assert set(json.loads(capsys.readouterr().out.strip().splitlines()[-1])) >= {"exact_match", "token_f1"}
+
+
+def test_max_steps_with_push_says_why_nothing_was_pushed_and_resume_pushes(tiny_dir, tmp_path, classify_file,
+                                                                         capsys):
+    """--max-steps ends before the export, so --push cannot happen yet: said on stderr; --resume trains on and
+    pushes; after a failed push, --resume only exports and pushes again (no more steps)."""
+    server = HTTPServer(("127.0.0.1", 0), _Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    out = tmp_path / "part"
+    args = ["train", "--method", "prompt-tuning", "--task", "classify", "--data", str(classify_file), "--out",
+            str(out), "--model", str(tiny_dir), "--labels", "good,bad", "--virtual-tokens", "2", "--epochs", "1",
+            "--batch-size", "8", "--api-key", "sk-test", "--task-id", "part"]
+    before = len(_Stub.seen)
+    try:
+        assert cli_main([*args, "--max-steps", "1", "--push", url]) == 0
+        err = capsys.readouterr().err
+        assert "not pushed: training stopped at step 1" in err and "--resume" in err
+        assert len(_Stub.seen) == before and not (out / "task.json").exists()
+        assert cli_main([*args, "--resume", "--push", "http://127.0.0.1:9"]) == 2  # trained to the end; push fails
+        assert "push to http://127.0.0.1:9/v1/tasks failed" in capsys.readouterr().err
+        steps = (out / "log.jsonl").read_text().count('"type": "step"')
+        assert steps >= 2  # the resumed run did train on past step 1
+        assert cli_main([*args, "--resume", "--push", url]) == 0
+        assert len(_Stub.seen) == before + 1 and _Stub.seen[-1][0] == "/v1/tasks"
+        assert (out / "log.jsonl").read_text().count('"type": "step"') == steps  # only pushed again
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_curves_show_whole_epochs(tmp_path, epochs):
+    """The held-out panel's x axis covers every epoch with integer ticks (one epoch once spanned 0.96 to 1.04)."""
+    import matplotlib.pyplot as plt
+
+    from training.curves import RunLog, curves_figure
+
+    log = RunLog(tmp_path, fresh=True)
+    for e in range(1, epochs + 1):
+        log.write(type="step", epoch=e - 1, step=e, loss=1.0 / e)
+        log.write(type="epoch", epoch=e, step=e, train_loss=1.0 / e, accuracy=50.0 + e)
+    fig = curves_figure(tmp_path, "t")
+    held = fig.axes[1]
+    lo, hi = held.get_xlim()
+    ticks = [t for t in held.get_xticks() if lo <= t <= hi]
+    plt.close(fig)
+    assert lo <= 0.5 and hi >= epochs + 0.5
+    assert ticks and all(float(t).is_integer() for t in ticks) and set(range(1, epochs + 1)) <= set(ticks)
 
 
 def test_push_failure_is_a_clear_error(tmp_path):

@@ -19,7 +19,7 @@ from ..serving import Job, check_output, sampling
 
 router = APIRouter(prefix="/v1/tasks", tags=["generate"])
 
-TaskRef = Annotated[str, Path(description="a task id, or id@version to pin a version", max_length=140)]
+TaskRef = Annotated[str, Path(description="a task id, or id@version to pin a version", max_length=270)]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -40,9 +40,9 @@ async def generate(task_id: TaskRef, body: GenerateRequest, request: Request, pr
     job = Job.start(rt, engine, principal, prompt_ref(store, record), [body.input], "generate", params, "gen")
     if not body.stream:
         out = check_output((await job.results(request))[0])
-        return GenerateResponse(id=job.id, task=record.key, text=out.text, finish_reason=out.finish_reason,
+        return GenerateResponse(id=job.id, task=record.ref, text=out.text, finish_reason=out.finish_reason,
                                 usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens))
-    return StreamingResponse(_generate_events(job, record.key), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(_generate_events(job, record.ref), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 async def _generate_events(job: Job, task_key: str) -> AsyncIterator[bytes]:

