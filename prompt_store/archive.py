@@ -10,8 +10,8 @@ from __future__ import annotations
 import gzip
 import io
 import os
-import socket
 import shutil
+import socket
 import stat
 import tarfile
 import tempfile

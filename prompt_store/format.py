@@ -160,7 +160,8 @@ def encode_tensors(spec: PromptSpec, tensors: PromptTensors | None) -> bytes | N
                                    "format_version": str(FORMAT_VERSION)})
 
 
-def write_artifact(directory: Path, manifest: TaskManifest, tensors: PromptTensors | None) -> TaskManifest:
+def write_artifact(directory: Path, manifest: TaskManifest, tensors: PromptTensors | None,
+                   fsync: bool = True) -> TaskManifest:
     """Write task.json and prompt.safetensors (fp32; "virtual" [T, D] or "prefix" [L, 2, H_kv, T, Dh]), each
     fsynced, and return the manifest with tensors_sha256 filled in. The caller makes it atomic (temp dir + rename)."""
     directory = Path(directory)
@@ -170,8 +171,9 @@ def write_artifact(directory: Path, manifest: TaskManifest, tensors: PromptTenso
     manifest = replace(manifest, tensors_sha256=sha)
     manifest.check()
     if blob is not None:
-        write_durably(directory / TENSORS_NAME, blob)
-    write_durably(directory / MANIFEST_NAME, (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        write_durably(directory / TENSORS_NAME, blob, fsync)
+    write_durably(directory / MANIFEST_NAME, (json.dumps(manifest.to_dict(), indent=2, sort_keys=True) + "\n").encode(),
+                  fsync)
     return manifest
 
 

@@ -230,6 +230,29 @@ def llama_bench(binary: str, gguf: str, prompt: int, new: int, batches: list[int
     return rows
 
 
+def plot(results: dict[str, dict[int, float]], bound: float, args) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(results)
+    fig, axes = plt.subplots(1, len(args.batches), figsize=(4 * len(args.batches), 3.6))
+    for ax, b in zip(axes if len(args.batches) > 1 else [axes], args.batches):
+        vals = [results[s].get(b, 0) for s in systems]
+        ax.bar(range(len(systems)), vals, color=["C0" if s == "engine" else "C1" if s == "http" else "C7"
+                                                 for s in systems])
+        ax.set_xticks(range(len(systems)), systems, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"batch {b}")
+        if b == 1:
+            ax.axhline(bound, color="C3", ls="--", lw=1, label="bandwidth bound")
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("decode tokens/s") if len(args.batches) > 1 else axes.set_ylabel("decode tokens/s")
+    fig.suptitle(f"decode speed, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
+                 f"{args.threads} thread(s), {args.dtype}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None) -> int:
@@ -246,6 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--gguf", help="the model as an F32 GGUF (convert_hf_to_gguf.py --outtype f32)")
     p.add_argument("--gguf-q4", help="the model as a Q4_1 GGUF (the file the default model ships in)")
     p.add_argument("--json", help="write every number here")
+    p.add_argument("--plot", help="write a bar chart of the sweep here (PNG)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
     torch.set_num_threads(args.threads)
@@ -309,6 +333,8 @@ def main(argv=None) -> int:
     print()
     for name, ratio, target in goals:
         print(f"{'PASS' if ratio >= target else 'FAIL'} {name}: {ratio:.2f}x (goal >= {target}x)")
+    if args.plot:
+        plot(results, bound, args)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "when": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(), "args": vars(args),

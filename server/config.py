@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_input_tokens: int = Field(2048, ge=1, description="longest accepted input, task prompt included (413 above)")
     max_new_tokens: int = Field(1024, ge=1, description="most tokens one request may generate (413 above)")
     max_logprobs: int = Field(20, ge=0, description="most alternatives per token that logprobs / top_logprobs may ask "
-                                                   "for (422 above)")
+                                                   "for (a larger N is a 422)")
     head_cache_mb: int = Field(1024, ge=0, description="memory for cached key/values of task prompt heads (leading "
                                                        "virtual tokens and template text); 0 turns the cache off")
     max_queue: int = Field(1024, ge=1, description="engine requests in flight (running or waiting), all tenants "

@@ -64,12 +64,22 @@ class LLMEngine:
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = frozenset(eos)
+        self.eos_ids = eos
         self.max_positions = getattr(loaded.model.config, "max_position_embeddings", None)
         self.vocab_size = loaded.model.get_input_embeddings().weight.shape[0]
         self._tok_lock = threading.Lock()
         self._labels: dict[str, list[list[int]]] = {}  # verbalizer tokens per prompt key
         self._heads: dict[str, int] = {}               # static head length per prompt key
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Tokens that end a request (unless it asks ignore_eos) and that min_tokens holds back."""
+        return self._eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids) -> None:
+        self._eos_ids = frozenset(ids)
+        self.runner.eos_ids = sorted(self._eos_ids)
 
     # ---- requests in
     def make_sequence(self, req: EngineRequest) -> Sequence:
@@ -266,11 +276,11 @@ class LLMEngine:
             seq.first_token_at = time.monotonic()
         self.scheduler.charge_output(seq)
         sampling = seq.request.sampling
-        if token in self.eos_ids:
+        if token in self.eos_ids and not sampling.ignore_eos:
             return self._finish(seq, "stop")
         seq.output_ids.append(token)
         delta = self._detokenize(seq)
-        if sampling.stop:
+        if sampling.stop and len(seq.output_ids) >= sampling.min_tokens:
             window = max(map(len, sampling.stop)) + len(delta)
             start = max(0, len(seq.text) - window)
             hits = [i for i in (seq.text.find(stop, start) for stop in sampling.stop) if i >= 0]

@@ -38,6 +38,7 @@ class ModelRunner:
         self.prefix, self.tok_start, self.lengths, self.last_token = long(), long(), long(), long()
         self.temperature, self.top_p = real(), real()
         self.top_k, self.seed, self.step = long(), long(), long()
+        self.eos_ids: list[int] = []  # set by the engine
         self.trace: dict[str, list[torch.Tensor]] | None = None  # request id -> logits per step (tests, debugging)
         self._row_state = [self.prefix, self.tok_start, self.lengths, self.last_token, self.temperature,
                            self.top_p, self.top_k, self.seed, self.step]
@@ -74,7 +75,8 @@ class ModelRunner:
             logits = F.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
             r = rows[gi]
             self._record(logits, [seqs[i] for i in gen])
-            toks = sample(logits, self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r], self.step[r])
+            toks = sample(self._hold_eos(logits, [seqs[i] for i in gen]), self.temperature[r], self.top_k[r],
+                          self.top_p[r], self.seed[r], self.step[r])
             self.last_token[r] = toks
             self.step[r] += 1
             sampled = self._sampled_logprobs(logits, toks, [seqs[i] for i in gen])
@@ -225,13 +227,26 @@ class ModelRunner:
         hidden = F.hidden_states(self.model, step, self.cache)                     # [n, 1, D]
         logits = F.logits(self.model, hidden[:, 0])                                # [n, V]
         self._record(logits, self.seqs)
-        toks = sample(logits, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n], self.step[:n])
+        toks = sample(self._hold_eos(logits, self.seqs), self.temperature[:n], self.top_k[:n], self.top_p[:n],
+                      self.seed[:n], self.step[:n])
         self.lengths[:n] += 1
         self.step[:n] += 1
         self.last_token[:n] = toks
         for s, lp in self._sampled_logprobs(logits, toks, self.seqs):
             s.output_logprobs.append(lp)
         return toks.tolist()
+
+    def _hold_eos(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """min_tokens: end-of-sequence tokens cannot be sampled by a row that has fewer tokens than it asked for.
+        logits: [m, V] for `seqs`; untouched (no copy) when no row asks."""
+        early = [j for j, s in enumerate(seqs) if len(s.output_ids) < s.request.sampling.min_tokens]
+        if not early or not self.eos_ids:
+            return logits
+        rows = torch.tensor(early, device=logits.device)
+        eos = torch.tensor(self.eos_ids, device=logits.device)
+        logits = logits.clone()
+        logits[rows[:, None], eos[None, :]] = float("-inf")                       # [e, |eos|]
+        return logits
 
     def _record(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         if self.trace is not None:

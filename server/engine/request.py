@@ -41,6 +41,8 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0          # no end-of-sequence token, and no stop string, before this many tokens (vLLM's)
+    ignore_eos: bool = False     # an end-of-sequence token does not end the request (vLLM's; fixed-length output)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -55,6 +57,9 @@ class SamplingParams:
             raise InvalidRequest(f"seed must be in [0, 2**63), got {self.seed!r}")
         if any(not s for s in self.stop):
             raise InvalidRequest("stop strings must be non-empty")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequest(f"min_tokens must be between 0 and max_new_tokens ({self.max_new_tokens}), "
+                                 f"got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:

@@ -186,3 +186,53 @@ def test_a_preempted_request_resumes_with_the_same_text(loaded):
         alone = run(new_engine(loaded), [req])[req.request_id]
         assert finals[req.request_id].text == alone.text, req.request_id
         assert finals[req.request_id].completion_tokens == alone.completion_tokens
+
+
+def _first_greedy_token(loaded, text: str) -> tuple[int, "torch.Tensor"]:
+    engine = new_engine(loaded)
+    run(engine, [EngineRequest("probe", HARD, text, sampling=greedy(1))])
+    logits = engine.runner.trace["probe"][0]
+    return int(logits.argmax()), logits
+
+
+def test_ignore_eos_keeps_generating_through_end_of_sequence(loaded):
+    """Make the request's first greedy token an end-of-sequence token: it stops at once, unless it ignores EOS,
+    and then it generates exactly the tokens it would without that EOS, to full length."""
+    first, _ = _first_greedy_token(loaded, "hello there")
+    plain = run(new_engine(loaded), [EngineRequest("p", HARD, "hello there", sampling=greedy(5))])["p"]
+    engine = new_engine(loaded)
+    engine.eos_ids = {first}
+    stops = run(engine, [EngineRequest("s", HARD, "hello there", sampling=greedy(5))])["s"]
+    assert (stops.finish_reason, stops.completion_tokens) == ("stop", 0)
+    engine = new_engine(loaded)
+    engine.eos_ids = {first}
+    ignoring = run(engine, [EngineRequest("i", HARD, "hello there",
+                                          sampling=SamplingParams(max_new_tokens=5, temperature=0.0,
+                                                                  ignore_eos=True))])["i"]
+    assert (ignoring.finish_reason, ignoring.completion_tokens) == ("length", 5)
+    assert ignoring.text == plain.text
+
+
+def test_min_tokens_holds_back_end_of_sequence_and_stop_strings(loaded):
+    first, logits = _first_greedy_token(loaded, "hello there")
+    engine = new_engine(loaded)
+    engine.eos_ids = {first}
+    out = run(engine, [EngineRequest("m", HARD, "hello there",
+                                     sampling=SamplingParams(max_new_tokens=6, temperature=0.0, min_tokens=3))])["m"]
+    assert out.completion_tokens >= 3
+    held = logits.clone()
+    held[first] = float("-inf")
+    second = int(held.argmax())  # the best token that is not end-of-sequence
+    assert engine.runner.trace["m"][0].argmax() == first  # the raw logits are unchanged ...
+    assert out.finish_reason in ("length", "stop")
+    got = loaded.tokenizer(out.text, add_special_tokens=False)["input_ids"]
+    assert got[0] == second  # ... but the sampled token is the best one that is not EOS
+    # a stop string that the first token completes ends the request at once, but not before min_tokens
+    word = loaded.tokenizer.decode([first])
+    stop = lambda n: SamplingParams(max_new_tokens=6, temperature=0.0, stop=(word,), min_tokens=n)  # noqa: E731
+    at_once = run(new_engine(loaded), [EngineRequest("c0", HARD, "hello there", sampling=stop(0))])["c0"]
+    assert (at_once.finish_reason, at_once.completion_tokens, at_once.text) == ("stop", 1, "")
+    later = run(new_engine(loaded), [EngineRequest("c3", HARD, "hello there", sampling=stop(3))])["c3"]
+    assert later.completion_tokens >= 3 and later.text.startswith(word)
+    with pytest.raises(InvalidRequest, match="min_tokens"):
+        SamplingParams(max_new_tokens=2, min_tokens=3)

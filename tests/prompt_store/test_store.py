@@ -335,11 +335,13 @@ def _enospc(*_a, **_k):
 
 
 def test_disk_full_is_storage_full_and_publishes_nothing(make_store, monkeypatch):
-    from prompt_store import store as store_mod
+    from prompt_store import disk as disk_mod
+    from prompt_store import format as format_mod
     from prompt_store.errors import StorageFull
     s = make_store()
     s.create("t", "alice", spec=PT, tensors=vt(1))
-    monkeypatch.setattr(store_mod, "write_durably", _enospc)
+    for module in (format_mod, disk_mod):  # the artifact's files, and the tombstone
+        monkeypatch.setattr(module, "write_durably", _enospc)
     with pytest.raises(StorageFull, match="no space left") as e:
         s.create("t", "alice", spec=PT, tensors=vt(2))
     assert e.value.status == 507
@@ -351,16 +353,16 @@ def test_disk_full_is_storage_full_and_publishes_nothing(make_store, monkeypatch
 
 
 def test_failed_generation_bump_does_not_fail_a_published_upload(make_store, monkeypatch):
-    from prompt_store import store as store_mod
+    from prompt_store import disk as disk_mod
     s = make_store()
-    real = store_mod._write_json_atomic
+    real = disk_mod.write_json_atomic
 
     def no_generation(path, *a, **k):
         if path.name == "generation.json":
             _enospc()
         return real(path, *a, **k)
 
-    monkeypatch.setattr(store_mod, "_write_json_atomic", no_generation)
+    monkeypatch.setattr(disk_mod, "write_json_atomic", no_generation)
     assert s.create("t", "alice", spec=PT, tensors=vt(1)).key == "t@1"
     assert PromptStore(s.root, s.fingerprint).get("t", None).key == "t@1"
 

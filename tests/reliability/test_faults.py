@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 import prompt_store.archive as archive_mod
-import prompt_store.store as store_mod
+import prompt_store.format as format_mod
 
 from .conftest import (ACME, DiskWatch, assert_error, hard_task, live_server, native_soft_prompt, pack,
                        private_tempdir, sse_events, upload)
@@ -140,11 +140,11 @@ def test_disk_full_during_upload_leaves_nothing_and_the_previous_version_serves(
     assert upload(acme, task, pack(native_soft_prompt("prompt_tuning", T=2, seed=10))).status_code == 201
     server.wait_idle()
     disk = DiskWatch(server.runtime.settings.store, module_tmp / "server-tmp")
+    archive = pack(native_soft_prompt("prompt_tuning", T=2, seed=11, labels=LABELS))
     if where == "store_write":
-        monkeypatch.setattr(store_mod, "write_durably", _enospc)
+        monkeypatch.setattr(format_mod, "write_durably", _enospc)
     else:
         monkeypatch.setattr(archive_mod, "open", _full_open, raising=False)
-    archive = pack(native_soft_prompt("prompt_tuning", T=2, seed=11, labels=LABELS))
     with server.client(ACME) as fresh:  # its own connection: see test_a_500_does_not_drop_the_kept_alive_connection
         r = upload(fresh, task, archive)
     assert r.status_code >= 400
@@ -163,7 +163,7 @@ def test_disk_full_during_upload_leaves_nothing_and_the_previous_version_serves(
 
 
 def test_disk_full_in_the_store_is_a_507(acme, monkeypatch):
-    monkeypatch.setattr(store_mod, "write_durably", _enospc)
+    monkeypatch.setattr(format_mod, "write_durably", _enospc)
     r = hard_task(acme, "qa3")
     err = assert_error(r, 507)
     assert "space" in err["message"].lower()
