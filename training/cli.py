@@ -30,7 +30,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--template", default="{input}", help="template with one {input}; <v:N> anchors for p-tuning")
     p.add_argument("--virtual-tokens", type=int, help="T (default: the template's <v:N> total, else 8)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, help="default 3e-2 prompt tuning, 1e-3 p-tuning, 1e-2 prefix tuning (1e-3 with --prefix-projection)")
+    p.add_argument("--lr", type=float, help="default 3e-2 prompt tuning, 1e-3 p-tuning, 1e-2 prefix tuning "
+                                             "(1e-3 with --prefix-projection)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", choices=INITS, default="text", help="prompt tuning / prefix init (default text)")

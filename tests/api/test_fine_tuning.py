@@ -19,10 +19,9 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from prompt_core.model import ensure_default_model_dir
+from server.config import Settings
 from training.config import TrainConfig
 from training.loop import train
-
-from server.config import Settings
 
 from .conftest import ACME, ADMIN, GLOBEX, LiveServer, assert_error, write_auth_file
 
@@ -452,6 +451,7 @@ def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
     served = load_file(str(next((store / "tasks" / done.fine_tuned_model).glob("v*/prompt.safetensors"))))
 
     from transformers import AutoModelForCausalLM
+
     from prompt_core.model import LoadedModel, freeze
     lm = LoadedModel(model=freeze(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32,
                                                                        attn_implementation="sdpa")),
