@@ -149,4 +149,5 @@ def build_decode(ids: torch.Tensor, prefix: torch.Tensor, tok_start: torch.Tenso
     positions = prefix[:, None] + (slots - tok_start[:, None])        # [n, 1]
     mask = attention_mask(prefix, tok_start, tok_start[:, None], tok_start[:, None], slots, kv_len, dtype)
     return StepInputs(ids=ids[:, None], virt=torch.full_like(slots, -1), virtual_table=None,
-                      positions=positions, slots=slots, mask=mask, key_positions=key_positions(prefix, tok_start, kv_len))
+                      positions=positions, slots=slots, mask=mask,
+                      key_positions=key_positions(prefix, tok_start, kv_len))

@@ -58,7 +58,8 @@ class TemplatePart:
 def parse_template(template: str) -> list[TemplatePart]:
     """Split `<v:4> Review: {input} <v:4> Sentiment:` into text and virtual-token parts."""
     if template.count(INPUT_SLOT) != 1:
-        raise ValueError(f"a template needs exactly one {INPUT_SLOT} slot, got {template.count(INPUT_SLOT)}: {template!r}")
+        raise ValueError(f"a template needs exactly one {INPUT_SLOT} slot, got {template.count(INPUT_SLOT)}: "
+                         f"{template!r}")
     parts: list[TemplatePart] = []
     pos = 0
     for m in _VIRTUAL_MARK.finditer(template):
@@ -101,7 +102,8 @@ class PromptSpec:
         if marked and kind is not PromptKind.P_TUNING:
             raise ValueError(f"<v:N> markers place virtual tokens for p_tuning only, not {kind.value}")
         if marked and marked != self.num_virtual_tokens:
-            raise ValueError(f"the template places {marked} virtual tokens but the prompt has {self.num_virtual_tokens}")
+            raise ValueError(f"the template places {marked} virtual tokens but the prompt has "
+                             f"{self.num_virtual_tokens}")
 
     @property
     def parts(self) -> list[TemplatePart]:

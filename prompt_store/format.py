@@ -212,7 +212,8 @@ def decode_tensors(blob: bytes, spec: PromptSpec, *, expected_sha256: str | None
     if t.dtype != torch.float32:
         raise InvalidPrompt(f"{source}: tensor {want!r} expected dtype float32, found {str(t.dtype).split('.')[-1]}")
     if t.dim() != TENSOR_NAMES[want]:
-        raise InvalidPrompt(f"{source}: tensor {want!r} expected rank {TENSOR_NAMES[want]}, found shape {list(t.shape)}")
+        raise InvalidPrompt(f"{source}: tensor {want!r} expected rank {TENSOR_NAMES[want]}, "
+                            f"found shape {list(t.shape)}")
     return PromptTensors(**{want: t})
 
 

@@ -24,7 +24,8 @@ def normalize_labels(labels) -> list[dict]:
         try:
             labels = {str(x["name"]): str(x["verbalizer"]) for x in labels}
         except KeyError as e:
-            raise InvalidPrompt(f"labels expected objects with 'name' and 'verbalizer', found one without {e}") from None
+            raise InvalidPrompt("labels expected objects with 'name' and 'verbalizer', "
+                                f"found one without {e}") from None
     if not isinstance(labels, (list, dict)):
         raise InvalidPrompt(f"labels expected a list or an object, found {type(labels).__name__}")
     try:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """In-process engine benchmark for issue 6, with every figure next to baselines measured in the same run.
 
-    python scripts/bench_engine.py --threads 1   # the standard workload (64 requests, 32 tasks, 32 new tokens), ~2-4 min
+    python scripts/bench_engine.py --threads 1   # the standard workload (64 requests, 32 tasks, 32 new tokens),
+                                                 # ~2-4 min
     python scripts/bench_engine.py --threads 1 --quick    # smaller: ~1 min
     python scripts/bench_engine.py --help
 
@@ -154,7 +155,8 @@ class Result:
                 "tpot_p50": pct(self.tpots, 50), "tpot_p95": pct(self.tpots, 95),
                 "lat_p50": pct(self.latencies, 50), "lat_p95": pct(self.latencies, 95),
                 "lat_p99": pct(self.latencies, 99), "cpu_s": self.cpu_s,
-                "tok_per_cpu_s": self.tokens / self.cpu_s if self.cpu_s else float("nan"), "peak_rss_mb": self.peak_rss_mb, "load": self.load,
+                "tok_per_cpu_s": self.tokens / self.cpu_s if self.cpu_s else float("nan"),
+                "peak_rss_mb": self.peak_rss_mb, "load": self.load,
                 **self.extra}
 
 
@@ -343,6 +345,7 @@ def run_peft_sequential(loaded: LoadedModel, tasks: list[Task], requests: list[E
                         tokens_out: dict | None = None) -> Result:
     """PEFT, one request at a time, switching adapters. See the module docstring."""
     from peft import PeftModel
+
     from prompt_core.fingerprint import fingerprint
     from prompt_store.peft_io import export_peft
 
@@ -439,7 +442,8 @@ def run_peft_sequential(loaded: LoadedModel, tasks: list[Task], requests: list[E
     med_ttft = statistics.median(ttft) if ttft else 0.0
     tpot = [(lt - med_ttft) / (n - 1) for lt, n in zip(lat, counts) if n > 1]  # TTFT: median prefill time
     return Result("peft_sequential", len(requests), tokens, wall, lat, ttft, tpot, mem.peak, load,
-                  {"adapter_load_s": load_s, "adapters": len(names), "decoding": "recompute" if recompute else "kv-cache",
+                  {"adapter_load_s": load_s, "adapters": len(names),
+                   "decoding": "recompute" if recompute else "kv-cache",
                    "latency_note": "service time per request (no queueing)"}, cpu)
 
 
@@ -514,7 +518,8 @@ def fmt_ms(x: float) -> str:
 def print_table(results: list[Result], ref: Result | None = None, refs: dict[str, Result] | None = None) -> None:
     refs = refs or {}
     head = f"{'system':<22}{'req':>5}{'tokens':>8}{'wall s':>8}{'req/s':>8}{'tok/s':>8}" \
-           f"{'tok/cpu-s':>10}{'TTFT p50':>10}{'TPOT p50':>10}{'lat p50':>9}{'p95':>7}{'p99':>7}{'RSS MiB':>9}  ratios (tok/s)"
+           f"{'tok/cpu-s':>10}{'TTFT p50':>10}{'TPOT p50':>10}{'lat p50':>9}{'p95':>7}{'p99':>7}{'RSS MiB':>9}" \
+           "  ratios (tok/s)"
     print(head)
     print("-" * len(head))
     for r in results:
@@ -569,7 +574,8 @@ def standard(loaded: LoadedModel, args) -> dict:
     single_reqs = make_requests(single_task, args.requests, args.new_tokens, prefix="s")
     kinds = {k.value: sum(1 for t in tasks if t.ref.spec.kind is k) for k in KINDS}
     print(f"workload: {args.requests} requests over {args.tasks} tasks {kinds}, T={args.virtual_tokens} virtual "
-          f"tokens, {args.new_tokens} new tokens, greedy, max batch {args.batch}, eos {'on' if args.keep_eos else 'off'}")
+          f"tokens, {args.new_tokens} new tokens, greedy, max batch {args.batch}, "
+          f"eos {'on' if args.keep_eos else 'off'}")
 
     # warm-up (allocator, first-call paths), not timed. Unless --cold, the engines then persist across repeats, as
     # in a running server, and have served every task once, so their prompt heads are cached (steady state).
@@ -607,7 +613,8 @@ def standard(loaded: LoadedModel, args) -> dict:
     bw = copy_bandwidth(device=loaded.device)
     wbytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     bw_bound = args.batch * bw / wbytes  # decode streams every weight once per step
-    print(f"\ncompute bound: torch.mm {args.mm_size}^2 {loaded.dtype} best {peak / 1e9:.1f} GFLOP/s / {fpt / 1e9:.3f} GFLOP per token "
+    print(f"\ncompute bound: torch.mm {args.mm_size}^2 {loaded.dtype} best {peak / 1e9:.1f} GFLOP/s / "
+          f"{fpt / 1e9:.3f} GFLOP per token "
           f"({fdetail['non_embedding_params'] / 1e6:.1f}M non-embedding params, V x D = {fdetail['vocab']} x "
           f"{fdetail['hidden']}) = {bound:.0f} tokens/s ({torch.get_num_threads()} thread(s))")
     print(f"memory: copy {bw / 1e9:.1f} GB/s; weights {wbytes / 2**20:.0f} MiB streamed per decode step -> at most "
@@ -684,8 +691,9 @@ def profile_decode(loaded: LoadedModel, args, steps: int = 8, top: int = 25) -> 
     """torch.profiler over `steps` engine steps that only decode, at batch `--batch` (the standard mixed workload,
     prefilled first). Engine stages are marked with record_function by wrapping them from here (no engine edits):
     model body, lm_head, sampler, build_decode, cache update, detokenize/append."""
-    import server.engine.model_runner as MR
     from torch.profiler import ProfilerActivity, profile, record_function
+
+    import server.engine.model_runner as MR
 
     tasks = make_tasks(loaded, args.tasks, args.virtual_tokens, seed=1)
     reqs = make_requests(tasks, args.batch, steps + 8, prefix="p")
@@ -738,7 +746,8 @@ def profile_decode(loaded: LoadedModel, args, steps: int = 8, top: int = 25) -> 
     ops = sorted(({"name": e.key, "self_ms": e.self_cpu_time_total / 1e3 / steps, "calls": e.count // steps,
                    "pct": 100 * e.self_cpu_time_total / total_us} for e in ev if not e.key.startswith("## ")),
                  key=lambda d: -d["pct"])[:top]
-    shapes = sorted(({"name": e.key, "shapes": str(e.input_shapes)[:120], "self_ms": e.self_cpu_time_total / 1e3 / steps,
+    shapes = sorted(({"name": e.key, "shapes": str(e.input_shapes)[:120],
+                      "self_ms": e.self_cpu_time_total / 1e3 / steps,
                       "pct": 100 * e.self_cpu_time_total / total_us}
                      for e in prof.key_averages(group_by_input_shape=True) if not e.key.startswith("## ")),
                     key=lambda d: -d["pct"])[:15]

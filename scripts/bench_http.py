@@ -59,6 +59,7 @@ def pct(xs, q):
 def build_tasks(n: int, T: int, prefix: str, model: str) -> list[tuple[str, dict | None, bytes | None]]:
     """(task_id, hard JSON body or None, adapter zip or None) per task."""
     import bench_engine as B
+
     from prompt_core.fingerprint import fingerprint
     from prompt_core.model import load_model
     from prompt_core.spec import PromptKind, PromptTensors

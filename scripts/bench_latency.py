@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import re
 import socket
 import subprocess
@@ -45,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_engine import copy_bandwidth, env_info, git_info, load_avg  # noqa: E402
+
 from prompt_core.model import LoadedModel, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402
 from server.engine.engine import EngineConfig, LLMEngine  # noqa: E402

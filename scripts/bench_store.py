@@ -41,6 +41,7 @@ def rss_mib() -> float:
 def child_open(root: str) -> None:
     """Run in a fresh process: RSS before/after opening the store and the open time, as JSON on stdout."""
     import torch  # noqa: F401  (imported before measuring, as a server would have it)
+
     from prompt_core.fingerprint import ModelFingerprint
     from prompt_store.store import PromptStore
     before = rss_mib()
@@ -65,6 +66,7 @@ def measure_open(root: Path, repeats: int = 3) -> dict:
 
 def register(root: Path, n: int) -> float:
     import torch
+
     from prompt_core.fingerprint import ModelFingerprint
     from prompt_core.spec import PromptSpec, PromptTensors
     from prompt_store.store import PromptStore, StoreConfig
@@ -119,6 +121,7 @@ def serve_rate(store, lm, refs: list[str], batches: int, batch: int = 8) -> tupl
     """Requests per second of a serving-shaped loop on the default model: resolve, fetch through the tiers, plan,
     and run one batched prefill with prompt_core (what the engine does per step), cycling through `refs`."""
     import torch
+
     from prompt_core.batch import build_prefill
     from prompt_core.forward import hidden_states, last_logits, prefix_cache
     from prompt_core.layout import plan_row
@@ -163,6 +166,7 @@ def serving(root: Path, batches: int) -> dict:
 
 def throughput(root: Path, device: str, fetches: int) -> list[dict]:
     import torch
+
     from prompt_core.fingerprint import ModelFingerprint
     from prompt_store.store import PromptStore, StoreConfig
     fp = ModelFingerprint.from_dict(FP)
@@ -224,11 +228,13 @@ def main() -> None:
         print(f"{f['tasks']:>5} tasks : open {f['open_s'] * 1000:8.1f} ms   RSS +{f['rss_delta_mib']:6.1f} MiB "
               f"(process {f['rss_after_mib']:.0f} MiB)")
         per_task_kib = (f['rss_delta_mib'] - e['rss_delta_mib']) * 1024 / max(f['tasks'], 1)
+        per_task = sum(p.stat().st_size for p in (full / 'tasks').rglob('*.safetensors')) / max(f['tasks'], 1)
         print(f"per task    : {f['open_s'] / max(f['tasks'], 1) * 1e6:.0f} us to open, {per_task_kib:.1f} KiB of RSS "
-              f"(tensor bytes on disk per task ~{sum(p.stat().st_size for p in (full / 'tasks').rglob('*.safetensors')) / max(f['tasks'], 1) / 1024:.0f} KiB, not loaded)")
+              f"(tensor bytes on disk per task ~{per_task / 1024:.0f} KiB, not loaded)")
         print(f"\n== tier throughput on {args.device}: {args.fetches} fetches (get + tensors) per workload ==")
         for r in (throughput(full, args.device, args.fetches) if args.fetches else []):
-            print(f"{r['scenario']}\n   8 tasks {r['hot_8_per_s']:9.0f}/s   1,000 tasks {r['cycle_1000_per_s']:9.0f}/s   "
+            print(f"{r['scenario']}\n   8 tasks {r['hot_8_per_s']:9.0f}/s   "
+                  f"1,000 tasks {r['cycle_1000_per_s']:9.0f}/s   "
                   f"ratio {r['ratio']:.2f}   (cold first pass {r['cold_1000_per_s']:.0f}/s; evictions device "
                   f"{r['device_evictions']}, host {r['host_evictions']}; disk reads {r['disk_reads']})\n"
                   f"   with batch assembly (16 per step + cat): 8 tasks {r['batch_hot']:9.0f}/s   1,000 tasks "

@@ -3,9 +3,10 @@ data sets, on the default model, through `python -m training` exactly as a user 
 
     .venv/bin/python scripts/train_results.py [--tasks emotion,people] [--methods prompt-tuning,p-tuning,...]
 
-Runs go to ~/.cache/promptserve/train-results/<task>/<method>/ ($PROMPTSERVE_RESULTS overrides); each soft prompt is trained on train.jsonl (with the
-held-out split carried off it for early stopping) and scored once on test.jsonl; the hard prompt is scored on the same
-test.jsonl in the same harness. The table is written between the RESULTS markers in docs/training.md.
+Runs go to ~/.cache/promptserve/train-results/<task>/<method>/ ($PROMPTSERVE_RESULTS overrides); each soft prompt is
+trained on train.jsonl (with the held-out split carried off it for early stopping) and scored once on test.jsonl; the
+hard prompt is scored on the same test.jsonl in the same harness. The table is written between the RESULTS markers in
+docs/training.md.
 """
 
 from __future__ import annotations

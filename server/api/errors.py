@@ -13,8 +13,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prompt_store.errors import (CorruptArtifact, Forbidden, InvalidPrompt, PayloadTooLarge, QuotaExceeded,
-                                 StorageFull, StoreError, TaskNotFound)
+from prompt_store.errors import (
+    CorruptArtifact,
+    Forbidden,
+    InvalidPrompt,
+    PayloadTooLarge,
+    QuotaExceeded,
+    StorageFull,
+    StoreError,
+    TaskNotFound,
+)
 from server.engine.request import EngineError, EngineOverloaded, EngineStopped, InputTooLong, InvalidRequest
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ import pytest
 
 from server.auth import KeyRing, hash_key
 from server.config import Settings
-
 from tests.server_process import ServerProcess
 
 from .conftest import ACME, assert_error, hard_task, live_server, sse_events, write_auth_file

@@ -11,8 +11,19 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import ACME, ADMIN, GLOBEX, METERED, assert_error, hard_task, live_server, native_soft_prompt, pack, \
-    sse_events, upload
+from .conftest import (
+    ACME,
+    ADMIN,
+    GLOBEX,
+    METERED,
+    assert_error,
+    hard_task,
+    live_server,
+    native_soft_prompt,
+    pack,
+    sse_events,
+    upload,
+)
 
 LONG = 400  # tokens a held request would generate: it is cancelled long before
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"  # the model keeps counting instead of stopping early

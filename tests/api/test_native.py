@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from .conftest import (ACME, ADMIN, assert_error, hard_task, live_server, native_soft_prompt, pack, sse_events,
-                       upload)
+from .conftest import ACME, ADMIN, assert_error, hard_task, live_server, native_soft_prompt, pack, sse_events, upload
 
 
 @pytest.fixture(scope="module")

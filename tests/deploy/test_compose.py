@@ -8,13 +8,12 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
 
-from ._helpers import DEPLOY, METRICS, metric_family, promql_series
+from ._helpers import DEPLOY, metric_family, promql_series
 
 COMPOSE = DEPLOY / "docker-compose.yml"
 
@@ -141,7 +140,8 @@ def test_grafana_provisioning_points_at_prometheus_and_the_dashboard():
     host_dir = COMPOSE.parent / mounts[path]
     dashboards = sorted(host_dir.glob("*.json"))
     assert [p.name for p in dashboards] == ["promptserve.json"]
-    uids = {t["datasource"]["uid"] for p in json.loads(dashboards[0].read_text())["panels"] for t in p.get("targets", [])}
+    panels = json.loads(dashboards[0].read_text())["panels"]
+    uids = {t["datasource"]["uid"] for p in panels for t in p.get("targets", [])}
     assert uids == {ds[0]["uid"]}
     home = doc["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{path}/promptserve.json"

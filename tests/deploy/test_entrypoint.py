@@ -75,7 +75,8 @@ def test_opt_in_binds_all_interfaces_with_loud_warning(run, value):
     assert "WARNING" in proc.stderr and "WITHOUT AUTHENTICATION" in proc.stderr and "9001" in proc.stderr
 
 
-@pytest.mark.parametrize("env", [{}, {"PROMPTSERVE_ALLOW_INSECURE_BIND": "0"}, {"PROMPTSERVE_ALLOW_INSECURE_BIND": "false"},
+@pytest.mark.parametrize("env", [{}, {"PROMPTSERVE_ALLOW_INSECURE_BIND": "0"},
+                                 {"PROMPTSERVE_ALLOW_INSECURE_BIND": "false"},
                                  {"PROMPTSERVE_ALLOW_INSECURE_BIND": "0", "PROMPTSERVE_AUTH_FILE": ""}])
 def test_no_auth_and_no_opt_in_refuses_to_start(run, env):
     proc, execd = run(env)

@@ -9,10 +9,24 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
-from transformers import AutoModelForCausalLM, DynamicCache
-from transformers import (CohereConfig, FalconConfig, Gemma2Config, Gemma3TextConfig, GPT2Config, GPTBigCodeConfig,
-                          GPTNeoXConfig, GraniteConfig, LlamaConfig, MistralConfig, OPTConfig, Phi3Config,
-                          Qwen2Config, Qwen3Config)
+from transformers import (
+    AutoModelForCausalLM,
+    CohereConfig,
+    DynamicCache,
+    FalconConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTBigCodeConfig,
+    GPTNeoXConfig,
+    GraniteConfig,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from prompt_core import forward as forward_mod
 from prompt_core.arch import MaskLayout, UnsupportedModel, attn_implementation, kv_geometry, mask_layout
@@ -24,8 +38,8 @@ from prompt_store.errors import InvalidPrompt
 from prompt_store.peft_io import import_peft
 from server.engine.request import EngineRequest, PromptRef
 from server.engine.self_check import self_check
-from training import objective
 from tests.helpers import greedy, new_engine, prompt_ref, random_prompt, run, tokenizer
+from training import objective
 
 ATOL = 1e-4
 WINDOW = 6  # shorter than every test sequence: the windows really cut

@@ -188,7 +188,7 @@ def test_a_preempted_request_resumes_with_the_same_text(loaded):
         assert finals[req.request_id].completion_tokens == alone.completion_tokens
 
 
-def _first_greedy_token(loaded, text: str) -> tuple[int, "torch.Tensor"]:
+def _first_greedy_token(loaded, text: str):
     engine = new_engine(loaded)
     run(engine, [EngineRequest("probe", HARD, text, sampling=greedy(1))])
     logits = engine.runner.trace["probe"][0]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, Gemma2Config, MambaConfig, MambaForCausalLM, MistralConfig,
-                          T5Config)
+from transformers import AutoModelForCausalLM, Gemma2Config, MambaConfig, MambaForCausalLM, MistralConfig, T5Config
 
 from prompt_core.arch import UnsupportedModel, attn_implementation, kv_geometry
 from prompt_core.model import load_model

@@ -7,11 +7,10 @@ import copy
 
 import pytest
 import torch
-from peft import (PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model)
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model
 
 from prompt_core.fingerprint import fingerprint
 from prompt_core.model import LoadedModel
-from prompt_core.spec import PromptKind
 from prompt_store.peft_io import import_peft
 from server.engine.request import EngineRequest, PromptRef
 from tests.helpers import default_model, greedy, new_engine, run, tiny_llama
@@ -51,7 +50,6 @@ def test_engine_logits_equal_peft_forward(loaded, method, tmp_path):
     try:
         peft_model.save_pretrained(tmp_path)
         spec, tensors, _ = import_peft(tmp_path, fingerprint(loaded.model))
-        T = spec.num_virtual_tokens
         ref = PromptRef(f"{method}@1", spec, lambda: tensors)
         requests = [EngineRequest(f"r{i}", ref, text, sampling=greedy(5)) for i, text in enumerate(TEXTS)]
         engine = new_engine(loaded)

@@ -11,7 +11,8 @@ REF = PromptRef("t@1", PromptSpec(PromptKind.HARD))
 
 
 def seq(i: int, tenant: str = "a", tokens: int = 10) -> Sequence:
-    return Sequence(EngineRequest(f"{tenant}{i}", REF, "x", tenant=tenant), RowPlan(ids=[1] * tokens, virt=[-1] * tokens))
+    return Sequence(EngineRequest(f"{tenant}{i}", REF, "x", tenant=tenant),
+                    RowPlan(ids=[1] * tokens, virt=[-1] * tokens))
 
 
 def test_batch_size_and_prefill_token_limits():

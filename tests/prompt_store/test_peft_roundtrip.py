@@ -85,8 +85,8 @@ def test_prefix_layout_matches_peft_columns():
     flat = torch.arange(T * L * 2 * H * Dh, dtype=torch.float32).reshape(T, -1)
     ours = prefix_from_peft(flat, L, H, Dh)
     assert ours.shape == (L, 2, H, T, Dh)
-    for l, s, h, t, d in [(0, 0, 0, 0, 0), (2, 1, 1, 3, 4), (1, 0, 1, 2, 3), (2, 0, 0, 1, 2)]:
-        assert ours[l, s, h, t, d] == flat[t, ((2 * l + s) * H + h) * Dh + d]
+    for layer, s, h, t, d in [(0, 0, 0, 0, 0), (2, 1, 1, 3, 4), (1, 0, 1, 2, 3), (2, 0, 0, 1, 2)]:
+        assert ours[layer, s, h, t, d] == flat[t, ((2 * layer + s) * H + h) * Dh + d]
     assert torch.equal(prefix_to_peft(ours), flat)
 
 

@@ -18,7 +18,6 @@ from prompt_core.spec import PromptSpec, PromptTensors
 from prompt_store.errors import CorruptArtifact, Forbidden, InvalidPrompt, QuotaExceeded, TaskNotFound
 from prompt_store.store import PromptStore
 
-
 REPO = Path(__file__).resolve().parents[2]
 PT = PromptSpec("prompt_tuning", 4)
 
@@ -154,7 +153,8 @@ def test_delete_is_immediate_and_versions_never_reused(make_store):
 
 def test_store_exports(make_store, tmp_path):
     s = make_store()
-    s.create("p", "alice", spec=PromptSpec("prefix_tuning", 3), tensors=PromptTensors(prefix=torch.randn(2, 2, 2, 3, 16)))
+    s.create("p", "alice", spec=PromptSpec("prefix_tuning", 3),
+             tensors=PromptTensors(prefix=torch.randn(2, 2, 2, 3, 16)))
     s.export_peft("p", "alice", tmp_path / "peft")
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["num_attention_heads"] == 2 and cfg["token_dim"] == 32

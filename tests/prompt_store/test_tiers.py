@@ -35,7 +35,8 @@ def test_lru_tier_evicts_least_recent_and_respects_pins():
 
 
 def test_store_eviction_tiny_budget_never_serves_a_wrong_tensor(make_store):
-    """60 tasks with 1-3 versions each (120 keys) through tiers that hold 3 (host) and 2 (device) entries, in random order:
+    """60 tasks with 1-3 versions each (120 keys) through tiers that hold 3 (host) and 2 (device) entries, in random
+    order:
     every fetch equals the ground truth, and evictions really happened."""
     s = make_store(host_budget_bytes=3 * ENTRY, device_budget_bytes=2 * ENTRY)
     truth = {}

@@ -59,7 +59,8 @@ def test_too_many_virtual_tokens(make_store):
 
 def test_wrong_dtype(make_store, tmp_path, tiny_fp):
     with pytest.raises(InvalidPrompt, match="floating dtype"):
-        _create(make_store(), PromptSpec("prompt_tuning", 4), PromptTensors(virtual=torch.zeros(4, 64, dtype=torch.int32)))
+        _create(make_store(), PromptSpec("prompt_tuning", 4),
+                PromptTensors(virtual=torch.zeros(4, 64, dtype=torch.int32)))
     # a native artifact holding fp16 instead of fp32
     m = write_artifact(tmp_path / "a", _manifest(tiny_fp), PromptTensors(virtual=rand_virtual()))
     save_file({"virtual": rand_virtual().half()}, tmp_path / "a" / "prompt.safetensors")

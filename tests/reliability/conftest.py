@@ -13,9 +13,22 @@ from typing import Iterator
 
 import pytest
 
+from tests.api.conftest import (  # noqa: F401
+    ACME,
+    ADMIN,
+    GLOBEX,
+    METERED,
+    LiveServer,
+    assert_error,
+    hard_task,
+    live_server,
+    native_soft_prompt,
+    pack,
+    sse_events,
+    upload,
+    write_auth_file,
+)
 from tests.server_process import ServerProcess  # noqa: F401  (re-exported for the tests)
-from tests.api.conftest import (ACME, ADMIN, GLOBEX, METERED, LiveServer, assert_error, hard_task,  # noqa: F401
-                                live_server, native_soft_prompt, pack, sse_events, upload, write_auth_file)
 
 REPO = Path(__file__).resolve().parents[2]
 

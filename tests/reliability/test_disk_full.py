@@ -14,8 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ACME, DiskWatch, assert_error, hard_task, live_server, native_soft_prompt, pack, \
-    private_tempdir, upload
+from .conftest import (
+    ACME,
+    DiskWatch,
+    assert_error,
+    hard_task,
+    live_server,
+    native_soft_prompt,
+    pack,
+    private_tempdir,
+    upload,
+)
 
 SIZE = 4 << 20
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import io
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,8 +22,18 @@ import pytest
 import prompt_store.archive as archive_mod
 import prompt_store.format as format_mod
 
-from .conftest import (ACME, DiskWatch, assert_error, hard_task, live_server, native_soft_prompt, pack,
-                       private_tempdir, sse_events, upload)
+from .conftest import (
+    ACME,
+    DiskWatch,
+    assert_error,
+    hard_task,
+    live_server,
+    native_soft_prompt,
+    pack,
+    private_tempdir,
+    sse_events,
+    upload,
+)
 
 LABELS = [{"name": "yes", "verbalizer": " yes"}, {"name": "no", "verbalizer": " no"}]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"

@@ -18,8 +18,17 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from .conftest import (ACME, DiskWatch, assert_error, hard_task, live_server, native_soft_prompt, pack,
-                       private_tempdir, upload)
+from .conftest import (
+    ACME,
+    DiskWatch,
+    assert_error,
+    hard_task,
+    live_server,
+    native_soft_prompt,
+    pack,
+    private_tempdir,
+    upload,
+)
 
 LABELS = [{"name": "yes", "verbalizer": " yes"}, {"name": "no", "verbalizer": " no"}]
 NATIVE_ENDPOINTS = ("/v1/tasks/qa/generate", "/v1/tasks/cls/classify")

@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import pickle
-import zipfile
 from pathlib import Path
 
 import httpx
@@ -29,8 +28,20 @@ from safetensors.torch import save as st_save
 
 import server.auth as auth_mod
 
-from .conftest import (ACME, ADMIN, GLOBEX, METERED, DiskWatch, assert_error, hard_task, live_server,
-                       native_soft_prompt, pack, private_tempdir, upload)
+from .conftest import (
+    ACME,
+    ADMIN,
+    GLOBEX,
+    METERED,
+    DiskWatch,
+    assert_error,
+    hard_task,
+    live_server,
+    native_soft_prompt,
+    pack,
+    private_tempdir,
+    upload,
+)
 
 LABELS = [{"name": "yes", "verbalizer": " yes"}, {"name": "no", "verbalizer": " no"}]
 MAX_UPLOAD = 256 << 10
