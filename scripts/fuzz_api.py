@@ -356,7 +356,7 @@ def main() -> int:
         print(report.summary())
         if server is not None:
             if server.errors:
-                print(f"server log: ERROR/Traceback lines, e.g.:\n" + "".join(server.errors[:10]))
+                print("server log: ERROR/Traceback lines, e.g.:\n" + "".join(server.errors[:10]))
         return 1 if report.server_errors or report.schema_violations or report.count("transport") else 0
     finally:
         if server is not None:

@@ -12,16 +12,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from prompt_core.model import LoadedModel
+from prompt_store.store import PromptStore
 from server.auth import OPEN_TENANT, KeyRing, Principal
 from server.config import Settings
+from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
 
 from .errors import ApiError, unauthorized
 from .limits import TenantLimiter
-
-from prompt_core.model import LoadedModel
-from prompt_store.store import PromptStore
-from server.engine.async_engine import AsyncEngine
 
 
 @dataclass
