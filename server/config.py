@@ -59,6 +59,20 @@ class Settings(BaseSettings):
                                                                    "e.g. a JSON generate or classify (413 above)")
     max_tasks_per_tenant: int = Field(1000, ge=1, description="tasks one tenant may own (429 above)")
 
+    max_file_bytes: int = Field(32 * 1024 * 1024, ge=1, description="largest fine-tuning file upload (413 above)")
+    max_file_bytes_per_tenant: int = Field(256 * 1024 * 1024, ge=1, description="fine-tuning file bytes one tenant "
+                                                                               "may store (429 above)")
+    max_jobs_per_tenant: int = Field(4, ge=1, description="fine-tuning jobs one tenant may have queued or running "
+                                                         "(429 above)")
+    training_runner: bool = Field(True, description="train queued fine-tuning jobs in this process, on the "
+                                                    "resident model (off: leave them to `python -m training worker`)")
+    training_share: float = Field(0.25, ge=0.0, le=1.0, description="while requests are in flight, the share of "
+                                  "time training steps may take (0: train only when the engine is idle)")
+    training_micro_batch: int = Field(2, ge=0, description="rows per forward/backward of a training step; serving "
+                                                          "waits for at most one of them (0: the whole batch)")
+    training_checkpoint_s: float = Field(30.0, gt=0, description="checkpoint a running job at least this often, "
+                                                                 "besides every epoch end")
+
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS; empty turns CORS off")

@@ -10,13 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ENCODERS, INITS, METHODS, TASKS, TrainConfig
+from .config import AUTO, ENCODERS, INITS, METHODS, TASKS, TrainConfig
 from .data import load_jsonl, resolve_labels
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a soft prompt and write DIR (artifact, DIR/peft, log, curves)")
-    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--method", required=True, choices=METHODS + (AUTO,),
+                   help="auto: try the methods and a few learning rates, keep the best on the held-out split")
+    p.add_argument("--time-budget", type=float, default=1800.0,
+                   help="seconds for --method auto: no new candidate starts once they are spent")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--eval", dest="eval_data", help="held-out JSONL (default: a split carried off --data)")
@@ -27,7 +30,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--template", default="{input}", help="template with one {input}; <v:N> anchors for p-tuning")
     p.add_argument("--virtual-tokens", type=int, help="T (default: the template's <v:N> total, else 8)")
     p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, help="default 3e-2 prompt tuning, 1e-3 p-tuning, 1e-2 prefix tuning (1e-3 with --prefix-projection)")
+    p.add_argument("--lr", type=float, help="default 3e-2 prompt tuning, 1e-3 p-tuning, 1e-2 prefix tuning "
+                                             "(1e-3 with --prefix-projection)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", choices=INITS, default="text", help="prompt tuning / prefix init (default text)")
@@ -35,6 +39,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--encoder", choices=ENCODERS, default="mlp", help="p-tuning prompt encoder")
     p.add_argument("--encoder-hidden", type=int, default=128, help="encoder / reparameterization width")
     p.add_argument("--prefix-projection", action="store_true", help="prefix tuning through PEFT's MLP")
+    p.add_argument("--init-from", help="prompt.safetensors of a trained prompt to continue (prompt or prefix tuning)")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="held-out share of --data without --eval")
     p.add_argument("--patience", type=int, default=3, help="epochs without improvement before stopping")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (resume later)")
@@ -64,11 +69,28 @@ def _eval_parser(sub) -> None:
     p.add_argument("--json-out", help="also write the metrics (and predictions) to this JSON file")
 
 
+def _worker_parser(sub) -> None:
+    import os
+
+    env = lambda name: os.environ.get(f"PROMPTSERVE_{name}") or None  # noqa: E731 - the server's variables
+    p = sub.add_parser("worker", help="train the queued fine-tuning jobs of a shared store (scale-out)",
+                       description="Defaults come from the server's PROMPTSERVE_STORE, _MODEL, _DEVICE, _DTYPE and "
+                                   "_THREADS variables, so a worker can share the servers' configuration.")
+    p.add_argument("--store", default=env("STORE"), help="the servers' prompt store directory (shared)")
+    p.add_argument("--model", default=env("MODEL"), help="base model path or id (default: the embedded model)")
+    p.add_argument("--device", default=env("DEVICE"))
+    p.add_argument("--dtype", default=env("DTYPE"))
+    p.add_argument("--threads", type=int, default=int(env("THREADS") or 0), help="torch CPU threads (0: default)")
+    p.add_argument("--lease-s", type=float, default=60.0, help="a job whose worker is silent this long moves on")
+    p.add_argument("--checkpoint-s", type=float, default=30.0, help="checkpoint a job at least this often")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _eval_parser(sub)
+    _worker_parser(sub)
     return parser
 
 
@@ -86,6 +108,7 @@ def config_from_args(a: argparse.Namespace) -> TrainConfig:
                        labels=labels, template=a.template, virtual_tokens=a.virtual_tokens, epochs=a.epochs,
                        lr=a.lr, batch_size=a.batch_size, seed=a.seed, init=a.init, init_text=a.init_text,
                        encoder=a.encoder, encoder_hidden=a.encoder_hidden, prefix_projection=a.prefix_projection,
+                       init_from=a.init_from, time_budget_s=a.time_budget,
                        eval_fraction=a.eval_fraction, patience=a.patience, max_steps=a.max_steps, resume=a.resume,
                        max_new_tokens=a.max_new_tokens, device=a.device, dtype=a.dtype, extra=extra)
 
@@ -96,7 +119,13 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .push import metadata_from_manifest, push
 
     cfg = config_from_args(a)
-    result = train(cfg)
+    if cfg.method == AUTO:
+        from prompt_core.model import load_model
+
+        from .search import search
+        result = search(cfg, lm=load_model(cfg.model, device=cfg.device, dtype=cfg.dtype))
+    else:
+        result = train(cfg)
     if not result:  # not the main process
         return 0
     if not result.get("finished"):
@@ -156,6 +185,17 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "worker":
+        import logging
+
+        if not args.store:
+            print("error: worker needs --store DIR (or PROMPTSERVE_STORE)", file=sys.stderr)
+            return 2
+        from .worker import run_worker
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        run_worker(Path(args.store), args.model, args.device, args.dtype, args.threads, args.lease_s,
+                   args.checkpoint_s)
+        return 0
     try:
         return cmd_train(args) if args.command == "train" else cmd_eval(args)
     except ValueError as e:

@@ -8,6 +8,7 @@ from pathlib import Path
 from prompt_core.spec import Label
 
 METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning")
+AUTO = "auto"  # search the methods and learning rates (training/search.py)
 TASKS = ("generate", "classify")
 INITS = ("random", "sample-vocab", "text")
 ENCODERS = ("mlp", "lstm")
@@ -39,6 +40,8 @@ class TrainConfig:
     encoder: str = "mlp"                  # p-tuning
     encoder_hidden: int = 128             # p-tuning encoder / prefix reparameterization width
     prefix_projection: bool = False       # prefix tuning with PEFT's Embedding->Linear->Tanh->Linear
+    init_from: Path | None = None         # a trained prompt.safetensors to continue (prompt or prefix tuning)
+    time_budget_s: float = 1800.0         # --method auto: no new candidate once this is spent
     eval_fraction: float = 0.2            # held out of --data when --eval is absent
     patience: int = 3                     # epochs without a better held-out score before stopping
     max_steps: int | None = None          # stop (and checkpoint) after this many optimizer steps in total
@@ -49,8 +52,16 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+        if self.method not in METHODS + (AUTO,):
+            raise ValueError(f"--method must be one of {METHODS + (AUTO,)}, got {self.method!r}")
+        if self.method == AUTO:
+            if self.lr is not None or self.init_from is not None or self.prefix_projection:
+                raise ValueError("--method auto chooses the method and learning rate itself: drop --lr, "
+                                 "--init-from and --prefix-projection")
+            if "<v:" in self.template:
+                raise ValueError("--method auto needs a template without <v:N> anchors (only P-tuning places them)")
+            if self.time_budget_s <= 0:
+                raise ValueError(f"--time-budget must be positive, got {self.time_budget_s}")
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
         if self.init not in INITS:
@@ -62,10 +73,17 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction}")
-        if self.lr is None:
+        if self.lr is None and self.method == AUTO:
+            pass
+        elif self.lr is None:
             projected = self.method == "prefix-tuning" and self.prefix_projection
             self.lr = PREFIX_PROJECTION_LR if projected else DEFAULT_LR[self.method]
-        if self.lr <= 0:
+        if self.init_from is not None:
+            self.init_from = Path(self.init_from)
+            if self.method == "p-tuning" or self.prefix_projection:
+                raise ValueError("--init-from continues a served tensor, which P-tuning's encoder and the prefix MLP "
+                                 "cannot start from; use prompt-tuning or prefix-tuning without --prefix-projection")
+        if self.lr is not None and self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         self.data, self.out = Path(self.data), Path(self.out)
         self.eval_data = Path(self.eval_data) if self.eval_data else None
@@ -73,5 +91,6 @@ class TrainConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d.update(data=str(self.data), out=str(self.out), eval_data=str(self.eval_data) if self.eval_data else None,
+                 init_from=str(self.init_from) if self.init_from else None,
                  labels=[[lab.name, lab.verbalizer] for lab in self.labels])
         return d

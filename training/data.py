@@ -21,41 +21,116 @@ def _fail(path: Path, line: int, what: str) -> ValueError:
     return ValueError(f"{path}:{line}: {what}")
 
 
+FORMATS = ("{'input', 'output'} (generate)", "{'input', 'label'} (classify)", "{'prompt', 'completion'}",
+           "{'messages': [...]} (the last assistant message is the output or label)")
+
+
+def _text(value, name: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"field {name!r} must be a string, found {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"field {name!r} is empty")
+    return value
+
+
+def _content(message: dict, i: int) -> str:
+    """A chat message's text: a string, or OpenAI's list of parts of which the text parts count."""
+    content = message.get("content")
+    if isinstance(content, list):
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if not all(isinstance(t, str) for t in parts):
+            raise ValueError(f"messages[{i}].content: a text part needs a string 'text'")
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise ValueError(f"messages[{i}].content must be a string or a list of text parts, "
+                         f"found {type(content).__name__}")
+    return content
+
+
+def _from_messages(messages) -> tuple[str, str]:
+    """OpenAI's chat format: the last assistant message is the target; the messages before it, joined by newlines,
+    are the input (a lone user message is its own text)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("field 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be an object with a string 'role'")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise ValueError("'messages' has no assistant message (it is the output to learn)")
+    target = _content(messages[last], last)
+    if not target.strip():
+        raise ValueError(f"messages[{last}] (the last assistant message) is empty")
+    before = [_content(m, i) for i, m in enumerate(messages[:last])]
+    text = "\n".join(t for t in before if t.strip())
+    if not text.strip():
+        raise ValueError("'messages' has no non-empty message before the last assistant message")
+    return text, target
+
+
+def parse_record(row, task: str | None) -> tuple[str, str, str | None]:
+    """(input, target, task the line fixes or None) of one JSONL line in any accepted format; ValueError without a
+    location otherwise. task None accepts every format (file upload, before a job says what it trains). A classify
+    target is the label name with surrounding whitespace removed."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected a JSON object, found {type(row).__name__}")
+    if "input" in row:
+        key = {"generate": "output", "classify": "label"}.get(task or "") or ("label" if "label" in row else "output")
+        if key not in row:
+            raise ValueError(f"missing field {key!r} (a {task or 'generate'} line needs 'input' and {key!r})")
+        text, target = _text(row["input"], "input"), _text(row[key], key)
+        fixed = "classify" if key == "label" else "generate"
+    elif "prompt" in row or "completion" in row:
+        for name in ("prompt", "completion"):
+            if name not in row:
+                raise ValueError(f"missing field {name!r} (a prompt/completion line needs both)")
+        text, target, fixed = _text(row["prompt"], "prompt"), _text(row["completion"], "completion"), None
+    elif "messages" in row:
+        (text, target), fixed = _from_messages(row["messages"]), None
+    else:
+        raise ValueError(f"no known fields (found {sorted(row)[:5]}); expected one of: " + ", ".join(FORMATS))
+    if task == "classify" or fixed == "classify":
+        target = target.strip()
+    return text, target, fixed
+
+
+def read_lines(lines, source: str, task: str | None, label_names: set[str] | None = None) -> list[Example]:
+    """Parse JSONL lines (str or bytes); blank lines are skipped; errors name `source:line`."""
+    out: list[Example] = []
+    for n, raw in enumerate(lines, start=1):
+        if isinstance(raw, bytes):
+            try:
+                raw = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{source}:{n}: not valid UTF-8") from None
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{source}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        try:
+            text, target, _ = parse_record(row, task)
+        except ValueError as e:
+            raise ValueError(f"{source}:{n}: {e}") from None
+        if label_names is not None and task == "classify" and target not in label_names:
+            raise ValueError(f"{source}:{n}: label {target!r} is not one of {sorted(label_names)}")
+        out.append(Example(input=text, target=target, source=f"{source}:{n}"))
+    if not out:
+        raise ValueError(f"{source}: no examples")
+    return out
+
+
 def load_jsonl(path: str | Path, task: str, label_names: set[str] | None = None) -> list[Example]:
-    """Read `{"input", "output"}` (generate) or `{"input", "label"}` (classify) lines; blank lines are skipped.
+    """Read a JSONL file in any accepted format (FORMATS); blank lines are skipped.
 
     Every problem raises ValueError naming the file and line, because a bad line in a few hundred is otherwise
     hard to find."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: no such data file")
-    key = "output" if task == "generate" else "label"
-    out: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise _fail(path, n, f"not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise _fail(path, n, f"expected a JSON object, found {type(row).__name__}")
-            for field in ("input", key):
-                if field not in row:
-                    raise _fail(path, n, f"missing field {field!r} (a {task} line needs 'input' and {key!r})")
-                if not isinstance(row[field], str):
-                    raise _fail(path, n, f"field {field!r} must be a string, found {type(row[field]).__name__}")
-            if not row["input"].strip():
-                raise _fail(path, n, "field 'input' is empty")
-            if not row[key].strip():
-                raise _fail(path, n, f"field {key!r} is empty")
-            if label_names is not None and task == "classify" and row[key] not in label_names:
-                raise _fail(path, n, f"label {row[key]!r} is not one of {sorted(label_names)}")
-            out.append(Example(input=row["input"], target=row[key], source=f"{path}:{n}"))
-    if not out:
-        raise ValueError(f"{path}: no examples")
-    return out
+    with path.open("rb") as f:
+        return read_lines(f, str(path), task, label_names)
 
 
 def split_heldout(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:

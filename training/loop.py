@@ -54,6 +54,28 @@ def local_slice(global_batch: list[int], rank: int, world: int) -> list[int]:
     return global_batch[rank::world]
 
 
+class Control:
+    """Hooks a job runner hands the loop (the CLI passes none). The server's runner uses them to yield to serving
+    between steps, checkpoint often enough to resume after a crash, report progress, and cancel (by raising from
+    `before_step`)."""
+
+    def before_step(self, run: "Run") -> bool:
+        """Called before every optimizer step; False checkpoints and stops the run (to be resumed later)."""
+        return True
+
+    def after_step(self, run: "Run", loss: float) -> bool:
+        """Called after every optimizer step; True writes a checkpoint now."""
+        return False
+
+    def after_epoch(self, run: "Run", record: dict) -> None:
+        """Called with each epoch's held-out record, after it was checkpointed."""
+
+    micro_batch: int | None = None     # split each batch into micro-batches of this many rows (None: one pass)
+
+    def between_micro_batches(self, run: "Run") -> None:
+        """Called between the micro-batches of one step (only when `micro_batch` splits it)."""
+
+
 @dataclass
 class Run:
     """What one training run holds between its phases."""
@@ -72,6 +94,7 @@ class Run:
     log: RunLog
     quiet: bool
     base_model: str = ""               # what the model was loaded from: exports name it for PEFT
+    control: Control = None            # hooks of a job runner (None: the CLI)
 
     @property
     def main(self) -> bool:
@@ -132,12 +155,13 @@ def train_epoch(run: Run) -> list[float] | None:
                disable=not run.main or run.quiet, leave=False)
     try:
         for b in range(state.step_in_epoch, len(batches)):
+            if run.control is not None and not run.control.before_step(run):
+                run.checkpoint()
+                return None
             rows = [run.train_rows[i] for i in local_slice(batches[b], rank, world)]
             for group in run.optimizer.param_groups:  # linear decay, a function of the step alone: resumes exactly
                 group["lr"] = cfg.lr * (1.0 - state.global_step / total_steps)
-            virtual, prefix = run.wrapped()
-            loss = compute(run.model, rows, virtual, prefix)
-            acc.backward(loss)
+            loss = step_loss(run, rows, compute)
             run.optimizer.step()
             run.optimizer.zero_grad(set_to_none=True)
             value = acc.reduce(loss.detach(), reduction="mean").item()
@@ -146,12 +170,37 @@ def train_epoch(run: Run) -> list[float] | None:
             run.log.write(type="step", epoch=state.epoch + 1, step=state.global_step, loss=value)
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
+            if run.control is not None and run.control.after_step(run, value):
+                run.checkpoint()
             if cfg.max_steps is not None and state.global_step >= cfg.max_steps and b + 1 < len(batches):
                 run.checkpoint()
                 return None
     finally:
         bar.close()
     return losses
+
+
+def step_loss(run: Run, rows: list[Row], compute) -> torch.Tensor:
+    """Forward and backward of one batch. A job runner may split it into micro-batches (`control.micro_batch`
+    rows each, gradients accumulated, each weighted by its share of the batch's loss terms: rows for classify,
+    output tokens for generate), so that serving waits for at most one micro-batch; the CLI does one pass."""
+    size = getattr(run.control, "micro_batch", None)
+    if not size or len(rows) <= size:
+        virtual, prefix = run.wrapped()
+        loss = compute(run.model, rows, virtual, prefix)
+        run.accelerator.backward(loss)
+        return loss
+    weights = [r.num_output if run.cfg.task == "generate" else 1 for r in rows]
+    total = float(sum(weights))
+    loss_sum = None
+    for i in range(0, len(rows), size):
+        if i:
+            run.control.between_micro_batches(run)
+        virtual, prefix = run.wrapped()
+        part = compute(run.model, rows[i:i + size], virtual, prefix) * (sum(weights[i:i + size]) / total)
+        run.accelerator.backward(part)
+        loss_sum = part.detach() if loss_sum is None else loss_sum + part.detach()
+    return loss_sum
 
 
 def end_epoch(run: Run, losses: list[float]) -> None:
@@ -176,6 +225,8 @@ def end_epoch(run: Run, losses: list[float]) -> None:
     run.say(f"epoch {state.epoch}: train loss {record['train_loss']:.4f}, held-out {shown}")
     state.finished = state.bad_epochs >= cfg.patience or state.epoch >= cfg.epochs
     run.checkpoint()
+    if run.control is not None:
+        run.control.after_epoch(run, record)
 
 
 def export(run: Run, seconds: float) -> dict:
@@ -204,11 +255,14 @@ def export(run: Run, seconds: float) -> dict:
     return result
 
 
-def train(cfg: TrainConfig, *, lm=None, accelerator: Accelerator | None = None, quiet: bool = False) -> dict:
-    """Run (or resume) training and export the best prompt. `lm` lets tests pass a tiny model. Returns the results
-    (empty on processes other than the main one), or {"stopped_at_step", "finished": False} after --max-steps."""
+def train(cfg: TrainConfig, *, lm=None, accelerator: Accelerator | None = None, quiet: bool = False,
+          control: Control | None = None) -> dict:
+    """Run (or resume) training and export the best prompt. `lm` lets tests (and the server) pass a loaded model.
+    Returns the results (empty on processes other than the main one), or {"stopped_at_step", "finished": False}
+    after --max-steps or when `control` paused the run."""
     t_start = time.perf_counter()
     run = setup(cfg, lm, accelerator, quiet)
+    run.control = control
     while not run.state.finished and run.state.epoch < cfg.epochs:
         losses = train_epoch(run)
         if losses is None:

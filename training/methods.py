@@ -159,13 +159,36 @@ def make_spec(cfg: TrainConfig, labels: tuple[Label, ...]) -> PromptSpec:
     """The PromptSpec of the run; the virtual-token count comes from the markers when they place them."""
     marked = sum(p.virtual for p in parse_template(cfg.template))
     T = cfg.virtual_tokens or marked or 8
-    return PromptSpec(kind=KIND[cfg.method], num_virtual_tokens=T, template=cfg.template, labels=labels)
+    kind = KIND.get(cfg.method, KIND["prompt-tuning"])  # "auto": its candidates share everything but the kind
+    return PromptSpec(kind=kind, num_virtual_tokens=T, template=cfg.template, labels=labels)
 
 
 def build_method(cfg: TrainConfig, spec: PromptSpec, model, tokenizer) -> SoftPrompt:
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.method == "prompt-tuning":
-        return PromptTuning(spec, cfg, model, tokenizer, gen)
-    if cfg.method == "p-tuning":
-        return PTuning(spec, cfg, model, gen)
-    return PrefixTuning(spec, cfg, model, tokenizer, gen)
+        method = PromptTuning(spec, cfg, model, tokenizer, gen)
+    elif cfg.method == "p-tuning":
+        method = PTuning(spec, cfg, model, gen)
+    else:
+        method = PrefixTuning(spec, cfg, model, tokenizer, gen)
+    if cfg.init_from is not None:
+        start_from(method, cfg.init_from)
+    return method
+
+
+def start_from(method: SoftPrompt, path) -> None:
+    """Continue a trained prompt: its served tensor (a prompt.safetensors) becomes the starting parameters."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's input error
+        raise ValueError(f"--init-from {path}: not a readable safetensors file ({e})") from None
+    name, param = ("virtual", method.embedding) if isinstance(method, PromptTuning) else ("prefix", method.prefix)
+    if name not in tensors:
+        raise ValueError(f"--init-from {path}: expected a {name!r} tensor, found {sorted(tensors)}")
+    if tuple(tensors[name].shape) != tuple(param.shape):
+        raise ValueError(f"--init-from {path}: {name} has shape {list(tensors[name].shape)}, this run needs "
+                         f"{list(param.shape)} (the same virtual tokens and base model)")
+    with torch.no_grad():
+        param.copy_(tensors[name].to(param.device, param.dtype))

@@ -12,16 +12,15 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from prompt_core.model import LoadedModel
+from prompt_store.store import PromptStore
 from server.auth import OPEN_TENANT, KeyRing, Principal
 from server.config import Settings
+from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
 
 from .errors import ApiError, unauthorized
 from .limits import TenantLimiter
-
-from prompt_core.model import LoadedModel
-from prompt_store.store import PromptStore
-from server.engine.async_engine import AsyncEngine
 
 
 @dataclass
@@ -34,6 +33,10 @@ class Runtime:
     loaded: LoadedModel | None = None
     store: PromptStore | None = None
     engine: AsyncEngine | None = None
+    files: object = None      # training.files.FileStore, once started (server/fine_tuning.py)
+    jobs: object = None       # training.jobs.JobStore
+    runner: object = None     # training.jobs.JobRunner, when this process trains
+    training_stats: dict = field(default_factory=dict)
     draining: bool = False
     started_at: float = field(default_factory=time.time)
     launched_at: float | None = None    # time.monotonic() at process start (python -m server), else None

@@ -83,14 +83,21 @@ def test_base_kustomization_lists_every_manifest():
 def test_rendered_overlay_validates_against_the_openapi_schema(overlay, version):
     docs = render(overlay)
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted(["ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Service",
+    assert kinds == sorted(["ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Deployment", "Service",
                             "HorizontalPodAutoscaler", "PodDisruptionBudget"]), kinds
     for doc in docs:
         _validate(doc, version)
 
 
+def deployment(docs, name: str = "promptserve") -> dict:
+    """The server's Deployment (or the fine-tuning workers', name promptserve-worker)."""
+    found = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one Deployment {name}, found {len(found)}"
+    return found[0]
+
+
 def _container(docs) -> dict:
-    containers = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    containers = deployment(docs)["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
     return containers[0]
 
@@ -128,7 +135,7 @@ def test_every_replica_mounts_the_one_rwx_store_at_data(overlay):
     docs = render(overlay)
     pvc = one(docs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = deployment(docs)["spec"]["template"]["spec"]
     vols = {v["name"]: v for v in pod["volumes"]}
     mounts = {m["mountPath"]: m for m in _container(docs)["volumeMounts"]}
     store = vols[mounts["/data"]["name"]]
@@ -141,7 +148,7 @@ def test_every_replica_mounts_the_one_rwx_store_at_data(overlay):
 def test_auth_secret_is_mounted_as_the_auth_file(overlay):
     docs = render(overlay)
     secret = one(docs, "Secret")
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = deployment(docs)["spec"]["template"]["spec"]
     auth_path = _config(docs)["PROMPTSERVE_AUTH_FILE"]
     mount = [m for m in _container(docs)["volumeMounts"] if auth_path.startswith(m["mountPath"].rstrip("/") + "/")]
     assert len(mount) == 1 and mount[0].get("readOnly") is True
@@ -157,7 +164,7 @@ def test_auth_secret_is_mounted_as_the_auth_file(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_termination_grace_covers_prestop_and_server_drain(overlay):
     docs = render(overlay)
-    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    pod = deployment(docs)["spec"]["template"]["spec"]
     pre = _container(docs)["lifecycle"]["preStop"]
     cmd = pre["exec"]["command"]
     assert cmd[0] == "sleep"
@@ -171,7 +178,7 @@ def test_termination_grace_covers_prestop_and_server_drain(overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_service_hpa_pdb_target_the_deployment(overlay):
     docs = render(overlay)
-    dep = one(docs, "Deployment")
+    dep = deployment(docs)
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert _matches(dep["spec"]["selector"]["matchLabels"], labels)
     assert "replicas" not in dep["spec"], "the HPA owns the replica count"
@@ -197,10 +204,31 @@ def test_cpu_and_gpu_variants():
     assert "nvidia.com/gpu" not in cpu_c["resources"].get("limits", {})
     assert gpu_c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert _config(gpu)["PROMPTSERVE_DEVICE"] == "cuda" and _config(cpu)["PROMPTSERVE_DEVICE"] == "cpu"
-    tolerations = one(gpu, "Deployment")["spec"]["template"]["spec"]["tolerations"]
+    tolerations = deployment(gpu)["spec"]["template"]["spec"]["tolerations"]
     assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
     # The GPU HPA scales on a metric the server exports.
 
     metrics = one(gpu, "HorizontalPodAutoscaler")["spec"]["metrics"]
     assert [m["pods"]["metric"]["name"] for m in metrics if m["type"] == "Pods"] == ["promptserve_waiting_requests"]
     assert METRICS["promptserve_waiting_requests"] == "gauge"
+
+
+@needs_kustomize
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_fine_tuning_workers_share_the_store_and_configuration(overlay):
+    """`python -m training worker` beside the servers: the same image, ConfigMap and store volume; no Service or
+    PDB selects it; time to checkpoint on SIGTERM; a GPU in the GPU overlay."""
+    docs = render(overlay)
+    worker = deployment(docs, "promptserve-worker")
+    pod = worker["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["args"][:4] == ["python", "-m", "training", "worker"]
+    assert c["image"] == _container(docs)["image"]
+    assert [e["configMapRef"]["name"] for e in c["envFrom"]] == [one(docs, "ConfigMap")["metadata"]["name"]]
+    store = {v["name"]: v for v in pod["volumes"]}[{m["mountPath"]: m for m in c["volumeMounts"]}["/data"]["name"]]
+    assert store["persistentVolumeClaim"]["claimName"] == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert not _matches(one(docs, "Service")["spec"]["selector"], labels)
+    assert not _matches(one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], labels)
+    assert pod["terminationGracePeriodSeconds"] >= 60
+    assert ("nvidia.com/gpu" in c["resources"]["limits"]) == (overlay == "gpu")

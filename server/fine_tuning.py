@@ -1,0 +1,107 @@
+"""Fine-tuning inside the server: the files and job stores on the prompt store's directory, a runner thread that
+trains on the resident model, the gate that keeps serving first, and publishing a finished job as a task.
+
+Serving first: a training step starts only when the engine has no request in flight, or, while it is busy, only
+as long as training has used less than `--training-share` of the last `WINDOW_S` seconds. A request that arrives
+during a step waits for at most that one step (the runner thread also runs at a lower OS priority); a light load
+keeps its latency and an idle server trains at full speed. One job trains at a time per server process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from training.files import FileLimits, FileStore
+from training.jobs import Gate, JobRunner, JobStore, RunnerConfig, publish_task
+
+log = logging.getLogger("server.fine_tuning")
+
+WINDOW_S = 10.0
+
+
+class ServingGate(Gate):
+    """Lets a training step run when the engine is idle, or within `share` of the time while it is busy."""
+
+    def __init__(self, engine, share: float, window_s: float = WINDOW_S, poll_s: float = 0.002):
+        self.engine, self.share, self.window_s, self.poll_s = engine, share, window_s, poll_s
+        self._steps: deque[tuple[float, float]] = deque()   # (end time, seconds) of recent steps
+        self.waited_s = 0.0
+
+    def busy(self) -> bool:
+        e = self.engine() if callable(self.engine) else self.engine
+        return e is not None and e.ready and e.in_flight > 0
+
+    def _used(self, now: float) -> float:
+        while self._steps and self._steps[0][0] < now - self.window_s:
+            self._steps.popleft()
+        return sum(s for _, s in self._steps)
+
+    def wait(self, stop: threading.Event) -> None:
+        t0 = time.monotonic()
+        while not stop.is_set() and self.busy():
+            if self.share > 0 and self._used(time.monotonic()) < self.share * self.window_s:
+                break
+            time.sleep(self.poll_s)
+        self.waited_s += time.monotonic() - t0
+
+    def done(self, seconds: float) -> None:
+        self._steps.append((time.monotonic(), seconds))
+
+
+class TrainingCollector(Collector):
+    """Jobs by state, queue length and training throughput, read at scrape time from the job store."""
+
+    def __init__(self, jobs: JobStore, stats: dict):
+        self.jobs, self.stats = jobs, stats
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        by_state = GaugeMetricFamily("promptserve_fine_tuning_jobs", "fine-tuning jobs by state", labels=["state"])
+        counts: dict[str, int] = {s: 0 for s in ("validating_files", "queued", "running", "succeeded", "failed",
+                                                  "cancelled")}
+        for rec in self.jobs.list():
+            counts[rec.status] = counts.get(rec.status, 0) + 1
+        for state, n in counts.items():
+            by_state.add_metric([state], n)
+        yield by_state
+        queue = GaugeMetricFamily("promptserve_fine_tuning_queue_length", "jobs waiting for a runner")
+        queue.add_metric([], counts["queued"])
+        yield queue
+        tokens = CounterMetricFamily("promptserve_training_tokens", "tokens trained on by this process")
+        tokens.add_metric([], self.stats["tokens"])
+        yield tokens
+        rate = GaugeMetricFamily("promptserve_training_tokens_per_second", "training tokens per second of "
+                                 "training step time, last step")
+        rate.add_metric([], self.stats["tokens_per_s"])
+        yield rate
+
+
+def open_fine_tuning(rt) -> None:
+    """Called once the model, store and engine are up: the file and job stores, and the runner (if enabled)."""
+    s = rt.settings
+    rt.files = FileStore(s.store, FileLimits(max_file_bytes=s.max_file_bytes,
+                                             max_tenant_bytes=s.max_file_bytes_per_tenant))
+    rt.jobs = JobStore(s.store)
+    rt.training_stats = {"tokens": 0.0, "tokens_per_s": 0.0}
+    rt.metrics.registry.register(TrainingCollector(rt.jobs, rt.training_stats))
+    if not s.training_runner:
+        return
+
+    def progress(_rec, info: dict) -> None:
+        rt.training_stats["tokens"] += info["tokens"]
+        rt.training_stats["tokens_per_s"] = info["tokens"] / max(info["step_seconds"], 1e-9)
+
+    gate = ServingGate(lambda: rt.engine, s.training_share)
+    rt.runner = JobRunner(rt.jobs, rt.loaded, lambda rec, out: publish_task(rt.store, rec, out), gate=gate,
+                          base_model=rt.store.fingerprint.embedding_sha256,
+                          config=RunnerConfig(checkpoint_every_s=s.training_checkpoint_s,
+                                              micro_batch=s.training_micro_batch or None), on_progress=progress)
+    rt.runner.start()
