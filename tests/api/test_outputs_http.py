@@ -120,8 +120,10 @@ def test_request_constraints_on_every_route(server, oai):
     r = generate(server, "free", input="Is Paris in France?", max_new_tokens=8,
                  response_format={"type": "choice", "choice": ["yes", "no"]})
     assert r.json()["text"] in ("yes", "no") and r.json()["finish_reason"] == "stop"
+    # greedy: chat samples at temperature 1 by default, and a sampled string can run past max_tokens ("length")
     chat = oai.chat.completions.create(model="raw", messages=[{"role": "user", "content": "Describe a cat."}],
-                                       max_tokens=64, response_format={"type": "json_object"})
+                                       max_tokens=64, temperature=0, response_format={"type": "json_object"})
+    assert chat.choices[0].finish_reason == "stop", chat.choices[0].message.content
     assert isinstance(json.loads(chat.choices[0].message.content), dict)
     c = oai.completions.create(model="free", prompt=TEXT, max_tokens=40,
                                extra_body={"response_format": PERSON_FORMAT})  # an extension on completions
