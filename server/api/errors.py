@@ -14,14 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prompt_store.errors import (
-    CorruptArtifact,
-    Forbidden,
-    InvalidPrompt,
-    PayloadTooLarge,
-    QuotaExceeded,
-    StorageFull,
     StoreError,
-    TaskNotFound,
 )
 from server.engine.request import EngineError, EngineOverloaded, EngineStopped, InputTooLong, InvalidRequest
 
@@ -52,11 +45,8 @@ def overloaded(message: str) -> ApiError:
     return ApiError(503, "overloaded", message, {"Retry-After": "1"})
 
 
-# status and type per domain error; the first matching class wins (subclasses before bases)
-_STORE = [(TaskNotFound, 404, "not_found"), (Forbidden, 403, "forbidden"), (PayloadTooLarge, 413, "payload_too_large"),
-          (QuotaExceeded, 429, "quota_exceeded"), (InvalidPrompt, 422, "invalid_request"),
-          (CorruptArtifact, 500, "corrupt_artifact"), (StorageFull, 507, "insufficient_storage"),
-          (StoreError, 400, "invalid_request")]
+# status and type per engine error; the first matching class wins (subclasses before bases). Store errors carry
+# their own (prompt_store/errors.py).
 _ENGINE = [(InputTooLong, 413, "input_too_long"), (InvalidRequest, 422, "invalid_request"),
            (EngineOverloaded, 503, "overloaded"), (EngineStopped, 503, "unavailable"), (EngineError, 500, "internal")]
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
@@ -69,10 +59,11 @@ def status_of(exc: Exception) -> tuple[int, str]:
     """(HTTP status, error type) of a domain error; also used to report errors inside an SSE stream."""
     if isinstance(exc, ApiError):
         return exc.status, exc.type
-    for table in (_STORE, _ENGINE):
-        for cls, status, type_ in table:
-            if isinstance(exc, cls):
-                return status, type_
+    if isinstance(exc, StoreError):
+        return exc.status, exc.type
+    for cls, status, type_ in _ENGINE:
+        if isinstance(exc, cls):
+            return status, type_
     return 500, "internal"
 
 
