@@ -114,7 +114,7 @@ def _tiers(rt: Runtime) -> dict:
     """The store's disk/host/device tiers, and the engine's cache of prompt heads as tier "head"."""
     tiers = dict(rt.store.stats()["tiers"]) if rt.store is not None else {}
     if rt.engine is not None:
-        tiers["head"] = rt.engine.engine.runner.heads.stats()
+        tiers["head"] = rt.engine.head_cache_stats()
     return tiers
 
 

@@ -226,7 +226,7 @@ async def precompile(engine: AsyncEngine, params: SamplingParams) -> None:
     """Compile a request's constraint in a worker thread (a cache hit costs nothing), so the submit that follows
     finds it compiled and the event loop never waits on the grammar library."""
     if params.constraint is not None:
-        await run_in_threadpool(engine.engine.grammars.compile, params.constraint)
+        await run_in_threadpool(engine.compile_constraint, params.constraint)
 
 
 def choices(params: SamplingParams, n: int) -> list[SamplingParams]:

@@ -122,6 +122,25 @@ class AsyncEngine:
         return EngineStats(running=sched.num_running, waiting=sched.num_waiting, in_flight=self.in_flight,
                            steps=self.steps, loop_alive=self.ready)
 
+    # ---- what the HTTP layer needs of the engine, without reaching into it (thread-safe: tokenizer calls are locked)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def decode_ids(self, ids: list[int]) -> str:
+        return self.engine.decode_ids(ids)
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return self.engine.token_strings(ids)
+
+    def compile_constraint(self, constraint) -> None:
+        """Compile (and cache) an output constraint; call it off the event loop."""
+        self.engine.grammars.compile(constraint)
+
+    def head_cache_stats(self) -> dict:
+        return self.engine.runner.heads.stats()
+
     # ---- requests
     def submit(self, request: EngineRequest) -> RequestStream:
         """Validate and queue a request. Raises InvalidRequest/InputTooLong (bad input), EngineOverloaded (queue

@@ -168,8 +168,8 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
                     choice_params(params, body.n) * prompts, "cmpl", input_ids=ids, echo=body.echo,
                     logprobs=body.logprobs, share_prompt=body.n > 1)
     # what echo puts in front of the completion: the prompt as sent (token ids: their text, specials kept)
-    echoes = [(engine.engine.decode_ids(i) if i is not None else t) if body.echo else "" for t, i in zip(texts, ids)]
-    listing = LogprobListing(engine.engine) if body.logprobs is not None else None
+    echoes = [(engine.decode_ids(i) if i is not None else t) if body.echo else "" for t, i in zip(texts, ids)]
+    listing = LogprobListing(engine) if body.logprobs is not None else None
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -330,7 +330,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
                            engine: EngineDep, rt: RuntimeDep):
     """Chat with a task or the bare model; what the model sees depends on the task (docs/api.md)."""
     served = resolve(rt, store, principal, body.model)
-    prompt, text = chat_prompt(engine.engine.tokenizer, served, body, body.model)
+    prompt, text = chat_prompt(engine.tokenizer, served, body, body.model)
     if body.top_logprobs is not None and not body.logprobs:
         raise ApiError(422, "invalid_request", "body.top_logprobs: needs logprobs to be true")
     top_n = (body.top_logprobs or 0) if body.logprobs else None
@@ -340,7 +340,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     await precompile(engine, params)
     job = Job.start(rt, engine, principal, prompt, [text] * body.n, "generate", choice_params(params, body.n),
                     "chatcmpl", logprobs=top_n, share_prompt=body.n > 1)
-    listing = LogprobListing(engine.engine) if top_n is not None else None
+    listing = LogprobListing(engine) if top_n is not None else None
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
