@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,27 +36,15 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from common import free_port, pct  # noqa: E402
+
 HEAVY_KEY = "bench-heavy-key-0123456789"
 CAPPED_KEY = "bench-capped-key-0123456789"  # the same flood, from a tenant capped below the batch size
 LIGHT_KEY = "bench-light-key-0123456789"
 TASK = "bench-fairness"
 HEAVY_INPUT = "Write a long story about a dragon who learns to cook."
 LIGHT_INPUT = "What is the capital of France?"
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = (len(s) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(args) -> tuple[subprocess.Popen, str, Path]:
@@ -130,7 +117,7 @@ async def phase(client, args, heavy_key: str, light_key: str, loaded: bool) -> t
 
 
 def report(name: str, lat: list[float]) -> str:
-    return (f"{name:<34} n={len(lat):3d}  p50={percentile(lat, .5):6.2f}s  p95={percentile(lat, .95):6.2f}s  "
+    return (f"{name:<34} n={len(lat):3d}  p50={pct(lat, 50):6.2f}s  p95={pct(lat, 95):6.2f}s  "
             f"max={max(lat):6.2f}s  mean={statistics.mean(lat):6.2f}s")
 
 
@@ -179,10 +166,10 @@ async def main_async(args) -> int:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    base = percentile(idle, .95)
+    base = pct(idle, 95)
     print("\nlight tenant p95 relative to its idle p95 (goal <= 2x):")
     for name, lat in rows:
-        ratio = percentile(lat, .95) / base
+        ratio = pct(lat, 95) / base
         print(f"  {name:<34} {ratio:6.2f}x  {'met' if ratio <= 2 else 'NOT met'}")
     return 0
 

@@ -30,7 +30,6 @@ import argparse
 import datetime as dt
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_engine import copy_bandwidth, env_info, git_info, load_avg  # noqa: E402
+from common import free_port  # noqa: E402
 
 from prompt_core.model import LoadedModel, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402
@@ -139,12 +139,6 @@ def weight_bytes(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Server:
     """`python -m server` in a subprocess, on a free loopback port, with its own store."""

@@ -44,6 +44,9 @@ import httpx
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from common import pct  # noqa: E402
+
 TENANTS = ["t0", "t1", "t2", "t3"]
 KEYS = {t: f"soak-{t}-key-0123456789abcdef" for t in TENANTS}
 LABELS = ["yes", "no"]
@@ -278,13 +281,6 @@ def sampler(pid: int, samples: list, stop: threading.Event, every_s: float, t0: 
             return
         samples.append((time.monotonic() - t0, rss, os.getloadavg()[0]))
         stop.wait(every_s)
-
-
-def pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
 
 def main() -> int:
