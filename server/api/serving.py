@@ -11,9 +11,10 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from server.auth import Principal
@@ -30,7 +31,7 @@ from server.engine.request import (
 )
 
 from .deps import Runtime
-from .errors import ApiError, ClientGone
+from .errors import ApiError, ClientGone, status_of
 from .limits import Admission
 
 log = logging.getLogger("server.requests")
@@ -249,3 +250,32 @@ def check_output(out: RequestOutput) -> RequestOutput:
     if out.finish_reason == "error":
         raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
     return out
+
+
+# ---- streaming: one helper for every route's Server-Sent Events
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def stream_error(e: Exception) -> dict:
+    """The one error shape inside a stream, whose headers are already sent: a domain error's own message, never the
+    text of an unexpected one."""
+    status, type_ = status_of(e)
+    message = str(e) if status < 500 or isinstance(e, ApiError) else "internal error"
+    return {"error": {"type": type_, "message": message}}
+
+
+def event_stream(job: Job, events: AsyncIterator[bytes], error_event: Callable[[dict], bytes]) -> StreamingResponse:
+    """A job's events as Server-Sent Events: a failure after the headers becomes one in-band error event (formatted
+    by `error_event`), and the job lets go of its admission however the stream ends (done, failed, client gone)."""
+    async def run() -> AsyncIterator[bytes]:
+        try:
+            async for chunk in events:
+                yield chunk
+        except Exception as e:  # noqa: BLE001 - headers are gone: report in-band
+            yield error_event(stream_error(e))
+        finally:
+            await events.aclose()
+            job.close()
+
+    return StreamingResponse(run(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -6,13 +6,11 @@ import json
 from typing import Annotated, AsyncIterator
 
 from fastapi import APIRouter, Path, Request
-from fastapi.responses import StreamingResponse
 
 from server.engine.request import SamplingParams
 
 from ..access import find_visible, prompt_ref
 from ..deps import EngineDep, RuntimeDep, StoreDep, TenantDep
-from ..errors import status_of
 from ..schemas import (
     ClassifyRequest,
     ClassifyResult,
@@ -22,13 +20,12 @@ from ..schemas import (
     TokenEvent,
     Usage,
 )
-from ..serving import Job, check_output, precompile, sampling
+from ..serving import Job, check_output, event_stream, precompile, sampling
 
 router = APIRouter(prefix="/v1/tasks", tags=["generate"])
 
 TaskRef = Annotated[str, Path(description="a task id, or id@version to pin a version", max_length=270)]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def sse(event: str, data: dict) -> bytes:
@@ -52,33 +49,27 @@ async def generate(task_id: TaskRef, body: GenerateRequest, request: Request, pr
         out = check_output((await job.results(request))[0])
         return GenerateResponse(id=job.id, task=record.ref, text=out.text, finish_reason=out.finish_reason,
                                 usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens))
-    return StreamingResponse(_generate_events(job, record.ref), media_type="text/event-stream", headers=SSE_HEADERS)
+    return event_stream(job, _generate_events(job, record.ref), lambda error: sse("error", error))
 
 
 async def _generate_events(job: Job, task_key: str) -> AsyncIterator[bytes]:
     index = 0
-    try:
-        async for _, out in job.events():
-            ids = out.new_token_ids
-            for k, tid in enumerate(ids):
-                yield sse("token", TokenEvent(index=index, id=tid, text=out.new_text if k == len(ids) - 1 else "")
-                          .model_dump())
-                index += 1
-            if not ids and out.new_text:  # text held back for a split character, flushed at the end
-                yield sse("token", TokenEvent(index=index, id=None, text=out.new_text).model_dump())
-            if out.finished:
-                if out.finish_reason == "error":
-                    yield sse("error", {"error": {"type": "engine_error", "message": out.error or "failed"}})
-                    return
-                done = GenerateResponse(id=job.id, task=task_key, text=out.text, finish_reason=out.finish_reason,
-                                        usage=Usage(prompt_tokens=out.prompt_tokens,
-                                                    completion_tokens=out.completion_tokens))
-                yield sse("done", done.model_dump())
-    except Exception as e:  # headers are gone already: report in-band, in the one error shape
-        status, type_ = status_of(e)
-        yield sse("error", {"error": {"type": type_, "message": str(e) if status < 500 else "internal error"}})
-    finally:
-        job.close()
+    async for _, out in job.events():
+        ids = out.new_token_ids
+        for k, tid in enumerate(ids):
+            yield sse("token", TokenEvent(index=index, id=tid, text=out.new_text if k == len(ids) - 1 else "")
+                      .model_dump())
+            index += 1
+        if not ids and out.new_text:  # text held back for a split character, flushed at the end
+            yield sse("token", TokenEvent(index=index, id=None, text=out.new_text).model_dump())
+        if out.finished:
+            if out.finish_reason == "error":
+                yield sse("error", {"error": {"type": "engine_error", "message": out.error or "failed"}})
+                return
+            done = GenerateResponse(id=job.id, task=task_key, text=out.text, finish_reason=out.finish_reason,
+                                    usage=Usage(prompt_tokens=out.prompt_tokens,
+                                                completion_tokens=out.completion_tokens))
+            yield sse("done", done.model_dump())
 
 
 @router.post("/{task_id}/classify", response_model=ClassifyResult | list[ClassifyResult], responses=ERRORS)

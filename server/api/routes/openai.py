@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 
 from prompt_core.spec import INPUT_SLOT, PromptKind, PromptSpec
 from server.auth import OPEN_TENANT
@@ -22,7 +21,7 @@ from server.engine.request import PromptRef, RequestOutput, TokenLogprob
 
 from ..access import created_epoch, find_visible, list_visible, prompt_ref
 from ..deps import EngineDep, Runtime, RuntimeDep, StoreDep, TenantDep
-from ..errors import ApiError, status_of
+from ..errors import ApiError
 from ..schemas import (
     MAX_BATCH_INPUTS,
     AssistantMessage,
@@ -46,7 +45,7 @@ from ..schemas import (
     ResponseFormat,
     TopLogprob,
 )
-from ..serving import CHAT_DEFAULTS, COMPLETIONS_DEFAULTS, Job, check_output, precompile, sampling
+from ..serving import CHAT_DEFAULTS, COMPLETIONS_DEFAULTS, Job, check_output, event_stream, precompile, sampling
 from ..serving import choices as choice_params
 
 BASE_MODEL_ID = "default"     # the bare model's name on these routes (--serve-base-model)
@@ -76,7 +75,6 @@ def _base_card(rt: Runtime) -> ModelCard:
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429, 503)}
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def _data(obj) -> bytes:
@@ -173,9 +171,8 @@ async def completions(body: CompletionRequest, request: Request, principal: Tena
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_completion_chunks(job, body.model, created, include_usage, echoes, listing,
-                                                    body.n),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_stream(job, _completion_chunks(job, body.model, created, include_usage, echoes, listing,
+                                                    body.n), _data)
     outs = [check_output(o) for o in await job.results(request)]
     choices = []
     for i, (o, echo) in enumerate(zip(outs, echoes)):
@@ -253,37 +250,27 @@ async def _completion_chunks(job: Job, model: str, created: int, include_usage: 
 
     started = [False] * len(echoes)
     offsets = [0] * len(echoes)
-    try:
-        async for i, out in job.events():
-            if out.finished and out.finish_reason == "error":
-                raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
-            text, prompt_entries = out.new_text, []
-            if not started[i]:  # the echoed prompt leads the first chunk of its choice
-                started[i] = True
-                text = echoes[i] + text
-                prompt_entries = out.prompt_logprobs or []
-                offsets[i] = len(echoes[i])
-            lps = None
-            if listing is not None and (prompt_entries or out.new_logprobs):
-                lps = listing.completion(prompt_entries, 0, out.new_logprobs, offsets[i])
-                if out.new_logprobs:
-                    offsets[i] = lps.text_offset[-1] + len(lps.tokens[-1])
-            if text or lps is not None or out.finished:
-                yield chunk([{"index": i, "text": text,
-                              "logprobs": lps.model_dump() if lps is not None else None,
-                              "finish_reason": _finish(out) if out.finished else None}])
-        if include_usage:
-            yield chunk([], _usage([f for f in job.finals if f is not None], n))
-        yield _data("[DONE]")
-    except Exception as e:  # noqa: BLE001 - headers are sent: report in-band as OpenAI does
-        yield _data(_stream_error(e))
-    finally:
-        job.close()
-
-
-def _stream_error(e: Exception) -> dict:
-    status, type_ = status_of(e)
-    return {"error": {"type": type_, "message": str(e) if status < 500 or isinstance(e, ApiError) else "internal"}}
+    async for i, out in job.events():
+        if out.finished and out.finish_reason == "error":
+            raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
+        text, prompt_entries = out.new_text, []
+        if not started[i]:  # the echoed prompt leads the first chunk of its choice
+            started[i] = True
+            text = echoes[i] + text
+            prompt_entries = out.prompt_logprobs or []
+            offsets[i] = len(echoes[i])
+        lps = None
+        if listing is not None and (prompt_entries or out.new_logprobs):
+            lps = listing.completion(prompt_entries, 0, out.new_logprobs, offsets[i])
+            if out.new_logprobs:
+                offsets[i] = lps.text_offset[-1] + len(lps.tokens[-1])
+        if text or lps is not None or out.finished:
+            yield chunk([{"index": i, "text": text,
+                          "logprobs": lps.model_dump() if lps is not None else None,
+                          "finish_reason": _finish(out) if out.finished else None}])
+    if include_usage:
+        yield chunk([], _usage([f for f in job.finals if f is not None], n))
+    yield _data("[DONE]")
 
 
 def chat_special_tokens(tokenizer) -> list[str]:
@@ -344,8 +331,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, princi
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_chat_chunks(job, body.model, created, include_usage, listing, body.n),
-                                 media_type="text/event-stream", headers=SSE_HEADERS)
+        return event_stream(job, _chat_chunks(job, body.model, created, include_usage, listing, body.n), _data)
     outs = [check_output(o) for o in await job.results(request)]
     return ChatCompletionResponse(id=job.id, created=created, model=body.model, usage=_usage(outs, body.n), choices=[
         ChatChoice(index=i, message=AssistantMessage(content=o.text), finish_reason=_finish(o),
@@ -362,21 +348,16 @@ async def _chat_chunks(job: Job, model: str, created: int, include_usage: bool,
         return _data(ChatCompletionChunk(id=job.id, created=created, model=model, choices=choices, usage=usage)
                      .model_dump(exclude_none=True))
 
-    try:
-        for i in range(len(job.streams)):  # one choice per stream (n)
-            yield chunk(ChatDelta(role="assistant", content=""), index=i)
-        async for i, out in job.events():
-            if out.finished and out.finish_reason == "error":
-                raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
-            lps = listing.chat(out.new_logprobs) if listing is not None and out.new_logprobs else None
-            if out.new_text or lps is not None:
-                yield chunk(ChatDelta(content=out.new_text), logprobs=lps, index=i)
-            if out.finished:
-                yield chunk(ChatDelta(), _finish(out), index=i)
-        if include_usage:
-            yield chunk(None, usage=_usage([f for f in job.finals if f is not None], n))
-        yield _data("[DONE]")
-    except Exception as e:  # noqa: BLE001
-        yield _data(_stream_error(e))
-    finally:
-        job.close()
+    for i in range(len(job.streams)):  # one choice per stream (n)
+        yield chunk(ChatDelta(role="assistant", content=""), index=i)
+    async for i, out in job.events():
+        if out.finished and out.finish_reason == "error":
+            raise ApiError(500, "engine_error", out.error or "the request failed in the engine")
+        lps = listing.chat(out.new_logprobs) if listing is not None and out.new_logprobs else None
+        if out.new_text or lps is not None:
+            yield chunk(ChatDelta(content=out.new_text), logprobs=lps, index=i)
+        if out.finished:
+            yield chunk(ChatDelta(), _finish(out), index=i)
+    if include_usage:
+        yield chunk(None, usage=_usage([f for f in job.finals if f is not None], n))
+    yield _data("[DONE]")
