@@ -35,6 +35,7 @@ from typing import Callable, Iterator
 from safetensors.torch import save_file
 
 from prompt_core.spec import make_labels
+from prompt_store.disk import pid_alive
 from prompt_store.errors import InvalidPrompt, QuotaExceeded, TaskNotFound
 
 from .checkpoint import CHECKPOINT_DIR, STATE
@@ -115,16 +116,6 @@ def metric_name(task: str) -> str:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class JobStore:
@@ -261,7 +252,7 @@ def orphaned(rec: JobRecord, now: float) -> bool:
         return True
     host, _, rest = (rec.lease_owner or "").partition(":")
     pid = rest.split(":", 1)[0]
-    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
 
 
 # ---- validation: what a job request means, checked before anything is queued

@@ -87,7 +87,7 @@ class LLMEngine:
     @eos_ids.setter
     def eos_ids(self, ids) -> None:
         self._eos_ids = frozenset(ids)
-        self.runner.eos_ids = sorted(self._eos_ids)
+        self.processor.eos_ids = sorted(self._eos_ids)
 
     # ---- requests in
     def make_sequence(self, req: EngineRequest) -> Sequence:

@@ -1,5 +1,6 @@
-"""Per-row logits processing between the model's logits and the sampler: logit_bias, presence and frequency
-penalties, and grammar masks. One batched step holds rows of every kind, each processed by its own parameters.
+"""Per-row logits processing between the model's logits and the sampler: min_tokens (end-of-sequence held back),
+logit_bias, presence and frequency penalties, and grammar masks. One batched step holds rows of every kind, each
+processed by its own parameters.
 
 A row with none of them is untouched, and a step where no row has any costs one Python pass over the rows (no
 tensor work, no copy). Rows that need work are processed on a copy, so the model's logits stay as they were (the
@@ -26,21 +27,28 @@ class LogitsProcessor:
         self.vocab_size = vocab_size
         self.on_mask = on_mask                                  # (seconds, rows) per masked step: metrics
         self.masks = MaskBuffer(vocab_size)
+        self.eos_ids: list[int] = []                            # what min_tokens holds back; set by the engine
 
     @staticmethod
     def needs(seq: Sequence) -> bool:
         sp = seq.request.sampling
-        return seq.matcher is not None or bool(sp.logit_bias) or sp.penalized
+        return (seq.matcher is not None or bool(sp.logit_bias) or sp.penalized
+                or len(seq.output_ids) < sp.min_tokens)
 
     def apply(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """logits [n, V] of seqs (row i is seqs[i]). Returns logits, or a processed copy if any row needs it."""
         bias = [i for i, s in enumerate(seqs) if s.request.sampling.logit_bias]
         pen = [i for i, s in enumerate(seqs) if s.request.sampling.penalized and s.output_ids]
         gram = [i for i, s in enumerate(seqs) if s.matcher is not None]
-        if not (bias or pen or gram):
+        early = [i for i, s in enumerate(seqs) if len(s.output_ids) < s.request.sampling.min_tokens] \
+            if self.eos_ids else []
+        if not (bias or pen or gram or early):
             return logits
         logits = logits.clone()
         dev = logits.device
+        if early:  # min_tokens: a row short of its minimum cannot end
+            rows, eos = torch.tensor(early, device=dev), torch.tensor(self.eos_ids, device=dev)
+            logits[rows[:, None], eos[None, :]] = float("-inf")                   # [e, |eos|]
         if bias:
             rows, toks, vals = [], [], []
             for i in bias:

@@ -39,7 +39,6 @@ class ModelRunner:
         self.prefix, self.tok_start, self.lengths, self.last_token = long(), long(), long(), long()
         self.temperature, self.top_p = real(), real()
         self.top_k, self.seed, self.step = long(), long(), long()
-        self.eos_ids: list[int] = []  # set by the engine
         self.trace: dict[str, list[torch.Tensor]] | None = None  # request id -> logits per step (tests, debugging)
         self._row_state = [self.prefix, self.tok_start, self.lengths, self.last_token, self.temperature,
                            self.top_p, self.top_k, self.seed, self.step]
@@ -78,9 +77,9 @@ class ModelRunner:
             self._record(logits, [seqs[i] for i in gen])
             # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
             # below stay those of the model's raw logits
-            processed = self._hold_eos(logits, [seqs[i] for i in gen])
+            processed = logits
             if self.processor is not None:
-                processed = self.processor.apply(processed, [seqs[i] for i in gen])
+                processed = self.processor.apply(logits, [seqs[i] for i in gen])
             toks = sample(processed, self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r], self.step[r])
             if self.processor is not None:
                 self.processor.accept([seqs[i] for i in gen], toks)
@@ -237,9 +236,9 @@ class ModelRunner:
         self._record(logits, self.seqs)
         # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
         # below stay those of the model's raw logits
-        processed = self._hold_eos(logits, self.seqs)
+        processed = logits
         if self.processor is not None:
-            processed = self.processor.apply(processed, self.seqs)
+            processed = self.processor.apply(logits, self.seqs)
         toks = sample(processed, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n], self.step[:n])
         if self.processor is not None:
             self.processor.accept(self.seqs, toks)
@@ -250,18 +249,6 @@ class ModelRunner:
         for s, lp in self._sampled_logprobs(logits, toks, self.seqs):
             s.output_logprobs.append(lp)
         return toks.tolist()
-
-    def _hold_eos(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """min_tokens: end-of-sequence tokens cannot be sampled by a row that has fewer tokens than it asked for.
-        logits: [m, V] for `seqs`; untouched (no copy) when no row asks."""
-        early = [j for j, s in enumerate(seqs) if len(s.output_ids) < s.request.sampling.min_tokens]
-        if not early or not self.eos_ids:
-            return logits
-        rows = torch.tensor(early, device=logits.device)
-        eos = torch.tensor(self.eos_ids, device=logits.device)
-        logits = logits.clone()
-        logits[rows[:, None], eos[None, :]] = float("-inf")                       # [e, |eos|]
-        return logits
 
     def _record(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         if self.trace is not None:
