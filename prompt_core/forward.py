@@ -51,6 +51,14 @@ def logits(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
 
+def logits_width(model: PreTrainedModel) -> int:
+    """How many logits the head gives (can exceed the tokenizer's vocabulary): its rows, float or quantized."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return int(model.config.vocab_size)
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
+
+
 def last_logits(model: PreTrainedModel, hidden: torch.Tensor, readout: Readout) -> torch.Tensor:
     """Next-token logits after each row's prompt. [n, V]"""
     rows = torch.arange(hidden.shape[0], device=hidden.device)

@@ -16,6 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .arch import UnsupportedModel, architecture, check_config, kv_geometry
 from .arch import attn_implementation as pick_attn_implementation
+from .quantize import check_quantization, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class LoadedModel:
     source: str  # what was asked for: "default", a path, or a hub id
     device: torch.device
     dtype: torch.dtype
+    quantization: str = "none"  # prompt_core.quantize: what the linear layers run in ("none": the dtype above)
 
 
 def cache_root() -> Path:
@@ -98,13 +100,16 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-def pick_dtype(requested: str | None, device: torch.device) -> torch.dtype:
-    """bf16 on GPU, fp32 on CPU, unless a dtype is named."""
+def pick_dtype(requested: str | None, device: torch.device, quantize: str = "none") -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU, unless a dtype is named; bf16 under int4 (its kernel multiplies in bf16)."""
     if requested and requested != "auto":
         if requested not in _DTYPES:
             raise ValueError(f"unknown dtype {requested!r}; expected one of {sorted(_DTYPES)}")
+        if quantize == "int4" and _DTYPES[requested] != torch.bfloat16:
+            # a float32 residual stream rounded to bf16 at every layer would make batched rows differ from alone
+            raise UnsupportedModel("--quantize int4 multiplies in bfloat16: use --dtype bfloat16 (or auto)")
         return _DTYPES[requested]
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if device.type == "cuda" or quantize == "int4" else torch.float32
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:
@@ -122,14 +127,14 @@ def resolve_model_path(name: str | None) -> str:
 
 
 def load_model(name: str | None = None, device: str | None = None, dtype: str | None = None,
-               attn_implementation: str = "auto") -> LoadedModel:
+               attn_implementation: str = "auto", quantize: str = "none") -> LoadedModel:
     """Load the frozen base model: the embedded default, a local directory, or a hub id where a network exists.
 
     Raises UnsupportedModel, with a one-line reason naming the architecture, for anything the engine cannot serve
     exactly (encoder-decoder, no causal-LM class, no attention key/value cache, unequal layers, unknown attention
     kinds) and for a model that cannot be read at all."""
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    dt = pick_dtype(dtype, dev, quantize)
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -151,7 +156,12 @@ def load_model(name: str | None = None, device: str | None = None, dtype: str | 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model.to(dev)
     kv_geometry(model)  # refuses a model without a per-layer attention key/value cache, before anything else
-    return LoadedModel(model=freeze(model), tokenizer=tokenizer, source=name or DEFAULT_MODEL, device=dev, dtype=dt)
+    reason = check_quantization(quantize, model, dev)
+    if reason:
+        raise UnsupportedModel(reason)
+    quantize_linears(model, quantize)
+    return LoadedModel(model=freeze(model), tokenizer=tokenizer, source=name or DEFAULT_MODEL, device=dev, dtype=dt,
+                       quantization=quantize)
 
 
 def _first_line(e: BaseException) -> str:

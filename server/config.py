@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     allow_insecure_bind: bool = Field(False, description="allow a non-loopback host without an auth file")
     device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device such as cuda:1")
     dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="CPU only: int8 (int8 weights and activations, fastest at every batch size) or int4 "
+                            "(4-bit weights, fastest at batch 1); none serves the weights in --dtype. A quantized "
+                            "server does not train: fine-tuning jobs wait for a training worker")
     attn_implementation: str = Field("auto", description="auto (sdpa, or eager where the model needs it, e.g. "
                                                          "attention softcapping), sdpa or eager")
     self_check: bool = Field(True, description="at start, compare the engine's batched logits with the model's own "

@@ -94,6 +94,10 @@ def open_fine_tuning(rt) -> None:
     rt.metrics.registry.register(TrainingCollector(rt.jobs, rt.training_stats))
     if not s.training_runner:
         return
+    if rt.loaded.quantization != "none":
+        log.warning("--quantize %s: quantized layers have no gradient, so this server does not train; fine-tuning "
+                    "jobs wait for a training worker (python -m training.worker)", rt.loaded.quantization)
+        return
 
     def progress(_rec, info: dict) -> None:
         rt.training_stats["tokens"] += info["tokens"]

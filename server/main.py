@@ -26,7 +26,8 @@ def load_served_model(s: Settings):
     """The frozen model as the settings ask; raises prompt_core.arch.UnsupportedModel with a one-line reason."""
     from prompt_core.model import load_model
 
-    return load_model(s.model, device=s.device, dtype=s.dtype, attn_implementation=s.attn_implementation)
+    return load_model(s.model, device=s.device, dtype=s.dtype, attn_implementation=s.attn_implementation,
+                      quantize=s.quantize)
 
 
 def open_runtime(rt: Runtime) -> None:

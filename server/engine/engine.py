@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from prompt_core.forward import logits_width
 from prompt_core.layout import plan_row
 from prompt_core.model import LoadedModel
 from prompt_core.spec import INPUT_SLOT, PromptTensors
@@ -59,8 +60,7 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.observer = observer
-        out = loaded.model.get_output_embeddings()
-        self.logits_size = int(out.weight.shape[0]) if out is not None else int(loaded.model.config.vocab_size)
+        self.logits_size = logits_width(loaded.model)
         self.processor = LogitsProcessor(self.logits_size, on_mask=self._hook("grammar_masked"))
         self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, self.config.max_batch_size,
                                   self.config.head_cache_bytes, processor=self.processor)
