@@ -61,11 +61,12 @@ class Int4Linear(nn.Module):
         out, inp = w.shape
         g = w.reshape(out, inp // group, group)                                     # [out, groups, group]
         lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
-        scale = (hi - lo).clamp(min=1e-12) / 15
-        q = torch.round((g - lo) / scale).clamp(0, 15).to(torch.int32).reshape(out, inp)
-        # The kernel computes (q - 8) * scale + zero, so zero = lo + 8 * scale; layout [groups, out, 2].
-        zero = lo + 8 * scale
-        sz = torch.stack([scale.reshape(out, -1).t(), zero.reshape(out, -1).t()], dim=-1)
+        # The kernel computes (q - 8) * scale + zero with scale and zero in bf16: round them first, then pick each
+        # q against the rounded pair (the levels the kernel really has), not against the exact one.
+        scale = ((hi - lo).clamp(min=1e-12) / 15).to(torch.bfloat16).float()
+        zero = (lo + 8 * scale).to(torch.bfloat16).float()
+        q = torch.round((g - zero) / scale + 8).clamp(0, 15).to(torch.int32).reshape(out, inp)
+        sz = torch.stack([scale.reshape(out, -1).t(), zero.reshape(out, -1).t()], dim=-1)     # [groups, out, 2]
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2))
         self.register_buffer("scales_zeros", sz.to(torch.bfloat16).contiguous())
         self.group = group
