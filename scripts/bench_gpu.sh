@@ -45,4 +45,8 @@ for b in 1 16 64 256; do
     | grep -E "^(engine_mixed|hf_generate|compute bound)|engine_mixed:"
 done
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv 2>/dev/null
+
+echo; echo "== 4. decode speed at batch 1, 16, 64 (the CPU sweep of docs/benchmarks.md, here in bf16 on the GPU)"
+timeout 600 "$PY" scripts/bench_latency.py --device cuda --dtype bfloat16 --http --json "$OUT/latency_sweep.json"
+echo "exit $?"
 echo; echo "== done; JSON in $OUT"; date -u

@@ -118,15 +118,15 @@ def hf_decode(loaded: LoadedModel, texts: list[str], new_tokens: int) -> dict:
             "tokens": decoded}
 
 
-def read_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+def read_bandwidth(mib: int = 512, repeats: int = 5, device: str = "cpu") -> float:
     """Best bytes/s of reading a `mib` MiB fp32 tensor once (a sum): what decoding at batch 1 does to the weights.
     (Copy bandwidth / 2 understates it: a copy's writes cost more than its reads.)"""
-    x = torch.ones(mib * 2**18)
-    x.sum()
+    x = torch.ones(mib * 2**18, device=device)
+    x.sum().item()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        x.sum()
+        x.sum().item()
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best
 
@@ -153,7 +153,7 @@ class Server:
     def __init__(self, args, store: Path, dtype: str, quantize: str = "none"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--store", str(store), "--device", "cpu",
+        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--store", str(store), "--device", args.device,
                "--dtype", dtype, "--quantize", quantize, "--threads", str(args.threads),
                "--max-batch-size", str(max(args.batches)), "--max-concurrent", "1024", "--log-level", "warning"]
         if args.model != "default":
@@ -276,6 +276,7 @@ VARIANTS = {  # name -> (dtype, quantize): the settings a user can ship, each me
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU host (scripts/bench_gpu.sh)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--variants", default="",
                    help="also measure the engine (and --http) in these settings: " + ",".join(VARIANTS))
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     started, load0 = time.time(), load_avg()
     model = None if args.model == "default" else args.model
-    loaded = load_model(model, "cpu", args.dtype)
+    loaded = load_model(model, args.device, args.dtype)
     texts = texts_of(loaded.tokenizer, max(args.batches), args.prompt_tokens)
     results: dict[str, dict[int, float]] = {}
     detail: dict[str, dict] = {}
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
         detail.setdefault(system, {})[b] = r
         print(f"  {system:16s} batch {b:3d}: {r['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
 
-    bw, copy_bw = read_bandwidth(), copy_bandwidth()
+    bw, copy_bw = read_bandwidth(device=args.device), copy_bandwidth()
     bounds = {"engine": bw / weight_bytes(loaded.model)}  # decoding one token reads every weight once
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (copy {copy_bw / 1e9:.1f} GB/s read+write); weights "
           f"{weight_bytes(loaded.model) / 1e6:.0f} MB in {args.dtype}: bandwidth bound at batch 1 = "
@@ -321,7 +322,7 @@ def main(argv=None) -> int:
     settings = {"engine": (args.dtype, "none")}
     for v in variants:
         del loaded
-        loaded = load_model(model, "cpu", VARIANTS[v][0], quantize=VARIANTS[v][1])
+        loaded = load_model(model, args.device, VARIANTS[v][0], quantize=VARIANTS[v][1])
         settings[f"engine {v}"] = VARIANTS[v]
         bounds[f"engine {v}"] = bw / weight_bytes(loaded.model)
         for b in args.batches:
