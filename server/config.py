@@ -34,7 +34,8 @@ class Settings(BaseSettings):
                                                      "'default'; off: only tasks are models")
     allow_insecure_bind: bool = Field(False, description="allow a non-loopback host without an auth file")
     device: str = Field("auto", description="auto (cuda, mps, cpu), or a torch device such as cuda:1")
-    dtype: str = Field("auto", description="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16")
+    dtype: str = Field("auto", description="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, "
+                                           "bfloat16 or float16")
     quantize: Literal["none", "int8", "int4"] = Field(
         "none", description="CPU only: int8 (int8 weights and activations, fastest at every batch size) or int4 "
                             "(4-bit weights, fastest at batch 1); none serves the weights in --dtype. A quantized "

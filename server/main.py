@@ -27,7 +27,7 @@ def load_served_model(s: Settings):
     from prompt_core.model import load_model
 
     return load_model(s.model, device=s.device, dtype=s.dtype, attn_implementation=s.attn_implementation,
-                      quantize=s.quantize)
+                      quantize=s.quantize, serving=True)
 
 
 def open_runtime(rt: Runtime) -> None:

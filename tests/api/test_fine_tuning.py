@@ -421,7 +421,7 @@ def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
     from tests.server_process import ServerProcess
 
     store = module_tmp / "kill-store"
-    args = ("--model", str(tiny_dir), "--threads", "1", "--training-checkpoint-s", "0.2")
+    args = ("--model", str(tiny_dir), "--dtype", "float32", "--threads", "1", "--training-checkpoint-s", "0.2")
     method = {"type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {
         "n_epochs": 30, "batch_size": 2, "num_virtual_tokens": 4, "patience": 1000}}}
     first = ServerProcess(store, *args)

@@ -113,9 +113,21 @@ def test_check_quantization_reasons():
 
 def test_int4_multiplies_in_bf16():
     assert pick_dtype("auto", CPU, "int4") == torch.bfloat16
-    assert pick_dtype(None, CPU, "int8") == torch.float32
+    assert pick_dtype(None, CPU, "int8", serving=True) == torch.float32
     with pytest.raises(UnsupportedModel, match="int4 multiplies in bfloat16"):
         pick_dtype("float32", CPU, "int4")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_serves_bf16_only_where_the_cpu_has_it(native, monkeypatch):
+    """Serving picks bf16 on a CPU with native bf16 and fp32 on one without; training stays fp32 on any CPU; a
+    named dtype always wins."""
+    import prompt_core.model as model_mod
+    monkeypatch.setattr(model_mod, "cpu_has_native_bf16", lambda: native)
+    assert pick_dtype("auto", CPU, serving=True) == (torch.bfloat16 if native else torch.float32)
+    assert pick_dtype(None, CPU) == torch.float32
+    assert pick_dtype("float32", CPU, serving=True) == torch.float32
+    assert pick_dtype("auto", torch.device("cuda"), serving=True) == torch.bfloat16
 
 
 def test_load_model_refuses_what_it_cannot_quantize(tmp_path):
