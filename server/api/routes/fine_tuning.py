@@ -19,8 +19,17 @@ from training.jobs import API_METHODS, TERMINAL, JobRecord, JobStore, cancel_job
 from ..access import find_visible
 from ..deps import RuntimeDep, TenantDep
 from ..errors import ApiError
-from ..fine_tuning_schemas import Checkpoint, CheckpointList, Job, JobCreate, JobError, JobEvent, JobEventList, JobList
-from ..schemas import ErrorResponse
+from ..schemas import (
+    Checkpoint,
+    CheckpointList,
+    ErrorResponse,
+    Job,
+    JobCreate,
+    JobError,
+    JobEvent,
+    JobEventList,
+    JobList,
+)
 from .files import file_store
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
