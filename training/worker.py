@@ -1,6 +1,6 @@
 """`python -m training worker --store DIR`: train the queued fine-tuning jobs of a shared store on another machine.
 
-The same runner as the server's (training/jobs.py), without a serving gate: it trains whenever it holds a job. Jobs
+The same runner as the server's (training/jobs/), without a serving gate: it trains whenever it holds a job. Jobs
 are claimed with a lease, so several workers and servers may share one store; a worker that dies (or loses its
 machine) keeps its lease only until it expires, and the job resumes from its checkpoint wherever it is claimed next.
 Only jobs made for this worker's model (same embedding fingerprint) are claimed. SIGTERM checkpoints the running job

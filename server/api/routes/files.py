@@ -17,8 +17,7 @@ from training.files import FileRecord, FileStore
 
 from ..deps import RuntimeDep, TenantDep
 from ..errors import ApiError
-from ..fine_tuning_schemas import FileDeleted, FileList, FileObject
-from ..schemas import ErrorResponse
+from ..schemas import ErrorResponse, FileDeleted, FileList, FileObject
 from .tasks import _limited
 
 router = APIRouter(prefix="/v1/files", tags=["files"])

@@ -1,6 +1,6 @@
 """Fine-tuning jobs (OpenAI's /v1/fine_tuning/jobs): create, list, retrieve, cancel, events, checkpoints.
 
-A job trains a task prompt on the server's resident frozen model (server/fine_tuning.py, training/jobs.py); its
+A job trains a task prompt on the server's resident frozen model (server/fine_tuning.py, training/jobs/); its
 `fine_tuned_model` is a task id of the tenant, usable on every endpoint as soon as the job succeeds. Another
 tenant's job is a 404; an admin sees every job.
 """
@@ -19,8 +19,17 @@ from training.jobs import API_METHODS, TERMINAL, JobRecord, JobStore, cancel_job
 from ..access import find_visible
 from ..deps import RuntimeDep, TenantDep
 from ..errors import ApiError
-from ..fine_tuning_schemas import Checkpoint, CheckpointList, Job, JobCreate, JobError, JobEvent, JobEventList, JobList
-from ..schemas import ErrorResponse
+from ..schemas import (
+    Checkpoint,
+    CheckpointList,
+    ErrorResponse,
+    Job,
+    JobCreate,
+    JobError,
+    JobEvent,
+    JobEventList,
+    JobList,
+)
 from .files import file_store
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])

@@ -1,0 +1,191 @@
+"""JobRunner: claims jobs and trains them one at a time in a daemon thread, on the model its caller holds.
+
+It keeps each job's lease while it trains, resumes a job from its checkpoint, and records the outcome. It never
+imports the server: the server hands it a `Gate` that decides when a step may run (serving comes first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..checkpoint import CHECKPOINT_DIR, STATE
+from ..loop import train
+from ..search import search
+from .control import JobCancelled, JobControl
+from .method import train_config
+from .records import JobRecord, metric_name
+from .store import JobStore
+
+log = logging.getLogger("training.jobs")
+
+
+@dataclass
+class RunnerConfig:
+    lease_s: float = 60.0            # a runner that stops renewing for this long loses its job to another
+    checkpoint_every_s: float = 30.0  # at most this much training is redone after a crash (plus epoch ends)
+    poll_s: float = 0.5              # how often an idle runner looks for queued jobs
+    event_every_s: float = 2.0       # step events at most this often (every epoch and the first step always)
+    micro_batch: int | None = None   # rows per forward/backward within a step; the gate is asked between them
+
+
+class Gate:
+    """When a step may run. The default never waits; the server's gate yields to serving."""
+
+    def wait(self, stop: threading.Event) -> None:
+        return None
+
+    def done(self, seconds: float) -> None:
+        return None
+
+
+class JobRunner:
+    """Trains claimed jobs one at a time on `lm` (the caller's resident model) in a daemon thread."""
+
+    def __init__(self, jobs: JobStore, lm, publish: Callable[[JobRecord, Path], object], gate: Gate | None = None,
+                 config: RunnerConfig | None = None, on_progress: Callable[[JobRecord, dict], None] | None = None,
+                 base_model: str | None = None):
+        self.jobs, self.lm, self.publish = jobs, lm, publish
+        self.base_model = base_model
+        self.gate = gate or Gate()
+        self.config = config or RunnerConfig()
+        self.on_progress = on_progress
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._cancel: set[str] = set()
+        self._lost: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self.current: str | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fine-tuning", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Checkpoint the running job at its next step and hand it back to the queue."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        self._cancel.add(job_id)
+
+    def _loop(self) -> None:
+        try:  # below the server's threads where the OS allows it: serving first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
+        while not self._stop.is_set():
+            try:
+                rec = self.jobs.claim(self.owner, self.config.lease_s, self._mine)
+            except Exception:  # noqa: BLE001 - a bad record must not stop the runner
+                log.exception("claiming a job failed")
+                rec = None
+            if rec is None:
+                self._wake.wait(self.config.poll_s)
+                self._wake.clear()
+                continue
+            self.run_job(rec)
+
+    def _mine(self, rec: JobRecord) -> bool:
+        """Only jobs made for the model this runner holds (a worker with another model leaves them)."""
+        return rec.base_model is None or self.base_model is None or rec.base_model == self.base_model
+
+    def _renew(self, job_id: str, done: threading.Event) -> None:
+        """Keep the lease while the job is ours, whatever the loop is doing (a long held-out eval included); if
+        another runner took it over (this one was presumed dead), the loop stops at its next step."""
+        while not done.wait(self.config.lease_s / 4):
+            lost = False
+
+            def change(r: JobRecord) -> None:
+                nonlocal lost
+                if r.lease_owner != self.owner or r.status != "running":
+                    lost = True
+                else:
+                    r.lease_until = time.time() + self.config.lease_s
+            try:
+                self.jobs.update(job_id, change)
+            except Exception:  # noqa: BLE001 - a failed renewal is retried; the lease outlives several
+                log.exception("renewing the lease of %s failed", job_id)
+            if lost:
+                self._lost.add(job_id)
+                return
+
+    def run_job(self, rec: JobRecord) -> None:
+        self.current = rec.id
+        job_dir = self.jobs.job_dir(rec.id)
+        renewed = threading.Event()
+        threading.Thread(target=self._renew, args=(rec.id, renewed), name="lease", daemon=True).start()
+        try:
+            cfg = train_config(rec, job_dir, device=str(self.lm.device), dtype=None)
+            cfg.resume = (cfg.out / CHECKPOINT_DIR / STATE).is_file()
+            if rec.attempts == 1 and not cfg.resume:
+                lr = f"lr {cfg.lr:g}" if cfg.lr is not None else f"time budget {cfg.time_budget_s:g} s"
+                self.jobs.event(rec.id, f"training {cfg.method} ({cfg.task}): {cfg.epochs} epochs, {lr}, "
+                                        f"batch {cfg.batch_size}, seed {cfg.seed}")
+            control = JobControl(self, rec, cfg)
+            if cfg.method == "auto":
+                def candidate(row: dict) -> None:
+                    if not any(e.get("data", {}).get("candidate") == row["name"] for e in self.jobs.events(rec.id)):
+                        self.jobs.event(rec.id, f"candidate {row['name']}: held-out {metric_name(cfg.task)} "
+                                                f"{row['score']:.1f} at epoch {row['best_epoch']} "
+                                                f"({row['seconds']:.0f} s)",
+                                        type_="metrics", data={"candidate": row["name"], **row})
+                result = search(cfg, lm=self.lm, quiet=True, control=control, on_candidate=candidate)
+            else:
+                result = train(cfg, lm=self.lm, quiet=True, control=control)
+            if not result.get("finished"):
+                self.jobs.release(rec.id, self.owner)
+                self.jobs.event(rec.id, f"paused at step {result.get('stopped_at_step')} (runner stopping); "
+                                        "resumes from its checkpoint")
+                return
+            task = self.publish(rec, cfg.out)
+            metric = metric_name(cfg.task)
+            score = result.get("best_score")
+
+            def done(r: JobRecord) -> None:
+                r.status, r.finished_at, r.estimated_finish = "succeeded", int(time.time()), None
+                r.fine_tuned_model, r.result = getattr(task, "id", rec.task_id), result
+                r.trained_tokens = max(r.trained_tokens, int(control.tokens_per_step * r.step))
+                r.lease_owner, r.lease_until = None, 0.0
+            self.jobs.update(rec.id, done)
+            won = f"{result['winner']} won the search; " if result.get("winner") else ""
+            seconds = result.get("search_seconds") or result.get("train_seconds")
+            self.jobs.event(rec.id, f"succeeded: {rec.task_id} ({won}best held-out {metric} {score:.1f} at epoch "
+                                    f"{result.get('best_epoch')}, {seconds} s)",
+                            data={metric: score, "best_epoch": result.get("best_epoch"),
+                                  "winner": result.get("winner")})
+        except JobCancelled:
+            if rec.id in self._lost:
+                self.jobs.event(rec.id, f"runner {self.owner} lost its lease and stopped", level="warn")
+                return
+            self._finish(rec.id, "cancelled", None)
+            self.jobs.event(rec.id, "cancelled")
+        except Exception as e:  # noqa: BLE001 - the job fails, the runner goes on
+            log.exception("job %s failed", rec.id)
+            message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            self._finish(rec.id, "failed", {"code": "training_failed", "message": message[:2000], "param": None})
+            self.jobs.event(rec.id, f"failed: {message[:500]}", level="error")
+        finally:
+            renewed.set()
+            self.current = None
+            self._cancel.discard(rec.id)
+            self._lost.discard(rec.id)
+
+    def _finish(self, job_id: str, status: str, error: dict | None) -> None:
+        def change(r: JobRecord) -> None:
+            r.status, r.finished_at, r.error, r.estimated_finish = status, int(time.time()), error, None
+            r.lease_owner, r.lease_until = None, 0.0
+        self.jobs.update(job_id, change)
