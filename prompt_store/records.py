@@ -53,22 +53,9 @@ class TaskRecord:
     tier_key: tuple[str, str] = ("", "")    # (key, sha256): one shared tuple, so cache lookups hit by identity
 
     @property
-    def is_public(self) -> bool:
-        return self.visibility == "public"
-
-    @property
     def ref(self) -> str:
         """`id@version` as its owner knows it (never the storage id)."""
         return f"{self.id}@{self.version}"
-
-    def to_dict(self) -> dict:
-        """Public metadata for the API (no filesystem path)."""
-        return {"id": self.id, "version": self.version, "key": self.key, "tenant": self.tenant or None,
-                "visibility": self.visibility, "kind": self.kind, "num_virtual_tokens": self.num_virtual_tokens,
-                "template": self.template, "labels": [dict(x) for x in self.labels], "task_type": self.task_type,
-                "generation": dict(self.generation), "description": self.description,
-                "fingerprint": self.fingerprint, "tensors_sha256": self.tensors_sha256,
-                "created_at": self.created_at}
 
     @classmethod
     def from_manifest(cls, m: TaskManifest, path: Path, fingerprint: dict | None = None,

@@ -194,14 +194,6 @@ class TierCache:
             self.host.set_pinned(key, False)
             self.dev.set_pinned(key, False)
 
-    def preload(self, keys: list[TierKey], load: Callable[[TierKey], PromptTensors]) -> int:
-        """Warm the tiers (e.g. a configured hot list at start-up); returns how many loaded."""
-        n = 0
-        for key in keys:
-            self.get(key, load)
-            n += 1
-        return n
-
     def discard_task(self, key: str) -> int:
         """Drop a deleted version ("id@N") or every version of a deleted task ("id@"), pinned or not."""
         match = lambda k: k[0] == key or (key.endswith("@") and k[0].startswith(key))  # noqa: E731

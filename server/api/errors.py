@@ -41,10 +41,6 @@ def rate_limited(message: str, retry_after_s: float) -> ApiError:
     return ApiError(429, "rate_limited", message, {"Retry-After": str(max(1, int(retry_after_s + 0.999)))})
 
 
-def overloaded(message: str) -> ApiError:
-    return ApiError(503, "overloaded", message, {"Retry-After": "1"})
-
-
 # status and type per engine error; the first matching class wins (subclasses before bases). Store errors carry
 # their own (prompt_store/errors.py).
 _ENGINE = [(InputTooLong, 413, "input_too_long"), (InvalidRequest, 422, "invalid_request"),
