@@ -400,13 +400,7 @@ class LLMEngine:
             self.scheduler.finish(done)
 
     def _reap_cancelled(self) -> list[RequestOutput]:
-        outputs = []
-        for queue in self.scheduler.waiting.values():
-            for s in [s for s in queue if s.cancelled]:
-                queue.remove(s)
-                outputs.append(self._finish(s, "cancelled"))
-        running = [s for s in self.scheduler.running if s.cancelled]
-        for s in running:
-            outputs.append(self._finish(s, "cancelled"))
+        waiting, running = self.scheduler.cancelled()
+        outputs = [self._finish(s, "cancelled") for s in waiting + running]
         self._release_finished(running)
         return outputs

@@ -75,11 +75,20 @@ class Scheduler:
         self.waiting.setdefault(tenant, deque()).append(seq)
 
     def remove_waiting(self, seq: Sequence) -> bool:
+        """Take a sequence out of its tenant's queue; False if it is not waiting."""
         queue = self.waiting.get(seq.tenant)
         if queue and seq in queue:
             queue.remove(seq)
             return True
         return False
+
+    def cancelled(self) -> tuple[list[Sequence], list[Sequence]]:
+        """Cancelled sequences as (waiting, running). The waiting ones leave their queues here, since they hold no
+        row; the running ones stay running until the engine has freed their rows and calls `finish`."""
+        waiting = [s for queue in self.waiting.values() for s in queue if s.cancelled]
+        for s in waiting:
+            self.remove_waiting(s)
+        return waiting, [s for s in self.running if s.cancelled]
 
     def schedule(self) -> Schedule:
         """Admit waiting sequences, fairest tenant first, within the batch-size and prefill-token limits."""

@@ -109,6 +109,38 @@ def test_no_preemption_when_disabled_or_batch_not_full():
     assert s.schedule().preempted == []
 
 
+def test_cancelled_waiting_requests_leave_their_queue_and_running_ones_stay_until_finished():
+    s = Scheduler(SchedulerConfig(max_batch_size=1, max_prefill_tokens=1000))
+    a = [seq(i, "a") for i in range(3)]
+    b = seq(0, "b")
+    for q in a + [b]:
+        s.add(q)
+    running = s.schedule().admitted
+    assert running == [a[0]]
+    for q in (a[0], a[2], b):
+        q.cancelled = True
+    waiting, still_running = s.cancelled()
+    assert waiting == [a[2], b] and still_running == [a[0]]
+    assert list(s.waiting["a"]) == [a[1]] and not s.waiting["b"] and s.num_waiting == 1
+    assert s.running == [a[0]]  # its row is the engine's to free first
+    assert s.cancelled() == ([], [a[0]])  # the waiting ones are gone; the running one is reported until finished
+    s.finish(still_running)
+    assert s.cancelled() == ([], []) and a[0].status is Status.FINISHED
+    assert s.schedule().admitted == [a[1]]  # the one request left runs next
+    assert s.running == [a[1]] and s.num_waiting == 0
+
+
+def test_remove_waiting_only_removes_a_waiting_sequence():
+    s = Scheduler(SchedulerConfig(max_batch_size=1, max_prefill_tokens=1000))
+    first, second = seq(0), seq(1)
+    s.add(first)
+    s.add(second)
+    s.schedule()
+    assert not s.remove_waiting(first)  # running, not waiting
+    assert s.remove_waiting(second) and not s.remove_waiting(second)
+    assert s.num_waiting == 0 and s.running == [first]
+
+
 def test_prefill_groups_keep_padding_low():
     from server.engine.engine import LLMEngine
 
