@@ -56,7 +56,8 @@ from common import pct  # noqa: E402 - the one percentile definition of every re
 
 from prompt_core.model import LoadedModel, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec, PromptTensors, make_labels  # noqa: E402
-from server.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from server.engine.config import EngineConfig, SchedulerConfig  # noqa: E402
+from server.engine.engine import LLMEngine  # noqa: E402
 from server.engine.request import EngineRequest, PromptRef, SamplingParams  # noqa: E402
 
 KINDS = (PromptKind.HARD, PromptKind.PROMPT_TUNING, PromptKind.P_TUNING, PromptKind.PREFIX_TUNING)
@@ -212,7 +213,7 @@ HEAD_CACHE_BYTES = EngineConfig().head_cache_bytes  # --no-head-cache sets 0
 
 
 def new_engine(loaded: LoadedModel, max_batch: int) -> LLMEngine:
-    return LLMEngine(loaded, EngineConfig(max_batch_size=max_batch, max_new_tokens=4096,
+    return LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=max_batch), max_new_tokens=4096,
                                           head_cache_bytes=HEAD_CACHE_BYTES))
 
 
@@ -691,7 +692,7 @@ def profile_decode(loaded: LoadedModel, args, steps: int = 8, top: int = 25) -> 
 
     tasks = make_tasks(loaded, args.tasks, args.virtual_tokens, seed=1)
     reqs = make_requests(tasks, args.batch, steps + 8, prefix="p")
-    engine = LLMEngine(loaded, EngineConfig(max_batch_size=args.batch, max_new_tokens=4096))
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=args.batch), max_new_tokens=4096))
     engine.eos_ids = frozenset()
 
     def mark(name, fn):

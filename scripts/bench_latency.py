@@ -50,7 +50,8 @@ from common import free_port  # noqa: E402
 
 from prompt_core.model import LoadedModel, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402
-from server.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from server.engine.config import EngineConfig, SchedulerConfig  # noqa: E402
+from server.engine.engine import LLMEngine  # noqa: E402
 from server.engine.request import EngineRequest, PromptRef, SamplingParams  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars watch the quiet river "
@@ -73,7 +74,8 @@ def texts_of(tokenizer, n: int, tokens: int) -> list[str]:
 
 
 def engine_decode(loaded: LoadedModel, texts: list[str], new_tokens: int, max_batch: int = 64) -> dict:
-    engine = LLMEngine(loaded, EngineConfig(max_batch_size=max_batch, max_prefill_tokens=1 << 16))
+    limits = SchedulerConfig(max_batch_size=max_batch, max_prefill_tokens=1 << 16)
+    engine = LLMEngine(loaded, EngineConfig(scheduler=limits))
     engine.eos_ids = frozenset()
     ref = PromptRef("bench@1", PromptSpec(PromptKind.HARD, 0, "{input}"))
     warm = EngineRequest("warm", ref, texts[0], sampling=SamplingParams(max_new_tokens=4, temperature=0.0))

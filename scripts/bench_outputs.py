@@ -37,7 +37,8 @@ def main() -> None:
     from prompt_core.model import load_model
     from prompt_core.spec import PromptKind, PromptSpec
     from server.engine import constraints as C
-    from server.engine.engine import EngineConfig, LLMEngine
+    from server.engine.config import EngineConfig, SchedulerConfig
+    from server.engine.engine import LLMEngine
     from server.engine.request import EngineRequest, PromptRef, SamplingParams
 
     loaded = load_model()
@@ -45,7 +46,7 @@ def main() -> None:
                  "device": str(loaded.device), "dtype": str(loaded.dtype)}
 
     # -- compile times, with a fresh cache (the tokenizer's vocabulary is read once per engine)
-    engine = LLMEngine(loaded, EngineConfig(max_batch_size=args.rows))
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=args.rows)))
     t0 = time.perf_counter()
     engine.grammars._get_compiler()
     res["tokenizer_info_s"] = time.perf_counter() - t0
@@ -89,7 +90,7 @@ def main() -> None:
     masks: list[tuple[float, int]] = []
 
     def once(constrained: bool) -> dict:
-        eng = LLMEngine(loaded, EngineConfig(max_batch_size=args.rows))
+        eng = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=args.rows)))
         eng.grammars = engine.grammars  # compiled already: measure decoding, not compiling
         eng.processor.on_mask = lambda s, n: masks.append((s, n))
         spent = [0.0]  # seconds inside the logits processor (apply + accept): the constrained rows' own cost
@@ -134,7 +135,7 @@ def main() -> None:
                                                - res["unconstrained"]["processor_s_per_step"])
 
     # -- what rows without processing pay: the processor's pass over a step's rows when none needs work
-    eng = LLMEngine(loaded, EngineConfig(max_batch_size=args.rows))
+    eng = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=args.rows)))
     seqs = [eng.make_sequence(r) for r in batch(False)]
     for s in seqs:
         s.request.sampling = SamplingParams(max_new_tokens=args.tokens)  # no bias either: an untouched row

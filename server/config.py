@@ -9,9 +9,11 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import TypeAliasType
+
+from server.engine.config import EngineConfig, SchedulerConfig
 
 # named so that `--help` shows `--auth-file PATH` rather than the union's parts
 PATH = TypeAliasType("PATH", Path | None)
@@ -46,14 +48,18 @@ class Settings(BaseSettings):
                                                "forward on probe requests and refuse to serve a model that differs")
     self_check_tokens: int = Field(256, ge=8, description="longest probe request of the start-up check")
 
-    max_batch_size: int = Field(64, ge=1, description="rows in one engine step")
-    max_prefill_tokens: int = Field(4096, ge=1, description="tokens prefilled in one engine step")
-    max_input_tokens: int = Field(2048, ge=1, description="longest accepted input, task prompt included (413 above)")
-    max_new_tokens: int = Field(1024, ge=1, description="most tokens one request may generate (413 above)")
-    max_logprobs: int = Field(20, ge=0, description="most alternatives per token that logprobs / top_logprobs may ask "
-                                                   "for (a larger N is a 422)")
-    head_cache_mb: int = Field(1024, ge=0, description="memory for cached key/values of task prompt heads (leading "
-                                                       "virtual tokens and template text); 0 turns the cache off")
+    # the engine's limits: defaults and validation are engine/config.py's (see engine_config)
+    max_batch_size: int = Field(SchedulerConfig.max_batch_size, description="rows in one engine step")
+    max_prefill_tokens: int = Field(SchedulerConfig.max_prefill_tokens, description="tokens prefilled in one engine "
+                                                                                    "step")
+    max_input_tokens: int = Field(EngineConfig.max_input_tokens, description="longest accepted input, task prompt "
+                                                                             "included (413 above)")
+    max_new_tokens: int = Field(EngineConfig.max_new_tokens, description="most tokens one request may generate (413 "
+                                                                         "above)")
+    max_logprobs: int = Field(EngineConfig.max_logprobs, description="most alternatives per token that logprobs / "
+                                                                     "top_logprobs may ask for (a larger N is a 422)")
+    head_cache_mb: int = Field(EngineConfig.head_cache_bytes >> 20, description="memory for cached key/values of task "
+                               "prompt heads (leading virtual tokens and template text); 0 turns the cache off")
     max_queue: int = Field(1024, ge=1, description="engine requests in flight (running or waiting), all tenants "
                                                   "together (503 above)")
 
@@ -100,6 +106,19 @@ class Settings(BaseSettings):
         if v not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError(f"expected debug, info, warning, error or critical, found {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _engine_limits(self) -> Settings:
+        self.engine_config()  # refuses bad limits now, with the engine's own rule, not when the engine starts
+        return self
+
+    def engine_config(self, tenant_weights: dict[str, float] | None = None) -> EngineConfig:
+        """The engine's limits, field by field (tenant weights come from the auth file, not from settings)."""
+        return EngineConfig(scheduler=SchedulerConfig(max_batch_size=self.max_batch_size,
+                                                      max_prefill_tokens=self.max_prefill_tokens,
+                                                      tenant_weights=dict(tenant_weights or {})),
+                            max_input_tokens=self.max_input_tokens, max_new_tokens=self.max_new_tokens,
+                            head_cache_bytes=self.head_cache_mb << 20, max_logprobs=self.max_logprobs)
 
     def check_bind(self) -> None:
         """Without keys, anyone who can reach the port owns every task: refuse that beyond loopback unless asked."""

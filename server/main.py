@@ -40,7 +40,7 @@ def open_runtime(rt: Runtime) -> None:
     from prompt_store.peft_io import base_model_name
     from prompt_store.store import PromptStore, StoreConfig
     from server.engine.async_engine import AsyncEngine
-    from server.engine.engine import EngineConfig, LLMEngine
+    from server.engine.engine import LLMEngine
 
     s = rt.settings
     t0 = time.monotonic()
@@ -58,11 +58,7 @@ def open_runtime(rt: Runtime) -> None:
                                               base_model=base_model_name(s.model)),
                            poll=True)
     weights = {t: p.weight for t, p in rt.keyring.policies.items()}
-    engine = LLMEngine(rt.loaded, EngineConfig(max_batch_size=s.max_batch_size, max_prefill_tokens=s.max_prefill_tokens,
-                                               max_input_tokens=s.max_input_tokens, max_new_tokens=s.max_new_tokens,
-                                               tenant_weights=weights, head_cache_bytes=s.head_cache_mb << 20,
-                                               max_logprobs=s.max_logprobs),
-                       observer=rt.metrics)
+    engine = LLMEngine(rt.loaded, s.engine_config(weights), observer=rt.metrics)
     t2 = time.monotonic()
     if s.self_check:
         from server.engine.self_check import self_check

@@ -9,7 +9,8 @@ from transformers import AutoTokenizer, DynamicCache, LlamaConfig, LlamaForCausa
 
 from prompt_core.model import LoadedModel, ensure_default_model_dir, freeze, load_model
 from prompt_core.spec import PromptKind, PromptSpec, PromptTensors
-from server.engine.engine import EngineConfig, LLMEngine
+from server.engine.config import EngineConfig, SchedulerConfig
+from server.engine.engine import LLMEngine
 from server.engine.request import EngineRequest, PromptRef, SamplingParams
 
 
@@ -78,7 +79,7 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
-def new_engine(loaded: LoadedModel, **cfg) -> LLMEngine:
-    engine = LLMEngine(loaded, EngineConfig(**cfg))
+def new_engine(loaded: LoadedModel, max_batch_size: int = SchedulerConfig.max_batch_size, **cfg) -> LLMEngine:
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=max_batch_size), **cfg))
     engine.runner.trace = {}
     return engine

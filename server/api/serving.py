@@ -21,6 +21,7 @@ from server.auth import Principal
 from server.engine import constraints
 from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.request import (
+    DEFAULT_MAX_NEW_TOKENS,
     Constraint,
     EngineRequest,
     InvalidRequest,
@@ -36,7 +37,6 @@ from .limits import Admission
 
 log = logging.getLogger("server.requests")
 
-DEFAULT_MAX_NEW_TOKENS = 64
 MAX_SCHEMA_CHARS = 100_000  # a JSON schema, as compact JSON
 
 

@@ -11,7 +11,6 @@ import math
 import random
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from prompt_core.forward import logits_width
@@ -19,33 +18,14 @@ from prompt_core.layout import plan_row
 from prompt_core.model import LoadedModel
 from prompt_core.spec import INPUT_SLOT, PromptTensors
 
+from .config import EngineConfig
 from .constraints import GrammarCache
 from .logits_processors import LogitsProcessor
 from .model_runner import ModelRunner
 from .request import EngineRequest, InputTooLong, InvalidRequest, RequestOutput, Sequence
-from .scheduler import Scheduler, SchedulerConfig
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    max_batch_size: int = 64        # rows decoded together
-    max_prefill_tokens: int = 4096  # queries admitted into one prefill
-    max_input_tokens: int = 2048    # prompt tokens of one request (template, virtual tokens and input)
-    max_new_tokens: int = 1024      # the largest max_new_tokens a request may ask for
-    tenant_weights: dict[str, float] = field(default_factory=dict)
-    head_cache_bytes: int = 1 << 30    # cached key/values of prompt heads (virtual tokens, fixed text); 0 disables
-    max_logprobs: int = 20             # most alternatives (top-N) a request may ask for per token
-
-    def __post_init__(self) -> None:
-        if self.head_cache_bytes < 0:
-            raise ValueError("head_cache_bytes must be >= 0")
-        if self.max_logprobs < 0:
-            raise ValueError("max_logprobs must be >= 0")
-        for name in ("max_batch_size", "max_prefill_tokens", "max_input_tokens", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
 
 
 class EngineObserver(Protocol):
@@ -62,10 +42,9 @@ class LLMEngine:
         self.observer = observer
         self.logits_size = logits_width(loaded.model)
         self.processor = LogitsProcessor(self.logits_size, on_mask=self._hook("grammar_masked"))
-        self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, self.config.max_batch_size,
+        self.runner = ModelRunner(loaded.model, loaded.device, loaded.dtype, self.config.scheduler.max_batch_size,
                                   self.config.head_cache_bytes, processor=self.processor)
-        self.scheduler = Scheduler(SchedulerConfig(self.config.max_batch_size, self.config.max_prefill_tokens,
-                                                   dict(self.config.tenant_weights)))
+        self.scheduler = Scheduler(self.config.scheduler)
         eos = loaded.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:

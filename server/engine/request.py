@@ -32,6 +32,8 @@ class EngineStopped(EngineError):
     """The engine is shutting down or its loop died (HTTP 503)."""
 
 
+DEFAULT_MAX_NEW_TOKENS = 64  # a request that does not say (routes fall back to it too)
+
 ConstraintKind = Literal["json_object", "json_schema", "regex", "choice"]
 CONSTRAINT_KINDS = ("json_object", "json_schema", "regex", "choice")
 
@@ -58,7 +60,7 @@ class SamplingParams:
     it). presence_penalty and frequency_penalty (-2..2) lower the logit of every token already generated, by the
     penalty once and by the penalty per occurrence, as OpenAI specifies. A constraint limits every step to tokens
     that keep the text a valid prefix of its grammar, and end-of-sequence to where the grammar is complete."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0

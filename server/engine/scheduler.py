@@ -16,23 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .config import SchedulerConfig
 from .request import Sequence, Status
-
-
-@dataclass
-class SchedulerConfig:
-    max_batch_size: int = 64         # running rows
-    max_prefill_tokens: int = 4096   # queries admitted into one prefill (at least one request always fits)
-    tenant_weights: dict[str, float] = field(default_factory=dict)
-    input_cost: float = 1.0
-    output_cost: float = 2.0
-    preempt: bool = True             # free a row for a tenant with nothing running when the batch is full
-
-    def __post_init__(self) -> None:
-        if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
-            raise ValueError("max_batch_size and max_prefill_tokens must be positive")
-        if any(w <= 0 for w in self.tenant_weights.values()):
-            raise ValueError("tenant weights must be positive")
 
 
 @dataclass

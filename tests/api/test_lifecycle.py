@@ -22,6 +22,7 @@ import pytest
 
 from server.auth import KeyRing, hash_key
 from server.config import Settings
+from server.engine.config import EngineConfig, SchedulerConfig
 from tests.server_process import ServerProcess
 
 from .conftest import ACME, assert_error, hard_task, live_server, sse_events, write_auth_file
@@ -148,6 +149,22 @@ def test_settings_from_flags_env_and_defaults(monkeypatch, tmp_path):
         Settings(host="0.0.0.0", allow_insecure_bind=False).check_bind()
     with pytest.raises(ValueError):
         Settings(max_batch_size=0)
+
+
+def test_settings_give_the_engine_each_limit_by_name():
+    """Defaults live in the engine's config; every limit flag lands in the field of the same name, once."""
+    assert Settings().engine_config() == EngineConfig()
+    s = Settings(max_batch_size=7, max_prefill_tokens=99, max_input_tokens=55, max_new_tokens=33, max_logprobs=4,
+                 head_cache_mb=2)
+    assert s.engine_config({"gold": 3.0}) == EngineConfig(
+        scheduler=SchedulerConfig(max_batch_size=7, max_prefill_tokens=99, tenant_weights={"gold": 3.0}),
+        max_input_tokens=55, max_new_tokens=33, max_logprobs=4, head_cache_bytes=2 << 20)
+    for bad in (dict(max_prefill_tokens=0), dict(max_input_tokens=0), dict(max_new_tokens=0),
+                dict(max_logprobs=-1), dict(head_cache_mb=-1)):
+        with pytest.raises(ValueError):
+            Settings(**bad)
+    with pytest.raises(ValueError, match="tenant weights"):
+        Settings().engine_config({"gold": 0.0})
 
 
 def test_auth_file_keys_plain_and_hashed(tmp_path):
