@@ -707,7 +707,7 @@ def profile_decode(loaded: LoadedModel, args, steps: int = 8, top: int = 25) -> 
     for mod, attr, fn in saved:
         setattr(mod, attr, mark(f"## {attr}", fn))
     engine.runner.cache.update = mark("## cache.update", engine.runner.cache.update)
-    engine._append_token = mark("## append_token+detokenize", engine._append_token)
+    engine.output_processor.append_token = mark("## append_token+detokenize", engine.output_processor.append_token)
     engine._release_finished = mark("## release", engine._release_finished)
     try:
         seqs = [engine.add_request(r) for r in reqs]

@@ -139,7 +139,7 @@ def main() -> None:
     seqs = [eng.make_sequence(r) for r in batch(False)]
     for s in seqs:
         s.request.sampling = SamplingParams(max_new_tokens=args.tokens)  # no bias either: an untouched row
-    logits = torch.zeros(args.rows, eng.vocab_size)
+    logits = torch.zeros(args.rows, eng.sequence_builder.vocab_size)
     t0 = time.perf_counter()
     for _ in range(1000):
         assert eng.processor.apply(logits, seqs) is logits

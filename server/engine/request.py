@@ -191,7 +191,7 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per sampled token (EOS included)
     sent_logprobs: int = 0                 # output_logprobs already handed out in a RequestOutput
     prompt_sent: bool = False              # prompt_logprobs went out with an earlier output
-    # incremental detokenization offsets (see LLMEngine._detokenize)
+    # incremental detokenization offsets (see OutputProcessor._detokenize)
     prefix_offset: int = 0
     read_offset: int = 0
 

@@ -36,7 +36,7 @@ def probe_length(model, max_tokens: int) -> int:
 @torch.inference_mode()
 def self_check(engine: LLMEngine, max_tokens: int = 256) -> float:
     """Run the probe; return the largest relative difference seen, or raise UnsupportedModel."""
-    model, device = engine.model, engine.runner.device
+    model, device = engine.runner.model, engine.runner.device
     arch = architecture(model)
     vocab = model.get_input_embeddings().weight.shape[0]
     n = probe_length(model, max_tokens)

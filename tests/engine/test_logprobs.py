@@ -242,12 +242,12 @@ def test_a_final_eos_is_listed_in_the_logprobs():
     engine = new_engine(loaded)
     eos = next(iter(engine.eos_ids))
     with torch.no_grad():  # make EOS the model's favourite token everywhere, for this test only
-        engine.model.lm_head.bias = torch.nn.Parameter(torch.zeros(loaded.model.config.vocab_size))
-        engine.model.lm_head.bias[eos] = 100.0
+        engine.runner.model.lm_head.bias = torch.nn.Parameter(torch.zeros(loaded.model.config.vocab_size))
+        engine.runner.model.lm_head.bias[eos] = 100.0
     try:
         out = run(engine, [EngineRequest("x", ref, "hello", sampling=greedy(3), echo=True, logprobs=1)])["x"]
     finally:
-        engine.model.lm_head.bias = None
+        engine.runner.model.lm_head.bias = None
     assert out.finish_reason == "stop" and out.completion_tokens == 0 and out.text == ""
     assert [e.token for e in out.logprobs] == [eos]
     assert len(out.prompt_logprobs) == len(ids_of(loaded, "hello"))
