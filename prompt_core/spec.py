@@ -113,6 +113,10 @@ class PromptSpec:
             parts = [TemplatePart(virtual=self.num_virtual_tokens), *parts]
         return parts
 
+    @property
+    def is_classifier(self) -> bool:
+        return bool(self.labels)
+
 
 @dataclass
 class PromptTensors:
