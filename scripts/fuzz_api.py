@@ -24,14 +24,9 @@ import argparse
 import collections
 import io
 import json
-import os
-import queue
-import re
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
 import zipfile
@@ -39,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from common import ServerProcess, write_auth_file  # noqa: E402
+
 KEY = "fuzz-key-0123456789abcdef"
 TASKS = {"task_id": ["fz-qa", "fz-cls", "fz-soft"], "model": ["fz-qa", "fz-cls", "fz-soft"]}
 
@@ -278,56 +276,6 @@ def seed_tasks(base_url: str, key: str) -> None:
         assert r.status_code == 201, r.text
 
 
-class ServerProcess:
-    """`python -m server --port 0` on loopback with a temp store and an auth file holding one key."""
-
-    def __init__(self, tmp: Path, *args: str):
-        auth = tmp / "auth.json"
-        from_hash = __import__("hashlib").sha256(KEY.encode()).hexdigest()
-        auth.write_text(json.dumps({"keys": {f"sha256:{from_hash}": {"tenant": "fuzz"}}}))
-        env = {**os.environ, "PROMPTSERVE_STORE": str(tmp / "store"), "PROMPTSERVE_DEVICE": "cpu"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--auth-file", str(auth),
-                                      *args], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: collections.deque[str] = collections.deque(maxlen=2000)
-        self.errors: list[str] = []  # ERROR / Traceback lines, the first 50
-        self.started = False
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 180
-        rx = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-        while True:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError("server did not start:\n" + "".join(list(self.log)[-30:]))
-                continue
-            m = rx.search(line)
-            if m:
-                self.url = f"http://127.0.0.1:{m.group(1)}"
-                self.started = True
-                break
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-            if ("Traceback" in line or " ERROR " in line) and len(self.errors) < 50:
-                self.errors.append(line)
-            if not self.started:
-                self.lines.put(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="fuzz this running server instead of starting one")
@@ -346,7 +294,9 @@ def main() -> int:
         else:
             # modest limits keep 1,000+ requests in minutes on a CPU (64 = the default max_new_tokens, so requests
             # that leave it out are served); larger values are 413s, still fuzzed
-            server = ServerProcess(Path(tmp.name), "--max-new-tokens", "64", "--max-input-tokens", "512")
+            auth = write_auth_file(Path(tmp.name) / "auth.json", {KEY: "fuzz"})
+            server = ServerProcess(Path(tmp.name) / "store", "--auth-file", str(auth), "--max-new-tokens", "64",
+                                   "--max-input-tokens", "512")
             url, key = server.url, KEY
             seed_tasks(url, key)
         import schemathesis
@@ -360,7 +310,7 @@ def main() -> int:
         return 1 if report.server_errors or report.schema_violations or report.count("transport") else 0
     finally:
         if server is not None:
-            server.close()
+            server.close(grace_s=30)
         tmp.cleanup()
 
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.common import ServerProcess
 from server.auth import KeyRing, hash_key
 from server.config import Settings
-from tests.server_process import ServerProcess
 
 from .conftest import ACME, assert_error, hard_task, live_server, sse_events, write_auth_file
 
