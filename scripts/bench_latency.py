@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_engine import copy_bandwidth, env_info, git_info, load_avg  # noqa: E402
-from common import free_port  # noqa: E402
+from bench_engine import copy_bandwidth, env_info, git_info  # noqa: E402
+from common import free_port, load_avg  # noqa: E402
 
 from prompt_core.model import LoadedModel, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402

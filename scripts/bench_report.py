@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from common import command_line, load_avg  # noqa: E402
+
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 # the analysis of the decode-speed sweep, written by hand
 DECODE_NOTES_BEGIN, DECODE_NOTES_END = "<!-- decode-notes:begin -->", "<!-- decode-notes:end -->"
@@ -56,7 +58,7 @@ def measure(args) -> dict:
     with B.warnings_off():
         loaded = load_model(None, args.device, args.dtype)
     res = B.standard(loaded, eargs)
-    res["command"] = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    res["command"] = command_line()
 
     # throughput against batch size: B requests, mixed tasks, engine and hf generate at the same batch
     print("\nsweep: batch size")
@@ -96,7 +98,7 @@ def measure(args) -> dict:
     pargs = argparse.Namespace(**{**vars(eargs), "batch": 16 if args.quick else 64})
     res["profile"] = B.profile_decode(loaded, pargs)
     res["total_s"] = time.time() - t_start
-    res["load_end"] = B.load_avg()
+    res["load_end"] = load_avg()
     return res
 
 
@@ -146,8 +148,7 @@ def rerun(args, res: dict) -> dict:
     elif args.rerun == "profile":
         res["profile"] = B.profile_decode(loaded, eargs)
     res.setdefault("reruns", []).append({"part": args.rerun, "date_utc": B.env_info()["date_utc"],
-                                         "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)]
-                                                                         + sys.argv[1:]), "load_end": B.load_avg()})
+                                         "command": command_line(), "load_end": load_avg()})
     return res
 
 
@@ -620,7 +621,7 @@ def main(argv=None) -> int:
         res = json.loads(args.from_json.read_text())
         if args.rerun:
             res = rerun(args, res)
-        res["render_command"] = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+        res["render_command"] = command_line()
     else:
         res = measure(args)
     if args.save_json:

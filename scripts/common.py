@@ -1,6 +1,6 @@
 """What the scripts (and the tests that start a real server) share: one percentile definition, so every report's
-p50/p95/p99 is the same statistic; a free loopback port; the load average as reports print it; an auth file; and
-`python -m server` in a subprocess.
+p50/p95/p99 is the same statistic; a free loopback port; the load average as reports print it; the command line
+a report records; an auth file; a prompt artifact zipped for upload; and `python -m server` in a subprocess.
 
 Scripts import it as `common` (they put scripts/ on sys.path); the tests as `scripts.common`.
 """
@@ -45,11 +45,34 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def command_line() -> str:
+    """How this script was run, from the repository root: `python scripts/x.py --flag ...` (recorded in reports)."""
+    return "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+
+
 def write_auth_file(path: Path, tenants: dict[str, str]) -> Path:
     """An `--auth-file` giving each raw key (key -> tenant) its tenant; the file holds only the keys' sha256."""
     path.write_text(json.dumps({"keys": {f"sha256:{hashlib.sha256(key.encode()).hexdigest()}": {"tenant": tenant}
                                          for key, tenant in tenants.items()}}))
     return path
+
+
+def artifact_zip(manifest, tensors) -> bytes:
+    """A native prompt artifact (prompt_store.format: a TaskManifest and its PromptTensors) as an upload: a .zip
+    holding adapter/<each file>."""
+    import io
+    import tempfile
+    import zipfile
+
+    from prompt_store.format import write_artifact
+
+    buf = io.BytesIO()
+    with tempfile.TemporaryDirectory() as d:
+        write_artifact(Path(d), manifest, tensors)
+        with zipfile.ZipFile(buf, "w") as zf:
+            for p in Path(d).iterdir():
+                zf.writestr(f"adapter/{p.name}", p.read_bytes())
+    return buf.getvalue()
 
 
 class ServerProcess:

@@ -22,20 +22,18 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
 import signal
 import sys
 import tempfile
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from common import ServerProcess, write_auth_file  # noqa: E402
+from common import ServerProcess, artifact_zip, write_auth_file  # noqa: E402
 
 KEY = "fuzz-key-0123456789abcdef"
 TASKS = {"task_id": ["fz-qa", "fz-cls", "fz-soft"], "model": ["fz-qa", "fz-cls", "fz-soft"]}
@@ -247,20 +245,14 @@ def soft_prompt_zip(T: int = 4, seed: int = 0, labels: list[dict] | None = None)
     import torch
 
     from prompt_core.spec import PromptTensors
-    from prompt_store.format import TaskManifest, write_artifact
+    from prompt_store.format import TaskManifest
 
     g = torch.Generator().manual_seed(seed)
     tensors = PromptTensors(virtual=torch.randn(T, 576, generator=g) * 0.05)
     manifest = TaskManifest(id="artifact", version=1, tenant="", visibility="private", kind="prompt_tuning",
                             num_virtual_tokens=T, template="{input}", labels=labels or [],
                             task_type="classify" if labels else "generate")
-    buf = io.BytesIO()
-    with tempfile.TemporaryDirectory() as d:
-        write_artifact(Path(d), manifest, tensors)
-        with zipfile.ZipFile(buf, "w") as zf:
-            for p in Path(d).iterdir():
-                zf.writestr(f"adapter/{p.name}", p.read_bytes())
-    return buf.getvalue()
+    return artifact_zip(manifest, tensors)
 
 
 def seed_tasks(base_url: str, key: str) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import io
 import ipaddress
 import json
 import os
@@ -33,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -42,7 +40,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from common import ServerProcess, pct, write_auth_file  # noqa: E402
+from common import ServerProcess, artifact_zip, pct, write_auth_file  # noqa: E402
 
 TENANTS = ["t0", "t1", "t2", "t3"]
 KEYS = {t: f"soak-{t}-key-0123456789abcdef" for t in TENANTS}
@@ -57,7 +55,7 @@ def soft_zip(kind: str, T: int, seed: int) -> bytes:
     import torch
 
     from prompt_core.spec import PromptTensors
-    from prompt_store.format import TaskManifest, write_artifact
+    from prompt_store.format import TaskManifest
 
     g = torch.Generator().manual_seed(seed)
     if kind == "prefix_tuning":
@@ -67,13 +65,7 @@ def soft_zip(kind: str, T: int, seed: int) -> bytes:
     labels = [{"name": n, "verbalizer": f" {n}"} for n in LABELS]
     manifest = TaskManifest(id="artifact", version=1, tenant="", visibility="private", kind=kind,
                             num_virtual_tokens=T, template="{input}", labels=labels, task_type="classify")
-    buf = io.BytesIO()
-    with tempfile.TemporaryDirectory() as d:
-        write_artifact(Path(d), manifest, tensors)
-        with zipfile.ZipFile(buf, "w") as zf:
-            for p in Path(d).iterdir():
-                zf.writestr(f"adapter/{p.name}", p.read_bytes())
-    return buf.getvalue()
+    return artifact_zip(manifest, tensors)
 
 
 def setup_tasks(url: str) -> None:
