@@ -9,12 +9,12 @@ the engine's layout (virtual [T, D], prefix [L, 2, H_kv, T, Dh]).
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
 
+from prompt_core.lru import ByteLRU
 from prompt_core.spec import PromptTensors
 
 TierKey = tuple[str, str]  # (id@version, tensors sha256)
@@ -35,89 +35,40 @@ class TierStats:
         return dict(self.__dict__)
 
 
-@dataclass
-class _Entry:
-    value: PromptTensors
-    nbytes: int
-    pinned: bool = False
-
-
-@dataclass
 class LRUTier:
-    """An LRU with a byte budget. Pinned entries are never evicted (and still count toward the budget).
+    """One tier: an LRU with a byte budget (prompt_core.lru.ByteLRU). Pinned entries are never evicted (and still
+    count toward the budget). Its counters read as TierStats.
 
     Not thread-safe by itself; TierCache holds the lock."""
-    name: str
-    budget_bytes: int
-    entries: "OrderedDict[Hashable, _Entry]" = field(default_factory=OrderedDict)
-    stats: TierStats = field(default_factory=TierStats)
 
-    def __post_init__(self) -> None:
-        self.stats.budget_bytes = self.budget_bytes
+    def __init__(self, name: str, budget_bytes: int):
+        self.name = name
+        self.entries: ByteLRU[Hashable, PromptTensors] = ByteLRU(budget_bytes)  # keys, least recently used first
+
+    @property
+    def budget_bytes(self) -> int:
+        return self.entries.budget_bytes
+
+    @property
+    def stats(self) -> TierStats:
+        lru = self.entries
+        return TierStats(hits=lru.hits, misses=lru.misses, evictions=lru.evictions, resident_bytes=lru.resident_bytes,
+                         budget_bytes=lru.budget_bytes, entries=len(lru), pinned=lru.pinned)
 
     def get(self, key: Hashable) -> PromptTensors | None:
-        entry = self.entries.get(key)
-        if entry is None:
-            self.stats.misses += 1
-            return None
-        self.entries.move_to_end(key)
-        self.stats.hits += 1
-        return entry.value
+        return self.entries.get(key)
 
     def put(self, key: Hashable, value: PromptTensors, pinned: bool = False) -> bool:
         """Insert, evicting least-recently-used unpinned entries until it fits. Returns False (not cached) if it
         cannot fit even after evicting everything unpinned."""
-        nbytes = value.nbytes
-        old = self.entries.pop(key, None)
-        if old is not None:
-            self.stats.resident_bytes -= old.nbytes
-            self.stats.pinned -= old.pinned
-            pinned = pinned or old.pinned
-        if nbytes > self.budget_bytes and not pinned:
-            self._sync()
-            return False
-        if self.stats.resident_bytes + nbytes > self.budget_bytes:
-            need = self.stats.resident_bytes + nbytes - self.budget_bytes
-            victims = []
-            for k, e in self.entries.items():  # oldest first; stops as soon as enough is freed
-                if need <= 0:
-                    break
-                if not e.pinned:
-                    victims.append(k)
-                    need -= e.nbytes
-            for k in victims:
-                self.stats.resident_bytes -= self.entries.pop(k).nbytes
-                self.stats.evictions += 1
-        if self.stats.resident_bytes + nbytes > self.budget_bytes and not pinned:
-            self._sync()
-            return False
-        self.entries[key] = _Entry(value, nbytes, pinned)
-        self.stats.resident_bytes += nbytes
-        self.stats.pinned += pinned
-        self._sync()
-        return True
+        return self.entries.put(key, value, pinned)
 
     def set_pinned(self, key: Hashable, pinned: bool) -> bool:
-        entry = self.entries.get(key)
-        if entry is None:
-            return False
-        self.stats.pinned += int(pinned) - int(entry.pinned)
-        entry.pinned = pinned
-        self._sync()
-        return True
+        return self.entries.set_pinned(key, pinned)
 
     def discard(self, match: Callable[[Hashable], bool]) -> int:
         """Drop every entry whose key matches (a deleted task); not counted as evictions."""
-        gone = [k for k in self.entries if match(k)]
-        for k in gone:
-            entry = self.entries.pop(k)
-            self.stats.resident_bytes -= entry.nbytes
-            self.stats.pinned -= entry.pinned
-        self._sync()
-        return len(gone)
-
-    def _sync(self) -> None:
-        self.stats.entries = len(self.entries)
+        return self.entries.discard_where(match)
 
 
 @dataclass

@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import pct  # noqa: E402 - the one percentile definition of every report
+from common import load_avg, pct  # noqa: E402 - pct: the one percentile definition of every report
 
 from prompt_core.model import LoadedModel, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec, PromptTensors, make_labels  # noqa: E402
@@ -86,10 +86,6 @@ CLASSIFY_LABELS = {"positive": " positive", "negative": " negative", "neutral": 
 
 
 # ---------------------------------------------------------------------------------------------------- utilities
-
-def load_avg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
 
 def rss_mb() -> float:
     import psutil

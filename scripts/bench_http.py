@@ -43,7 +43,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from common import pct  # noqa: E402
+from common import command_line, load_avg, pct  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------ setup
 
@@ -289,7 +289,7 @@ async def amain(args) -> dict:
         modes = ["closed", "open"] if args.mode == "both" else [args.mode]
         with ServerRSS(args.server_pid) as mem:
             for m in modes + (["classify"] if args.classify else []):
-                load = [round(x, 2) for x in os.getloadavg()]
+                load = load_avg()
                 cpu0 = server_cpu(args.server_pid)
                 if m == "classify":
                     s = await classify_run(client, args)
@@ -343,11 +343,10 @@ def main(argv=None) -> int:
         args.concurrency = min(args.concurrency, 16)
     import datetime as dt
     print(f"# bench_http {args.url}: {args.requests} requests/mode over {args.tasks} tasks, {args.new_tokens} new "
-          f"tokens, stream={args.stream}, load {[round(x, 2) for x in os.getloadavg()]}")
+          f"tokens, stream={args.stream}, load {load_avg()}")
     res = asyncio.run(amain(args))
     res.update({"date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                "command": "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
-                "load": [round(x, 2) for x in os.getloadavg()], "config": {k: str(v) for k, v in vars(args).items()
+                "command": command_line(), "load": load_avg(), "config": {k: str(v) for k, v in vars(args).items()
                                                                            if k != "api_key"}})
     if args.json:
         args.json.write_text(json.dumps(res, indent=1, default=str))

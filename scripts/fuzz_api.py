@@ -22,23 +22,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
 import json
-import os
-import queue
-import re
 import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from common import ServerProcess, artifact_zip, write_auth_file  # noqa: E402
+
 KEY = "fuzz-key-0123456789abcdef"
 TASKS = {"task_id": ["fz-qa", "fz-cls", "fz-soft"], "model": ["fz-qa", "fz-cls", "fz-soft"]}
 
@@ -249,20 +245,14 @@ def soft_prompt_zip(T: int = 4, seed: int = 0, labels: list[dict] | None = None)
     import torch
 
     from prompt_core.spec import PromptTensors
-    from prompt_store.format import TaskManifest, write_artifact
+    from prompt_store.format import TaskManifest
 
     g = torch.Generator().manual_seed(seed)
     tensors = PromptTensors(virtual=torch.randn(T, 576, generator=g) * 0.05)
     manifest = TaskManifest(id="artifact", version=1, tenant="", visibility="private", kind="prompt_tuning",
                             num_virtual_tokens=T, template="{input}", labels=labels or [],
                             task_type="classify" if labels else "generate")
-    buf = io.BytesIO()
-    with tempfile.TemporaryDirectory() as d:
-        write_artifact(Path(d), manifest, tensors)
-        with zipfile.ZipFile(buf, "w") as zf:
-            for p in Path(d).iterdir():
-                zf.writestr(f"adapter/{p.name}", p.read_bytes())
-    return buf.getvalue()
+    return artifact_zip(manifest, tensors)
 
 
 def seed_tasks(base_url: str, key: str) -> None:
@@ -276,56 +266,6 @@ def seed_tasks(base_url: str, key: str) -> None:
         r = c.post("/v1/tasks", data={"task_id": "fz-soft"},
                    files={"adapter": ("a.zip", soft_prompt_zip(), "application/zip")})
         assert r.status_code == 201, r.text
-
-
-class ServerProcess:
-    """`python -m server --port 0` on loopback with a temp store and an auth file holding one key."""
-
-    def __init__(self, tmp: Path, *args: str):
-        auth = tmp / "auth.json"
-        from_hash = __import__("hashlib").sha256(KEY.encode()).hexdigest()
-        auth.write_text(json.dumps({"keys": {f"sha256:{from_hash}": {"tenant": "fuzz"}}}))
-        env = {**os.environ, "PROMPTSERVE_STORE": str(tmp / "store"), "PROMPTSERVE_DEVICE": "cpu"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--auth-file", str(auth),
-                                      *args], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: collections.deque[str] = collections.deque(maxlen=2000)
-        self.errors: list[str] = []  # ERROR / Traceback lines, the first 50
-        self.started = False
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 180
-        rx = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-        while True:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.close()
-                    raise RuntimeError("server did not start:\n" + "".join(list(self.log)[-30:]))
-                continue
-            m = rx.search(line)
-            if m:
-                self.url = f"http://127.0.0.1:{m.group(1)}"
-                self.started = True
-                break
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-            if ("Traceback" in line or " ERROR " in line) and len(self.errors) < 50:
-                self.errors.append(line)
-            if not self.started:
-                self.lines.put(line)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
 
 
 def main() -> int:
@@ -346,7 +286,9 @@ def main() -> int:
         else:
             # modest limits keep 1,000+ requests in minutes on a CPU (64 = the default max_new_tokens, so requests
             # that leave it out are served); larger values are 413s, still fuzzed
-            server = ServerProcess(Path(tmp.name), "--max-new-tokens", "64", "--max-input-tokens", "512")
+            auth = write_auth_file(Path(tmp.name) / "auth.json", {KEY: "fuzz"})
+            server = ServerProcess(Path(tmp.name) / "store", "--auth-file", str(auth), "--max-new-tokens", "64",
+                                   "--max-input-tokens", "512")
             url, key = server.url, KEY
             seed_tasks(url, key)
         import schemathesis
@@ -360,7 +302,7 @@ def main() -> int:
         return 1 if report.server_errors or report.schema_violations or report.count("transport") else 0
     finally:
         if server is not None:
-            server.close()
+            server.close(grace_s=30)
         tmp.cleanup()
 
 

@@ -22,21 +22,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import hashlib
-import io
 import ipaddress
 import json
 import os
 import random
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -45,7 +40,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from common import pct  # noqa: E402
+from common import ServerProcess, artifact_zip, pct, write_auth_file  # noqa: E402
 
 TENANTS = ["t0", "t1", "t2", "t3"]
 KEYS = {t: f"soak-{t}-key-0123456789abcdef" for t in TENANTS}
@@ -60,7 +55,7 @@ def soft_zip(kind: str, T: int, seed: int) -> bytes:
     import torch
 
     from prompt_core.spec import PromptTensors
-    from prompt_store.format import TaskManifest, write_artifact
+    from prompt_store.format import TaskManifest
 
     g = torch.Generator().manual_seed(seed)
     if kind == "prefix_tuning":
@@ -70,55 +65,7 @@ def soft_zip(kind: str, T: int, seed: int) -> bytes:
     labels = [{"name": n, "verbalizer": f" {n}"} for n in LABELS]
     manifest = TaskManifest(id="artifact", version=1, tenant="", visibility="private", kind=kind,
                             num_virtual_tokens=T, template="{input}", labels=labels, task_type="classify")
-    buf = io.BytesIO()
-    with tempfile.TemporaryDirectory() as d:
-        write_artifact(Path(d), manifest, tensors)
-        with zipfile.ZipFile(buf, "w") as zf:
-            for p in Path(d).iterdir():
-                zf.writestr(f"adapter/{p.name}", p.read_bytes())
-    return buf.getvalue()
-
-
-class ServerProcess:
-    def __init__(self, tmp: Path, args: list[str]):
-        auth = tmp / "auth.json"
-        auth.write_text(json.dumps({"keys": {"sha256:" + hashlib.sha256(k.encode()).hexdigest(): {"tenant": t}
-                                             for t, k in KEYS.items()}}))
-        env = {**os.environ, "PROMPTSERVE_STORE": str(tmp / "store"), "PROMPTSERVE_DEVICE": "cpu"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", "--auth-file", str(auth), *args],
-                                     cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.errors: list[str] = []
-        self.tail: collections.deque[str] = collections.deque(maxlen=200)
-        port: dict = {}
-        ready = threading.Event()
-
-        def read():
-            rx = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
-            for line in self.proc.stdout:
-                self.tail.append(line)
-                if ("Traceback" in line or " ERROR " in line) and len(self.errors) < 50:
-                    self.errors.append(line)
-                m = rx.search(line)
-                if m:
-                    port["p"] = m.group(1)
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(300) or "p" not in port:
-            self.close()
-            raise RuntimeError("server did not start:\n" + "".join(self.tail))
-        self.url = f"http://127.0.0.1:{port['p']}"
-        self.pid = self.proc.pid
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+    return artifact_zip(manifest, tensors)
 
 
 def setup_tasks(url: str) -> None:
@@ -307,7 +254,9 @@ def main() -> int:
                 raise SystemExit("soak runs against loopback only")
             url, pid = args.url.rstrip("/"), args.pid
         else:
-            server = ServerProcess(Path(tmp.name), args.server_args.split())
+            auth = write_auth_file(Path(tmp.name) / "auth.json", {k: t for t, k in KEYS.items()})
+            server = ServerProcess(Path(tmp.name) / "store", "--auth-file", str(auth), *args.server_args.split(),
+                                   start_timeout_s=300)
             url, pid = server.url, server.pid
         setup_tasks(url)
         load0 = os.getloadavg()
@@ -335,7 +284,7 @@ def main() -> int:
         return report(args, stats, samples, wall, warmup, load0, load1, server)
     finally:
         if server is not None:
-            server.close()
+            server.close(grace_s=60)
         tmp.cleanup()
 
 

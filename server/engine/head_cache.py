@@ -8,10 +8,11 @@ whose text merges with the input under BPE just reuses fewer tokens, never a wro
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+from prompt_core.lru import ByteLRU
 
 
 @dataclass(frozen=True)
@@ -30,42 +31,27 @@ class CachedHead:
 
 
 class HeadCache:
-    """An LRU of heads under a byte budget (0 disables caching)."""
+    """An LRU of heads under a byte budget (prompt_core.lru.ByteLRU; 0 disables caching)."""
 
     def __init__(self, budget_bytes: int):
-        self.budget = budget_bytes
-        self._entries: OrderedDict[tuple[str, int], CachedHead] = OrderedDict()
-        self.resident_bytes = 0
-        self.hits = self.misses = self.evictions = 0
+        self._lru: ByteLRU[tuple[str, int], CachedHead] = ByteLRU(budget_bytes)
+
+    @property
+    def budget(self) -> int:
+        return self._lru.budget_bytes
 
     def get(self, key: tuple[str, int], ids: list[int], virt: list[int]) -> CachedHead | None:
-        entry = self._entries.get(key)
-        if entry is None or not entry.matches(ids, virt):
-            self.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.hits += 1
-        return entry
+        """The entry when it matches this row token by token (a miss otherwise)."""
+        return self._lru.get(key, accept=lambda entry: entry.matches(ids, virt))
 
     def put(self, key: tuple[str, int], entry: CachedHead) -> None:
-        if entry.nbytes > self.budget:
-            return
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.resident_bytes -= old.nbytes
-        while self._entries and self.resident_bytes + entry.nbytes > self.budget:
-            _, evicted = self._entries.popitem(last=False)
-            self.resident_bytes -= evicted.nbytes
-            self.evictions += 1
-        self._entries[key] = entry
-        self.resident_bytes += entry.nbytes
+        self._lru.put(key, entry)
 
     def discard(self, key: tuple[str, int]) -> None:
         """Drop an entry that no later request will use (the shared prompt of n choices, once they are in)."""
-        old = self._entries.pop(key, None)
-        if old is not None:
-            self.resident_bytes -= old.nbytes
+        self._lru.discard(key)
 
     def stats(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions,
-                "resident_bytes": self.resident_bytes, "entries": len(self._entries)}
+        lru = self._lru
+        return {"hits": lru.hits, "misses": lru.misses, "evictions": lru.evictions,
+                "resident_bytes": lru.resident_bytes, "entries": len(lru)}

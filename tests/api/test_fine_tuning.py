@@ -418,7 +418,7 @@ def test_default_model_on_the_shipped_example_scores_as_the_cli(module_tmp):
 def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
     """The server dies mid-job (SIGKILL, no chance to clean up); a new server on the same store resumes the job from
     its last checkpoint, and the prompt equals an uninterrupted run's: nothing lost, nothing trained twice."""
-    from tests.server_process import ServerProcess
+    from scripts.common import ServerProcess
 
     store = module_tmp / "kill-store"
     args = ("--model", str(tiny_dir), "--dtype", "float32", "--threads", "1", "--training-checkpoint-s", "0.2")
@@ -474,7 +474,7 @@ def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
 def test_sigterm_checkpoints_the_running_job_and_requeues_it(module_tmp, tiny_dir):
     import signal
 
-    from tests.server_process import ServerProcess
+    from scripts.common import ServerProcess
 
     store = module_tmp / "term-store"
     proc = ServerProcess(store, "--model", str(tiny_dir), "--threads", "1", "--shutdown-grace-s", "1")

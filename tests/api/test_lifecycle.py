@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.common import ServerProcess
 from server.auth import KeyRing, hash_key
 from server.config import Settings
 from server.engine.config import EngineConfig, SchedulerConfig
-from tests.server_process import ServerProcess
 
 from .conftest import ACME, assert_error, hard_task, live_server, sse_events, write_auth_file
 

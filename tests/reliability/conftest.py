@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from scripts.common import ServerProcess  # noqa: F401  (re-exported for the tests)
 from tests.api.conftest import (  # noqa: F401
     ACME,
     ADMIN,
@@ -28,7 +29,6 @@ from tests.api.conftest import (  # noqa: F401
     upload,
     write_auth_file,
 )
-from tests.server_process import ServerProcess  # noqa: F401  (re-exported for the tests)
 
 REPO = Path(__file__).resolve().parents[2]
 

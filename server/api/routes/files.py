@@ -15,10 +15,10 @@ from starlette.datastructures import UploadFile
 
 from training.files import FileRecord, FileStore
 
+from ..body_limit import limited
 from ..deps import RuntimeDep, TenantDep
 from ..errors import ApiError
 from ..schemas import ErrorResponse, FileDeleted, FileList, FileObject
-from .tasks import _limited
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -51,7 +51,7 @@ async def upload_file(request: Request, principal: TenantDep, rt: RuntimeDep) ->
         raise ApiError(415, "unsupported_media_type", f"expected multipart/form-data with 'file' and 'purpose', "
                                                       f"found {ctype or 'no content type'!r}")
     limit = rt.settings.max_file_bytes
-    form = await _limited(request, limit + (64 << 10)).form(max_files=1, max_fields=4, max_part_size=1 << 16)
+    form = await limited(request, limit + (64 << 10)).form(max_files=1, max_fields=4, max_part_size=1 << 16)
     try:
         upload, purpose = form.get("file"), form.get("purpose")
         errors = []

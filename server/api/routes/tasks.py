@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from prompt_core.spec import PromptKind, PromptSpec
-from prompt_store.errors import PayloadTooLarge
 
 from ..access import find_visible, list_visible, store_tenant, task_public
+from ..body_limit import limited
 from ..deps import RuntimeDep, StoreDep, TenantDep
 from ..errors import ApiError
 from ..schemas import ErrorResponse, HardTaskCreate, TaskList, TaskMetadata, TaskPublic
@@ -55,25 +55,6 @@ def _validation_error(e: ValidationError, prefix: tuple) -> RequestValidationErr
     return RequestValidationError([{**err, "loc": (*prefix, *err["loc"])} for err in e.errors()])
 
 
-def _limited(request: Request, limit: int) -> Request:
-    """The same request, whose body stream raises PayloadTooLarge past `limit` bytes (chunked uploads too)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"upload expected at most {limit} bytes, found {declared}")
-    seen = 0
-
-    async def receive():
-        nonlocal seen
-        message = await request.receive()
-        if message["type"] == "http.request":
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise PayloadTooLarge(f"upload expected at most {limit} bytes, found more")
-        return message
-
-    return Request(request.scope, receive)
-
-
 def _check_free(rt, task_id: str) -> None:
     """`default` names the bare model on the OpenAI routes while it is served; a task of that name would be hidden."""
     if rt.settings.serve_base_model and task_id == BASE_MODEL_ID:
@@ -90,7 +71,7 @@ async def create_task(request: Request, principal: TenantDep, store: StoreDep, r
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     tenant = store_tenant(principal)
     if ctype == "application/json":
-        raw = await _limited(request, rt.settings.max_upload_bytes).body()
+        raw = await limited(request, rt.settings.max_upload_bytes).body()
         try:
             body = HardTaskCreate.model_validate_json(raw)
         except ValidationError as e:
@@ -100,7 +81,7 @@ async def create_task(request: Request, principal: TenantDep, store: StoreDep, r
         record = await run_in_threadpool(store.create, body.task_id, tenant, spec=PromptSpec(kind=PromptKind.HARD),
                                          metadata=meta, admin=principal.admin)
     elif ctype == "multipart/form-data":
-        form = await _limited(request, rt.settings.max_upload_bytes).form(max_files=1, max_fields=2,
+        form = await limited(request, rt.settings.max_upload_bytes).form(max_files=1, max_fields=2,
                                                                             max_part_size=MAX_FORM_TEXT)
         try:
             task_id, adapter, meta = form.get("task_id"), form.get("adapter"), form.get("metadata")
