@@ -262,11 +262,11 @@ def plot(results: dict[str, dict[int, float]], bound: float, args) -> None:
         ax.set_xticks(range(len(systems)), systems, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"batch {b}")
         if b == 1:
-            ax.axhline(bound, color="C3", ls="--", lw=1, label="bandwidth bound")
+            ax.axhline(bound, color="C3", ls="--", lw=1, label=f"bandwidth bound, {args.dtype} weights")
             ax.legend(fontsize=8)
     axes[0].set_ylabel("decode tokens/s") if len(args.batches) > 1 else axes.set_ylabel("decode tokens/s")
     fig.suptitle(f"decode speed, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens, "
-                 f"{args.threads} thread(s), {args.dtype}", fontsize=9)
+                 f"{args.threads} thread(s), {args.dtype} unless named", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -513,7 +514,13 @@ def notes_section(notes: str) -> list[str]:
 
 # the systems of scripts/bench_latency.py, in the table's order, as the page names them
 DECODE_SYSTEMS = {"engine": "engine (in-process, hard prompt)",
+                  "engine bfloat16": "engine, `--dtype bfloat16` (what `auto` serves on a CPU with native bf16)",
+                  "engine int8": "engine, `--quantize int8`",
+                  "engine int4": "engine, `--quantize int4`",
                   "http": "HTTP server (`python -m server`, streaming `/generate`)",
+                  "http bfloat16": "HTTP server, `--dtype bfloat16`",
+                  "http int8": "HTTP server, `--quantize int8`",
+                  "http int4": "HTTP server, `--quantize int4`",
                   "hf": "transformers `generate`, no prompt",
                   "llama.cpp F32": "llama.cpp F32",
                   "llama.cpp Q4_1": "llama.cpp Q4_1 (the file the default model ships in)"}
@@ -584,12 +591,26 @@ def decode_goals(run: dict) -> list[tuple[str, float, str, str]]:
     out = []
     for name, target, ratios in rows:
         verdict = "met" if all(r >= target for r in ratios) else "not met"
-        if name.endswith("bandwidth bound") and "read_bytes_per_s" in run:
+        bound = bandwidth_bound(run, name)
+        if bound is not None:
+            wbytes, label, tokens = bound
             verdict += (f": read bandwidth {run['read_bytes_per_s'] / 1e9:.1f} GB/s (one pass over 512 MiB) / "
-                        f"{run['weight_bytes'] / 1e6:.0f} MB of {run['args']['dtype']} weights = "
-                        f"{run['bound_tokens_per_s']:.1f} tokens/s")
+                        f"{wbytes / 1e6:.0f} MB of {label} weights = {tokens:.1f} tokens/s")
         out.append((name, target, " / ".join(f"{r:.2f}" for r in ratios), verdict))
     return out
+
+
+def bandwidth_bound(run: dict, goal: str) -> tuple[float, str, float] | None:
+    """(bytes of weights, their precision, tokens/s) behind a "vs bandwidth bound" goal; runs before the variants
+    stored one bound, later ones one per system (the goal names it in parentheses)."""
+    m = re.fullmatch(r"batch 1 vs bandwidth bound(?: \((.+)\))?", goal)
+    if not m or "read_bytes_per_s" not in run:
+        return None
+    bounds, system = run["bound_tokens_per_s"], m.group(1) or "engine"
+    if not isinstance(bounds, dict):
+        return run["weight_bytes"], run["args"]["dtype"], bounds
+    label = run["args"]["dtype"] if system == "engine" else system.removeprefix("engine ")
+    return run["read_bytes_per_s"] / bounds[system], label, bounds[system]
 
 
 def kept(page: str, begin: str, end: str) -> str:
