@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto (bf16 on GPU and on CPUs with native bf16, else fp32), float32, "
                                            "bfloat16 or float16")
     quantize: Literal["none", "int8", "int4"] = Field(
-        "none", description="CPU only: int8 (int8 weights and activations, fastest at every batch size) or int4 "
+        "none", description="CPU only: int8 (int8 weights and activations, fastest from ~8 rows up) or int4 "
                             "(4-bit weights, fastest at batch 1); none serves the weights in --dtype. A quantized "
                             "server does not train: fine-tuning jobs wait for a training worker")
     attn_implementation: str = Field("auto", description="auto (sdpa, or eager where the model needs it, e.g. "
