@@ -107,7 +107,7 @@ def kv_geometry(model: PreTrainedModel) -> KVGeometry:
     ids = torch.zeros(1, 1, dtype=torch.long, device=param.device)
     try:
         body(input_ids=ids, position_ids=torch.zeros_like(ids), cache=cache, use_cache=True)
-    except Exception as e:  # noqa: BLE001 - any failure here means the cache protocol is not the one we drive
+    except Exception as e:  # any failure here means the cache protocol is not the one we drive
         raise UnsupportedModel(f"{arch} does not run with a transformers key/value cache "
                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
     layers = [layer for layer in getattr(cache, "layers", []) if getattr(layer, "keys", None) is not None

@@ -111,13 +111,19 @@ def build_prefill(plans: list[RowPlan], tok_start: list[int], virtual: list[torc
         q = nt
         for li, label in enumerate(plan.labels):
             seg = t0 + q
-            lab_row.append(i); lab_q.append(nt - 1); lab_tok.append(label[0]); lab_idx.append(label_base + li)
+            lab_row.append(i)
+            lab_q.append(nt - 1)
+            lab_tok.append(label[0])
+            lab_idx.append(label_base + li)
             for k, tok in enumerate(label[:-1]):
                 row_ids[q] = tok
                 row_pos[q] = plan.prefix + nt + k
                 ctx_end[i][q] = t0 + nt
                 seg_start[i][q] = seg
-                lab_row.append(i); lab_q.append(q); lab_tok.append(label[k + 1]); lab_idx.append(label_base + li)
+                lab_row.append(i)
+                lab_q.append(q)
+                lab_tok.append(label[k + 1])
+                lab_idx.append(label_base + li)
                 q += 1
         for j in range(q, Q):  # padding queries see only their own slot
             ctx_end[i][j] = t0

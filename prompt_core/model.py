@@ -158,7 +158,7 @@ def load_model(name: str | None = None, device: str | None = None, dtype: str | 
     path = resolve_model_path(name)
     try:
         config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - missing path, no network, malformed config: one line for the operator
+    except Exception as e:  # missing path, no network, malformed config: one line for the operator
         raise UnsupportedModel(f"cannot read a model config from {name or path!r}: {_first_line(e)}") from e
     check_config(config)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:

@@ -52,13 +52,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import load_avg, pct  # noqa: E402 - pct: the one percentile definition of every report
+from common import load_avg, pct  # pct: the one percentile definition of every report
 
-from prompt_core.model import LoadedModel, load_model  # noqa: E402
-from prompt_core.spec import PromptKind, PromptSpec, PromptTensors, make_labels  # noqa: E402
-from server.engine.config import EngineConfig, SchedulerConfig  # noqa: E402
-from server.engine.engine import LLMEngine  # noqa: E402
-from server.engine.request import EngineRequest, PromptRef, SamplingParams  # noqa: E402
+from prompt_core.model import LoadedModel, load_model
+from prompt_core.spec import PromptKind, PromptSpec, PromptTensors, make_labels
+from server.engine.config import EngineConfig, SchedulerConfig
+from server.engine.engine import LLMEngine
+from server.engine.request import EngineRequest, PromptRef, SamplingParams
 
 KINDS = (PromptKind.HARD, PromptKind.PROMPT_TUNING, PromptKind.P_TUNING, PromptKind.PREFIX_TUNING)
 

@@ -37,7 +37,7 @@ class PromptCacheCollector(Collector):
                                      labels=["tier"])
         try:
             stats = self._stats() or {}
-        except Exception:  # a scrape must never fail because the store is busy or closing
+        except Exception:  # noqa: BLE001 - a scrape must never fail because the store is busy or closing
             stats = {}
         for tier, s in sorted(stats.items()):
             for name, fam in fams.items():
@@ -95,7 +95,7 @@ class Metrics:
         self.running.set(running)
         self.waiting.set(waiting)
 
-    def request_finished(self, out, tenant: str, task_key: str) -> None:  # noqa: ARG002 - task is never a label
+    def request_finished(self, out, tenant: str, task_key: str) -> None:  # task is never a label
         self.finished.labels(out.finish_reason or "unknown").inc()
         self.tenant_requests.labels(tenant).inc()
         self.prompt_tokens.inc(out.prompt_tokens)
@@ -113,7 +113,7 @@ class Metrics:
     def grammar_compiled(self, kind: str, seconds: float) -> None:
         self.grammar_compile.labels(kind).observe(seconds)
 
-    def grammar_masked(self, seconds: float, rows: int) -> None:  # noqa: ARG002 - rows: the batch-size histogram
+    def grammar_masked(self, seconds: float, rows: int) -> None:  # rows: the batch-size histogram
         self.grammar_mask.observe(seconds)
 
     def observe_tpot(self, out, duration_s: float) -> None:

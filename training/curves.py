@@ -54,12 +54,19 @@ def curves_figure(out: Path, title: str):
     a.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.6, label="step loss")
     if epochs:
         a.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="epoch mean")
-    a.set_xlabel("optimizer step"); a.set_ylabel("training loss"); a.legend(); a.grid(alpha=0.3)
+    a.set_xlabel("optimizer step")
+    a.set_ylabel("training loss")
+    a.legend()
+    a.grid(alpha=0.3)
     for key in ("accuracy", "exact_match", "token_f1"):
         pts = [(r["epoch"], r[key]) for r in epochs if key in r]
         if pts:
             b.plot(*zip(*pts), "o-", label=f"held-out {key.replace('_', ' ')}")
-    b.set_xlabel("epoch"); b.set_ylabel("%"); b.set_ylim(-2, 102); b.legend(); b.grid(alpha=0.3)
+    b.set_xlabel("epoch")
+    b.set_ylabel("%")
+    b.set_ylim(-2, 102)
+    b.legend()
+    b.grid(alpha=0.3)
     # epochs are whole numbers: integer ticks, and half an epoch of margin (one epoch alone gave 0.96 to 1.04)
     b.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     b.set_xlim(0.5, max([r["epoch"] for r in epochs], default=1) + 0.5)

@@ -83,7 +83,9 @@ def generate_loss(model, rows: list[Row], virtual, prefix) -> torch.Tensor:
     for i, r in enumerate(rows):
         start = r.plan.num_tokens - r.num_output                            # first output query
         for q in range(start, r.plan.num_tokens):
-            row_idx.append(i); q_idx.append(q - 1); targets.append(r.plan.ids[q])
+            row_idx.append(i)
+            q_idx.append(q - 1)
+            targets.append(r.plan.ids[q])
     dev = hidden.device
     h = hidden[torch.tensor(row_idx, device=dev), torch.tensor(q_idx, device=dev)]  # [E, D]
     return F.cross_entropy(logits(model, h), torch.tensor(targets, device=dev))

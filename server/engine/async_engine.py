@@ -194,7 +194,7 @@ class AsyncEngine:
                     continue
                 self._deliver(self.engine.step())
                 self.steps += 1
-        except BaseException as e:  # noqa: BLE001 - surface through readiness and to every waiting caller
+        except BaseException as e:  # surface through readiness and to every waiting caller
             self._failed = e
             log.exception("engine loop died")
             with self._lock:

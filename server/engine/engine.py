@@ -166,7 +166,7 @@ class LLMEngine:
             return []
         try:
             return list(zip(seqs, self.runner.prefill(seqs, tensors)))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if len(seqs) == 1:
                 log.exception("prefill failed for %s", seqs[0].request_id)
                 outputs.append(self._failed(seqs[0], e))
@@ -178,7 +178,7 @@ class LLMEngine:
         kv_len = max(s.plan.prefix + s.plan.num_tokens + len(s.output_ids) for s in seqs)
         try:
             tokens = self.runner.decode(kv_len)
-        except Exception as e:  # noqa: BLE001 - the batch state is unknown: end its requests, keep serving
+        except Exception as e:  # the batch state is unknown: end its requests, keep serving
             log.exception("decode step failed")
             outputs = [self._failed(s, e) for s in seqs]
             self.runner.release(seqs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from prompt_core import forward as F
+from prompt_core import forward as fwd
 from prompt_core.batch import build_decode, build_prefill
 from prompt_core.fingerprint import model_dims
 from prompt_core.layout import RowPlan
@@ -62,8 +62,8 @@ class ModelRunner:
         if prefixed:
             self.cache.write_prefixes(*map(list, zip(*prefixed)))
         self.cache.prepare(slice(base, base + k), step.slots, kv_len)
-        hidden = F.hidden_states(self.model, step, self.cache)                     # [k, Q, D]
-        scores = F.label_scores(self.model, hidden, readout)
+        hidden = fwd.hidden_states(self.model, step, self.cache)                     # [k, Q, D]
+        scores = fwd.label_scores(self.model, hidden, readout)
         prompt_logprobs = self._prompt_logprobs(hidden, seqs, plans)
         gen = [i for i, s in enumerate(seqs) if s.samples]
         results: list[int | list[float] | None] = [sc.tolist() for sc in scores]
@@ -72,7 +72,7 @@ class ModelRunner:
         sampled = None
         if gen:
             gi = torch.tensor(gen, device=self.device)
-            logits = F.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
+            logits = fwd.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
             r = rows[gi]
             self._record(logits, [seqs[i] for i in gen])
             # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
@@ -125,9 +125,11 @@ class ModelRunner:
         lp, top_lp, top_ids = [], [], []
         idx, tgt = L(flat), L(targets)                                              # [E], [E]
         for c in range(0, len(flat), self.LOGPROB_CHUNK):  # bounded memory: [chunk, V] logits at a time
-            logits = F.logits(self.model, h[idx[c:c + self.LOGPROB_CHUNK]])        # [c, V]
+            logits = fwd.logits(self.model, h[idx[c:c + self.LOGPROB_CHUNK]])        # [c, V]
             a, b, t = token_logprobs(logits, tgt[c:c + self.LOGPROB_CHUNK], top_n)  # [c], [c, N], [c, N]
-            lp.append(a); top_lp.append(b); top_ids.append(t)
+            lp.append(a)
+            top_lp.append(b)
+            top_ids.append(t)
         out: dict[int, list[TokenLogprob]] = {i: [] for i in want}
         if flat:
             rows = zip(torch.cat(lp).tolist(), torch.cat(top_lp).tolist(), torch.cat(top_ids).tolist())
@@ -195,10 +197,10 @@ class ModelRunner:
         """Prefill the first `lengths[i]` tokens of each plan once, behind any prefix, and keep their key/values."""
         heads = [RowPlan(ids=p.ids[:n], virt=p.virt[:n], prefix=p.prefix) for p, n in zip(plans, lengths)]
         width = max(p.prefix for p in heads)
-        cache = F.prefix_cache(self.model, [t.prefix if t is not None else None for t in tensors], width)
+        cache = fwd.prefix_cache(self.model, [t.prefix if t is not None else None for t in tensors], width)
         step, _ = build_prefill(heads, [width] * len(heads), [t.virtual if t is not None else None for t in tensors],
                                 self.device, self.dtype)
-        F.hidden_states(self.model, step, cache)
+        fwd.hidden_states(self.model, step, cache)
         layers = cache.layers
         out = []
         for i, (p, n) in enumerate(zip(heads, lengths)):
@@ -231,8 +233,8 @@ class ModelRunner:
                             self.dtype)
         self.cache.ensure(n, kv_len)
         self.cache.prepare(slice(0, n), step.slots, kv_len)
-        hidden = F.hidden_states(self.model, step, self.cache)                     # [n, 1, D]
-        logits = F.logits(self.model, hidden[:, 0])                                # [n, V]
+        hidden = fwd.hidden_states(self.model, step, self.cache)                     # [n, 1, D]
+        logits = fwd.logits(self.model, hidden[:, 0])                                # [n, V]
         self._record(logits, self.seqs)
         # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
         # below stay those of the model's raw logits

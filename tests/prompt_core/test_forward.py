@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from prompt_core import forward as F
+from prompt_core import forward as fwd
 from prompt_core.batch import Readout, StepInputs
 
 
@@ -41,13 +41,13 @@ def step_of(ids, virt, table) -> StepInputs:
 
 def test_virtual_tokens_replace_the_embeddings_at_their_positions():
     table = torch.tensor([[100.0, 200.0], [300.0, 400.0]])  # [V=2, D=2]
-    out = F.embed(Stub(), step_of([[1, 0, 3], [0, 2, 0]], [[-1, 0, -1], [1, -1, -1]], table))
+    out = fwd.embed(Stub(), step_of([[1, 0, 3], [0, 2, 0]], [[-1, 0, -1], [1, -1, -1]], table))
     assert out.tolist() == [[[1, 10], [100, 200], [3, 30]],
                             [[300, 400], [2, 20], [0, 0]]]
 
 
 def test_without_virtual_tokens_embed_is_the_plain_lookup():
-    assert F.embed(Stub(), step_of([[4]], [[-1]], None)).tolist() == [[[4, 40]]]
+    assert fwd.embed(Stub(), step_of([[4]], [[-1]], None)).tolist() == [[[4, 40]]]
 
 
 def test_label_scores_sum_each_verbalizers_token_log_probabilities():
@@ -58,7 +58,7 @@ def test_label_scores_sum_each_verbalizers_token_log_probabilities():
     hidden[0, 2, 0] = math.log(3.0)
     readout = Readout(last_q=torch.tensor([1, 0]), label_row=torch.tensor([0, 0, 0]), label_q=torch.tensor([1, 2, 1]),
                       label_tok=torch.tensor([0, 1, 1]), label_index=torch.tensor([0, 0, 1]), labels_per_row=[2, 0])
-    scores = F.label_scores(Stub(), hidden, readout)
+    scores = fwd.label_scores(Stub(), hidden, readout)
     assert scores[0].tolist() == pytest.approx([-3 * math.log(2), -math.log(2)])
     assert scores[1].shape == (0,)
 
@@ -67,23 +67,23 @@ def test_label_scores_of_generation_rows_only_are_empty():
     readout = Readout(last_q=torch.tensor([0]), label_row=torch.tensor([], dtype=torch.long),
                       label_q=torch.tensor([], dtype=torch.long), label_tok=torch.tensor([], dtype=torch.long),
                       label_index=torch.tensor([], dtype=torch.long), labels_per_row=[0])
-    assert [s.shape for s in F.label_scores(Stub(), torch.zeros(1, 1, 2), readout)] == [(0,)]
+    assert [s.shape for s in fwd.label_scores(Stub(), torch.zeros(1, 1, 2), readout)] == [(0,)]
 
 
 def test_last_logits_read_each_rows_last_prompt_query():
     hidden = torch.arange(12, dtype=torch.float32).view(2, 3, 2)  # [n, Q, D]
     readout = Readout(last_q=torch.tensor([2, 0]), label_row=None, label_q=None, label_tok=None, label_index=None,
                       labels_per_row=[0, 0])
-    assert F.last_logits(Stub(), hidden, readout).tolist() == [[4, 5], [6, 7]]
+    assert fwd.last_logits(Stub(), hidden, readout).tolist() == [[4, 5], [6, 7]]
 
 
 def test_half_precision_logits_come_back_as_fp32():
-    assert F.logits(Stub(torch.bfloat16), torch.ones(1, 2, dtype=torch.bfloat16)).dtype is torch.float32
+    assert fwd.logits(Stub(torch.bfloat16), torch.ones(1, 2, dtype=torch.bfloat16)).dtype is torch.float32
 
 
 def test_prefix_cache_left_aligns_each_rows_prefix_and_zero_pads():
     p = torch.arange(1, 9, dtype=torch.float32).view(2, 2, 1, 2, 1)  # [L=2, 2, H=1, T=2, Dh=1]
-    cache = F.prefix_cache(Stub(), [p, None], width=3)
+    cache = fwd.prefix_cache(Stub(), [p, None], width=3)
     keys, values = cache.layers[1].keys, cache.layers[1].values     # [n=2, H=1, width=3, Dh=1]
     assert keys[:, 0, :, 0].tolist() == [[5, 6, 0], [0, 0, 0]]     # layer 1, slot 0 (keys) of p
     assert values[:, 0, :, 0].tolist() == [[7, 8, 0], [0, 0, 0]]
@@ -91,4 +91,4 @@ def test_prefix_cache_left_aligns_each_rows_prefix_and_zero_pads():
 
 
 def test_no_prefix_width_gives_an_empty_cache():
-    assert F.prefix_cache(Stub(), [None], width=0).get_seq_length() == 0
+    assert fwd.prefix_cache(Stub(), [None], width=0).get_seq_length() == 0

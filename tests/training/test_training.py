@@ -215,7 +215,7 @@ def test_generate_data_needs_output(tmp_path):
 class _Stub(BaseHTTPRequestHandler):
     seen: list = []
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Stub.seen.append((self.path, dict(self.headers), body))
         payload = json.dumps({"id": "demo", "version": 1}).encode()

@@ -90,7 +90,7 @@ class JobRunner:
         while not self._stop.is_set():
             try:
                 rec = self.jobs.claim(self.owner, self.config.lease_s, self._mine)
-            except Exception:  # noqa: BLE001 - a bad record must not stop the runner
+            except Exception:  # a bad record must not stop the runner
                 log.exception("claiming a job failed")
                 rec = None
             if rec is None:
@@ -117,7 +117,7 @@ class JobRunner:
                     r.lease_until = time.time() + self.config.lease_s
             try:
                 self.jobs.update(job_id, change)
-            except Exception:  # noqa: BLE001 - a failed renewal is retried; the lease outlives several
+            except Exception:  # a failed renewal is retried; the lease outlives several
                 log.exception("renewing the lease of %s failed", job_id)
             if lost:
                 self._lost.add(job_id)
@@ -173,7 +173,7 @@ class JobRunner:
                 return
             self._finish(rec.id, "cancelled", None)
             self.jobs.event(rec.id, "cancelled")
-        except Exception as e:  # noqa: BLE001 - the job fails, the runner goes on
+        except Exception as e:  # the job fails, the runner goes on
             log.exception("job %s failed", rec.id)
             message = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
             self._finish(rec.id, "failed", {"code": "training_failed", "message": message[:2000], "param": None})
