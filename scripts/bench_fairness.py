@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from common import free_port, pct  # noqa: E402
+from common import ServerProcess, pct  # noqa: E402
 
 HEAVY_KEY = "bench-heavy-key-0123456789"
 CAPPED_KEY = "bench-capped-key-0123456789"  # the same flood, from a tenant capped below the batch size
@@ -47,25 +45,18 @@ HEAVY_INPUT = "Write a long story about a dragon who learns to cook."
 LIGHT_INPUT = "What is the capital of France?"
 
 
-def start_server(args) -> tuple[subprocess.Popen, str, Path]:
-    """`python -m server` with a fresh store and two tenants; its log goes to a file (shown if it fails)."""
+def start_server(args) -> tuple[ServerProcess, Path]:
+    """`python -m server` with a fresh store and two tenants (its log is kept by ServerProcess, shown if it fails)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-fairness-"))
     auth = tmp / "auth.json"
     auth.write_text(json.dumps({
         "keys": {HEAVY_KEY: {"tenant": "heavy"}, CAPPED_KEY: {"tenant": "capped"}, LIGHT_KEY: {"tenant": "light"}},
         "tenants": {"capped": {"max_concurrent": max(1, args.max_batch_size - args.reserve)}}}))
-    port = free_port()
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--store", str(tmp / "store"),
-           "--auth-file", str(auth), "--max-batch-size", str(args.max_batch_size), "--max-concurrent", "1000",
-           "--max-queue", "4096", "--log-level", "warning"]
-    if args.device:
-        cmd += ["--device", args.device]
-    log = open(tmp / "server.log", "w")
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc, f"http://127.0.0.1:{port}", tmp
+    extra = ["--device", args.device] if args.device else []
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    server = ServerProcess(tmp / "store", "--auth-file", str(auth), "--max-batch-size", str(args.max_batch_size),
+                           "--max-concurrent", "1000", "--max-queue", "4096", *extra, env=env, start_timeout_s=300)
+    return server, tmp
 
 
 async def one(client: httpx.AsyncClient, key: str, text: str, max_new_tokens: int) -> float | None:
@@ -122,9 +113,10 @@ def report(name: str, lat: list[float]) -> str:
 
 
 async def main_async(args) -> int:
-    url, proc, tmp = args.url, None, None
+    url, server = args.url, None
     if url is None:
-        proc, url, tmp = start_server(args)
+        server, _ = start_server(args)
+        url = server.url
     heavy_key, light_key = args.heavy_key or HEAVY_KEY, args.light_key or LIGHT_KEY
     capped_key = args.capped_key if args.url else CAPPED_KEY
     limits = httpx.Limits(max_connections=args.heavy_concurrency + args.requests + 8)
@@ -137,8 +129,8 @@ async def main_async(args) -> int:
                         break
                 except httpx.HTTPError:
                     pass
-                if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
-                    log = (tmp / "server.log").read_text()[-3000:] if tmp else ""
+                if time.monotonic() > deadline:
+                    log = "".join(server.log)[-3000:] if server else ""
                     raise SystemExit(f"the server at {url} did not become ready\n{log}")
                 await asyncio.sleep(0.2)
             r = await client.post("/v1/tasks", headers={"Authorization": f"Bearer {heavy_key}"},
@@ -163,9 +155,8 @@ async def main_async(args) -> int:
                 rows.append((name, lat))
                 print(report(name, lat), f" heavy finished {heavy_n}", flush=True)
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(timeout=60)
+        if server is not None:
+            server.close(grace_s=60)
     base = pct(idle, 95)
     print("\nlight tenant p95 relative to its idle p95 (goal <= 2x):")
     for name, lat in rows:
@@ -182,7 +173,7 @@ def main() -> int:
     p.add_argument("--capped-key", help="API key of a tenant on --url whose max_concurrent is below the batch size")
     p.add_argument("--reserve", type=int, default=2, help="rows the capped tenant leaves free (started server)")
     p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the started server (1 helps on a busy CPU)")
-    p.add_argument("--device", help="device for the started server (default: auto)")
+    p.add_argument("--device", help="device for the started server (default: cpu)")
     p.add_argument("--max-batch-size", type=int, default=8, help="batch size of the started server")
     p.add_argument("--requests", type=int, default=20, help="light requests per phase")
     p.add_argument("--interval-s", type=float, default=1.0, help="seconds between light requests")

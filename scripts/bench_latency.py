@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench_engine import copy_bandwidth, env_info, git_info  # noqa: E402
-from common import free_port, load_avg  # noqa: E402
+from common import ServerProcess, load_avg  # noqa: E402
 
 from prompt_core.model import LoadedModel, cpu_has_native_bf16, load_model  # noqa: E402
 from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402
@@ -150,41 +150,6 @@ def weight_bytes(model) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
-
-class Server:
-    """`python -m server` in a subprocess, on a free loopback port, with its own store."""
-
-    def __init__(self, args, store: Path, dtype: str, quantize: str = "none"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "--port", str(self.port), "--store", str(store), "--device", args.device,
-               "--dtype", dtype, "--quantize", quantize, "--threads", str(args.threads),
-               "--max-batch-size", str(max(args.batches)), "--max-concurrent", "1024", "--log-level", "warning"]
-        if args.model != "default":
-            cmd += ["--model", args.model]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-    def __enter__(self):
-        import httpx
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError("server did not become ready")
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-
 
 def http_decode(url: str, texts: list[str], new_tokens: int) -> dict:
     import httpx
@@ -337,12 +302,19 @@ def main(argv=None) -> int:
 
         import httpx
         for system, (dtype, quantize) in settings.items():
-            with tempfile.TemporaryDirectory() as d, Server(args, Path(d) / "store", dtype, quantize) as srv:
-                httpx.post(srv.url + "/v1/tasks", json={"task_id": "bench", "kind": "hard", "template": "{input}"},
-                           timeout=60).raise_for_status()
-                http_decode(srv.url, texts[:1], 4)  # warm-up
-                for b in args.batches:
-                    record(system.replace("engine", "http"), b, http_decode(srv.url, texts[:b], args.new_tokens))
+            with tempfile.TemporaryDirectory() as d:
+                model_arg = ["--model", args.model] if args.model != "default" else []
+                srv = ServerProcess(Path(d) / "store", "--device", args.device, "--dtype", dtype, "--quantize",
+                                    quantize, "--threads", str(args.threads), "--max-batch-size",
+                                    str(max(args.batches)), "--max-concurrent", "1024", *model_arg, start_timeout_s=600)
+                try:
+                    httpx.post(srv.url + "/v1/tasks", json={"task_id": "bench", "kind": "hard", "template": "{input}"},
+                               timeout=60).raise_for_status()
+                    http_decode(srv.url, texts[:1], 4)  # warm-up
+                    for b in args.batches:
+                        record(system.replace("engine", "http"), b, http_decode(srv.url, texts[:b], args.new_tokens))
+                finally:
+                    srv.close(grace_s=60)
     if args.llama_bench and args.gguf:
         for name, path in (("llama.cpp F32", args.gguf), ("llama.cpp Q4_1", args.gguf_q4)):
             if path:
