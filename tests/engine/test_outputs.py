@@ -282,7 +282,7 @@ def test_choices_of_one_prompt_share_its_prefill(monkeypatch):
     text = "The film was long, but the ending made up for every slow minute of it, and the music was superb."
     queries = []  # queries of every forward made inside a prefill (heads included), decode steps not
     in_prefill = [False]
-    real_forward, real_prefill = model_runner.F.hidden_states, model_runner.ModelRunner.prefill
+    real_forward, real_prefill = model_runner.fwd.hidden_states, model_runner.ModelRunner.prefill
 
     def counting(model, step, cache):
         hidden = real_forward(model, step, cache)
@@ -297,7 +297,7 @@ def test_choices_of_one_prompt_share_its_prefill(monkeypatch):
         finally:
             in_prefill[0] = False
 
-    monkeypatch.setattr(model_runner.F, "hidden_states", counting)
+    monkeypatch.setattr(model_runner.fwd, "hidden_states", counting)
     monkeypatch.setattr(model_runner.ModelRunner, "prefill", prefill)
     for key, (spec, tensors) in specs.items():
         ref = prompt_ref(f"{key}@1", spec, tensors)
