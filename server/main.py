@@ -51,6 +51,9 @@ def open_runtime(rt: Runtime) -> None:
     if rt.loaded is None:
         rt.loaded = load_served_model(s)
     t1 = time.monotonic()
+    rt.metrics.model_info.labels(model=s.model, device=rt.loaded.device.type,
+                                 dtype=str(rt.loaded.dtype).removeprefix("torch."),
+                                 quantization=rt.loaded.quantization).set(1)
     fp = fingerprint(rt.loaded.model)
     limits = limits_for_model(fp, StoreConfig.max_virtual_tokens, max_archive_bytes=s.max_upload_bytes)
     rt.store = PromptStore(s.store, fp, device=rt.loaded.device, dtype=rt.loaded.dtype,

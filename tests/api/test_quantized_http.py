@@ -5,6 +5,7 @@ serves each request alone on the same quantized weights, and leaves fine-tuning 
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -43,6 +44,10 @@ def test_quantized_server_answers_as_the_quantized_engine_alone(served):
     server, loaded = served
     assert server.runtime.loaded.quantization == "int8"
     with server.client() as c:
+        ready = c.get("/ready").json()
+        assert (ready["device"], ready["dtype"], ready["quantization"]) == ("cpu", "float32", "int8")
+        assert re.search(r'promptserve_model_info\{[^}]*dtype="float32"[^}]*quantization="int8"[^}]*\} 1\.0',
+                         c.get("/metrics").text)
         assert c.post("/v1/tasks", json={"task_id": "qa", "kind": "hard", "template": TEMPLATE,
                                          "labels": LABELS}).status_code == 201
         calls = [(mode, text) for mode in ("generate", "classify") for text in TEXTS]

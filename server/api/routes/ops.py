@@ -28,7 +28,9 @@ def ready(rt: RuntimeDep) -> Response:
     elif not rt.engine.ready:
         body, status = Readiness(status="not_ready", detail="the engine loop is not running"), 503
     else:
-        body, status = Readiness(status="ready", model=rt.settings.model), 200
+        lm = rt.loaded
+        body, status = Readiness(status="ready", model=rt.settings.model, device=lm.device.type,
+                                 dtype=str(lm.dtype).removeprefix("torch."), quantization=lm.quantization), 200
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 

@@ -14,5 +14,8 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready", "draining"]
     model: str | None = None
+    device: str | None = None
+    dtype: str | None = None         # what the model runs in (what `--dtype auto` chose, if auto)
+    quantization: str | None = None  # none, int8 or int4
     tasks: int | None = None
     detail: str | None = None
