@@ -51,7 +51,7 @@ def open_runtime(rt: Runtime) -> None:
     if rt.loaded is None:
         rt.loaded = load_served_model(s)
     t1 = time.monotonic()
-    rt.metrics.model_info.labels(model=s.model, device=rt.loaded.device.type,
+    rt.metrics.model_info.labels(base_model=s.model, device=rt.loaded.device.type,
                                  dtype=str(rt.loaded.dtype).removeprefix("torch."),
                                  quantization=rt.loaded.quantization).set(1)
     fp = fingerprint(rt.loaded.model)

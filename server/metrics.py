@@ -68,8 +68,8 @@ class Metrics:
         self.generated_tokens = Counter("promptserve_generated_tokens", "generated tokens", registry=r)
         self.batch_size = Histogram("promptserve_batch_size", "rows per engine step", buckets=BATCH_BUCKETS,
                                     registry=r)
-        self.model_info = Gauge("promptserve_model_info", "1, labelled with the served model, device, dtype and "
-                                "quantization", ["model", "device", "dtype", "quantization"], registry=r)
+        self.model_info = Gauge("promptserve_model_info", "1, labelled with the served base model, device, dtype and "
+                                "quantization", ["base_model", "device", "dtype", "quantization"], registry=r)
         self.running = Gauge("promptserve_running_requests", "requests in the running batch", registry=r)
         self.waiting = Gauge("promptserve_waiting_requests", "requests waiting for a batch slot", registry=r)
         self.tenant_requests = Counter("promptserve_tenant_requests", "engine requests finished per tenant",
