@@ -16,7 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .arch import UnsupportedModel, architecture, check_config, kv_geometry
 from .arch import attn_implementation as pick_attn_implementation
-from .quantize import check_quantization, quantize_linears
+from .quantize import check_quantization, quantization_of, quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,11 @@ class LoadedModel:
     source: str  # what was asked for: "default", a path, or a hub id
     device: torch.device
     dtype: torch.dtype
-    quantization: str = "none"  # prompt_core.quantize: what the linear layers run in ("none": the dtype above)
+
+    @property
+    def quantization(self) -> str:
+        """What the linear layers run in (prompt_core.quantize; "none": the dtype above), read from the model."""
+        return quantization_of(self.model)
 
 
 def cache_root() -> Path:
@@ -180,8 +184,7 @@ def load_model(name: str | None = None, device: str | None = None, dtype: str | 
     if reason:
         raise UnsupportedModel(reason)
     quantize_linears(model, quantize)
-    return LoadedModel(model=freeze(model), tokenizer=tokenizer, source=name or DEFAULT_MODEL, device=dev, dtype=dt,
-                       quantization=quantize)
+    return LoadedModel(model=freeze(model), tokenizer=tokenizer, source=name or DEFAULT_MODEL, device=dev, dtype=dt)
 
 
 def _first_line(e: BaseException) -> str:

@@ -48,10 +48,6 @@ class Int8Linear(nn.Module):
             y += self.bias.float()
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight the kernel multiplies by, as a float matrix [out, in] (for tests and comparisons)."""
-        return self.qweight_t.t().float() * self.scale[:, None]
-
 
 class Int4Linear(nn.Module):
     """y = x W^T + b with 4-bit weights in groups of INT4_GROUP inputs: w = q * scale + min per group."""

@@ -280,9 +280,10 @@ def main(argv=None) -> int:
         print(f"  {system:16s} batch {b:3d}: {r['decode_tokens_per_s']:8.1f} decode tokens/s", flush=True)
 
     bw, copy_bw = read_bandwidth(device=args.device), copy_bandwidth()
-    bounds = {"engine": bw / weight_bytes(loaded.model)}  # decoding one token reads every weight once
+    wbytes = weight_bytes(loaded.model)
+    bounds = {"engine": bw / wbytes}  # decoding one token reads every weight once
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (copy {copy_bw / 1e9:.1f} GB/s read+write); weights "
-          f"{weight_bytes(loaded.model) / 1e6:.0f} MB in {args.dtype}: bandwidth bound at batch 1 = "
+          f"{wbytes / 1e6:.0f} MB in {args.dtype}: bandwidth bound at batch 1 = "
           f"{bounds['engine']:.1f} tokens/s", flush=True)
     for b in args.batches:
         record("engine", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches)))

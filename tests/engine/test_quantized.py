@@ -153,8 +153,7 @@ def quantized(name: str, mode: str) -> LoadedModel:
     dtype = torch.bfloat16 if mode == "int4" else torch.float32
     loaded.model.to(dtype)
     quantize_linears(loaded.model, mode)
-    return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, source=name, device=CPU, dtype=dtype,
-                       quantization=mode)
+    return LoadedModel(model=loaded.model, tokenizer=loaded.tokenizer, source=name, device=CPU, dtype=dtype)
 
 
 CASES = [("int8", "llama"), ("int8", "gemma2-window-softcap"), ("int8", "falcon-multi-query"),
