@@ -19,8 +19,9 @@ S_TG does).
              generate(1) on the same batch
   llama.cpp  `llama-batched-bench -npp P -ntg N -npl 1,16,64 -t threads`: its S_TG column (optional)
   bound      memory-bandwidth bound at batch 1: read bandwidth (one pass over 512 MiB) / bytes of weights per token
-  variants   `--variants bfloat16,int8,int4`: the engine (and with --http the server) again in each shipped setting
-             (`--dtype bfloat16`, `--quantize int8`, `--quantize int4`), each with its own bandwidth bound
+  variants   `--variants bfloat16,int8,int4,compiled,bfloat16-compiled`: the engine (and with --http the server) again
+             in each shipped setting (`--dtype bfloat16`, `--quantize int8`, `--quantize int4`, `--compile`), each
+             with its own bandwidth bound; a compiled engine compiles before it is timed (as a server does at start)
 
 Nothing here asserts on time: the goals of issue 16 print as ratios measured in this run. `--json PATH` keeps every
 number; kept as docs/img/raw/latency_sweep*.json, a run opens docs/benchmarks.md (scripts/bench_report.py renders
@@ -75,9 +76,11 @@ def texts_of(tokenizer, n: int, tokens: int) -> list[str]:
     return out
 
 
-def engine_decode(loaded: LoadedModel, texts: list[str], new_tokens: int, max_batch: int = 64) -> dict:
+def engine_decode(loaded: LoadedModel, texts: list[str], new_tokens: int, max_batch: int = 64,
+                  compile: bool = False) -> dict:
     limits = SchedulerConfig(max_batch_size=max_batch, max_prefill_tokens=1 << 16)
-    engine = LLMEngine(loaded, EngineConfig(scheduler=limits))
+    engine = LLMEngine(loaded, EngineConfig(scheduler=limits, compile_decode=compile))
+    compile_s = engine.warm_up()   # 0 when eager; a server does this at start-up
     engine.eos_ids = frozenset()
     ref = PromptRef("bench@1", PromptSpec(PromptKind.HARD, 0, "{input}"))
     warm = EngineRequest("warm", ref, texts[0], sampling=SamplingParams(max_new_tokens=4, temperature=0.0))
@@ -100,8 +103,11 @@ def engine_decode(loaded: LoadedModel, texts: list[str], new_tokens: int, max_ba
             t_first_decode = time.perf_counter()
     end = time.perf_counter()
     decoded = len(texts) * (new_tokens - 1)
-    return {"decode_tokens_per_s": decoded / (end - t_prefill), "prefill_s": t_prefill - t0,
-            "decode_s": end - t_prefill, "tokens": decoded}
+    out = {"decode_tokens_per_s": decoded / (end - t_prefill), "prefill_s": t_prefill - t0,
+           "decode_s": end - t_prefill, "tokens": decoded}
+    if compile:
+        out |= {"compile_s": compile_s, "eager_steps": engine.runner.compiled.eager_steps}
+    return out
 
 
 def hf_decode(loaded: LoadedModel, texts: list[str], new_tokens: int) -> dict:
@@ -238,8 +244,9 @@ def plot(results: dict[str, dict[int, float]], bound: float, args) -> None:
 
 # ---------------------------------------------------------------------------------------------------- main
 
-VARIANTS = {  # name -> (dtype, quantize): the settings a user can ship, each measured as its own row
-    "bfloat16": ("bfloat16", "none"), "int8": ("float32", "int8"), "int4": ("bfloat16", "int4")}
+VARIANTS = {  # name -> (dtype, quantize, compile): the settings a user can ship, each measured as its own row
+    "bfloat16": ("bfloat16", "none", False), "int8": ("float32", "int8", False), "int4": ("bfloat16", "int4", False),
+    "compiled": ("float32", "none", True), "bfloat16-compiled": ("bfloat16", "none", True)}
 
 
 def main(argv=None) -> int:
@@ -289,25 +296,27 @@ def main(argv=None) -> int:
         record("engine", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches)))
         if not args.no_hf:
             record("hf", b, hf_decode(loaded, texts[:b], args.new_tokens))
-    settings = {"engine": (args.dtype, "none")}
+    settings = {"engine": (args.dtype, "none", False)}
     for v in variants:
         del loaded
-        loaded = load_model(model, args.device, VARIANTS[v][0], quantize=VARIANTS[v][1])
+        dtype, quantize, compile = VARIANTS[v]
+        loaded = load_model(model, args.device, dtype, quantize=quantize)
         settings[f"engine {v}"] = VARIANTS[v]
         bounds[f"engine {v}"] = bw / weight_bytes(loaded.model)
         for b in args.batches:
-            record(f"engine {v}", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches)))
+            record(f"engine {v}", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches), compile))
     del loaded
     if args.http:
         import tempfile
 
         import httpx
-        for system, (dtype, quantize) in settings.items():
+        for system, (dtype, quantize, compile) in settings.items():
             with tempfile.TemporaryDirectory() as d:
                 model_arg = ["--model", args.model] if args.model != "default" else []
                 srv = ServerProcess(Path(d) / "store", "--device", args.device, "--dtype", dtype, "--quantize",
                                     quantize, "--threads", str(args.threads), "--max-batch-size",
-                                    str(max(args.batches)), "--max-concurrent", "1024", *model_arg, start_timeout_s=600)
+                                    str(max(args.batches)), "--max-concurrent", "1024", *model_arg,
+                                    *(["--compile"] if compile else []), start_timeout_s=900)
                 try:
                     httpx.post(srv.url + "/v1/tasks", json={"task_id": "bench", "kind": "hard", "template": "{input}"},
                                timeout=60).raise_for_status()
@@ -351,12 +360,13 @@ def goal_ratios(results: dict[str, dict[int, float]], bounds: dict[str, float], 
     goals = []
     f32, q4 = results.get("llama.cpp F32", {}), results.get("llama.cpp Q4_1", {})
     engines = {k: v for k, v in results.items() if k.startswith("engine")}
-    eng = engines.get("engine", {})
     for system, row in engines.items():
         if 1 in row:
             goals.append((f"batch 1 vs bandwidth bound ({system})", row[1] / bounds[system], 0.5))
-    if 1 in eng and 1 in f32:
-        goals.append((f"batch 1 vs llama.cpp F32 (engine, {args.dtype})", eng[1] / f32[1], 1.0))
+    fp32 = [s for s in engines if 1 in engines[s] and s in ("engine", "engine compiled") and args.dtype == "float32"]
+    if fp32 and 1 in f32:
+        best = max(fp32, key=lambda s: engines[s][1])
+        goals.append((f"batch 1 vs llama.cpp F32 (fastest fp32 setting: {best})", engines[best][1] / f32[1], 1.0))
     # what `--dtype auto` serves on this machine: bf16 where the CPU has it natively
     default = "engine bfloat16" if args.device == "cpu" and cpu_has_native_bf16() else "engine"
     if 64 in engines.get(default, {}) and 64 in f32:

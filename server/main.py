@@ -62,6 +62,11 @@ def open_runtime(rt: Runtime) -> None:
                            poll=True)
     weights = {t: p.weight for t, p in rt.keyring.policies.items()}
     engine = LLMEngine(rt.loaded, s.engine_config(weights), observer=rt.metrics)
+    if engine.runner.compiled is not None:  # compile now, not on the first request
+        compiled = engine.runner.compiled
+        log.info("compiled the decode step in %.1f s", engine.warm_up())
+        rt.metrics.decode_compile_seconds.set(compiled.compile_s)
+        rt.metrics.decode_eager_steps.set_function(lambda: compiled.eager_steps)
     t2 = time.monotonic()
     if s.self_check:
         from server.engine.self_check import self_check

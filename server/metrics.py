@@ -70,6 +70,10 @@ class Metrics:
                                     registry=r)
         self.model_info = Gauge("promptserve_model_info", "1, labelled with the served base model, device, dtype and "
                                 "quantization", ["base_model", "device", "dtype", "quantization"], registry=r)
+        self.decode_compile_seconds = Gauge("promptserve_decode_compile_seconds", "time --compile spent compiling "
+                                            "the decode step at start-up (0: eager)", registry=r)
+        self.decode_eager_steps = Gauge("promptserve_decode_eager_steps", "decode steps after start-up that no "
+                                        "compiled graph covered, so they ran eagerly (with --compile)", registry=r)
         self.running = Gauge("promptserve_running_requests", "requests in the running batch", registry=r)
         self.waiting = Gauge("promptserve_waiting_requests", "requests waiting for a batch slot", registry=r)
         self.tenant_requests = Counter("promptserve_tenant_requests", "engine requests finished per tenant",

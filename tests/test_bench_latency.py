@@ -54,13 +54,16 @@ def rows(**by_system: tuple[float, float, float]) -> dict[str, dict[int, float]]
 def test_goals_compare_the_default_setting_the_fastest_setting_and_each_server(bench_latency, native, monkeypatch):
     monkeypatch.setattr(bench_latency, "cpu_has_native_bf16", lambda: native)
     results = rows(**{"engine": (10, 100, 200), "engine bfloat16": (12, 150, 400), "engine int8": (20, 250, 500),
-                      "engine int4": (40, 200, 230), "http": (10, 90, 180), "llama.cpp F32": (20, 150, 200),
+                      "engine int4": (40, 200, 230), "engine compiled": (30, 120, 190),
+                      "http": (10, 90, 180), "llama.cpp F32": (20, 150, 200),
                       "llama.cpp Q4_1": (80, 140, 150)})
-    bounds = {"engine": 50.0, "engine bfloat16": 100.0, "engine int8": 200.0, "engine int4": 400.0}
+    bounds = {"engine": 50.0, "engine bfloat16": 100.0, "engine int8": 200.0, "engine int4": 400.0,
+              "engine compiled": 50.0}
     args = argparse.Namespace(device="cpu", dtype="float32", batches=[1, 16, 64])
     goals = {name: (ratio, target) for name, ratio, target in bench_latency.goal_ratios(results, bounds, args)}
     assert goals["batch 1 vs bandwidth bound (engine)"] == (10 / 50, 0.5)
-    assert goals["batch 1 vs llama.cpp F32 (engine, float32)"] == (10 / 20, 1.0)
+    # the fp32 goal takes the fastest fp32 setting (compiled or not), never a bf16 or quantized row
+    assert goals["batch 1 vs llama.cpp F32 (fastest fp32 setting: engine compiled)"] == (30 / 20, 1.0)
     default = "engine bfloat16" if native else "engine"
     assert goals[f"batch 64 vs llama.cpp F32 (the default setting here: {default})"] == (
         (400 if native else 200) / 200, 1.5)

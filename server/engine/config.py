@@ -33,6 +33,7 @@ class EngineConfig:
     max_new_tokens: int = 1024      # the largest max_new_tokens a request may ask for
     head_cache_bytes: int = 1 << 30    # cached key/values of prompt heads (virtual tokens, fixed text); 0 disables
     max_logprobs: int = 20             # most alternatives (top-N) a request may ask for per token
+    compile_decode: bool = False       # decode through the compiled step (compiled_decode.py), after warm_up()
 
     def __post_init__(self) -> None:
         if self.head_cache_bytes < 0:

@@ -12,16 +12,18 @@ import logging
 import time
 from typing import Protocol
 
+from prompt_core.arch import UnsupportedModel
 from prompt_core.forward import logits_width
 from prompt_core.model import LoadedModel
-from prompt_core.spec import PromptTensors
+from prompt_core.spec import PromptKind, PromptSpec, PromptTensors
 
+from .compiled_decode import compile_refusal
 from .config import EngineConfig
 from .constraints import GrammarCache
 from .logits_processors import LogitsProcessor
 from .model_runner import ModelRunner
 from .outputs import OutputProcessor
-from .request import EngineRequest, RequestOutput, Sequence
+from .request import EngineRequest, PromptRef, RequestOutput, SamplingParams, Sequence
 from .scheduler import Scheduler
 from .sequences import SequenceBuilder
 from .tokenizer import SharedTokenizer
@@ -42,10 +44,13 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.observer = observer
         model = loaded.model
+        if self.config.compile_decode and (reason := compile_refusal(loaded.device, loaded.quantization)):
+            raise UnsupportedModel(reason)
         logits_size = logits_width(model)
         self.processor = LogitsProcessor(logits_size, on_mask=self._hook("grammar_masked"))
         self.runner = ModelRunner(model, loaded.device, loaded.dtype, self.config.scheduler.max_batch_size,
-                                  self.config.head_cache_bytes, processor=self.processor)
+                                  self.config.head_cache_bytes, processor=self.processor,
+                                  compile=self.config.compile_decode)
         self.scheduler = Scheduler(self.config.scheduler)
         self.tokens = SharedTokenizer(loaded.tokenizer)
         self.output_processor = OutputProcessor(self.tokens, on_finish=self._finished)
@@ -71,6 +76,27 @@ class LLMEngine:
         self._eos_ids = frozenset(ids)
         self.output_processor.eos_ids = self._eos_ids
         self.processor.eos_ids = sorted(self._eos_ids)
+
+    def warm_up(self) -> float:
+        """Compile the decode step before the first request (a no-op when it runs eagerly): one request alone,
+        then two together, a few tokens each. Returns the seconds it took."""
+        if self.runner.compiled is None:
+            return 0.0
+        ref = PromptRef("warm-up", PromptSpec(PromptKind.HARD, 0, "{input}"))
+        sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+
+        def run(batch: int) -> None:
+            for i in range(batch):
+                self.add_request(EngineRequest(f"warm-up-{batch}-{i}", ref, "warm up" + " again" * i,
+                                               sampling=sampling))
+            while self.has_work():
+                self.step()
+
+        observer, self.observer = self.observer, None  # warm-up requests are no one's traffic
+        try:
+            return self.runner.compiled.warm_up(run)
+        finally:
+            self.observer = observer
 
     # ---- requests in
     def make_sequence(self, req: EngineRequest) -> Sequence:

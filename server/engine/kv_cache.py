@@ -20,8 +20,7 @@ class SlotCache(Cache):
         self.values: list[torch.Tensor] = []
         self._alloc(8, 256)
         # set by `prepare` before each forward
-        self._rows: slice | torch.Tensor = slice(0, 0)
-        self._slots: torch.Tensor | None = None
+        self._first, self._end = 0, 0  # rows [first, end); ints, not a slice, so a compiled step keeps them symbolic
         self._flat: torch.Tensor | None = None  # [n * H_kv * Q] write rows, derived from rows and slots
         self._kv_len = 0
 
@@ -31,11 +30,14 @@ class SlotCache(Cache):
 
     def _alloc(self, rows: int, slots: int) -> None:
         shape = (rows, self.kv_heads, slots, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-        for old, new in ((self.keys, new_k), (self.values, new_v)):
-            for o, n in zip(old, new):
-                n[: o.shape[0], :, : o.shape[2]] = o
+        # ordinary tensors even when grown inside inference mode: every buffer is the same kind of tensor, so a
+        # compiled decode step (compiled_decode.py) still matches them after the cache grows
+        with torch.inference_mode(False):
+            new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            for old, new in ((self.keys, new_k), (self.values, new_v)):
+                for o, n in zip(old, new):
+                    n[: o.shape[0], :, : o.shape[2]] = o
         self.keys, self.values = new_k, new_v
 
     def ensure(self, rows: int, slots: int) -> None:
@@ -51,9 +53,9 @@ class SlotCache(Cache):
     def prepare(self, rows: slice, slots: torch.Tensor, kv_len: int) -> None:
         """The next forward runs rows `rows` (a contiguous range), writing its queries at `slots` [n, Q] and
         attending over the first `kv_len` slots."""
-        self._rows, self._slots, self._kv_len = rows, slots, kv_len
-        R, H, S, _ = self.keys[0].shape
         n = slots.shape[0]
+        self._first, self._end, self._kv_len = rows.start, rows.start + n, kv_len
+        R, H, S, _ = self.keys[0].shape
         row_idx = torch.arange(rows.start, rows.start + n, device=slots.device)
         heads = torch.arange(H, device=slots.device)
         # element (row, head, slot) of a [R, H, S, Dh] buffer is row ((row * H + head) * S + slot) of its [-1, Dh]
@@ -83,7 +85,8 @@ class SlotCache(Cache):
         Dh = key_states.shape[-1]
         for buf, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
             buf.view(-1, Dh).index_copy_(0, self._flat, new.reshape(-1, Dh).to(self.dtype))  # [n*H*Q, Dh]
-        k, v = self.keys[layer_idx][self._rows], self.values[layer_idx][self._rows]     # views [n, H, S, Dh]
+        rows = slice(self._first, self._end)
+        k, v = self.keys[layer_idx][rows], self.values[layer_idx][rows]                 # views [n, H, S, Dh]
         return k[:, :, : self._kv_len], v[:, :, : self._kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -10,11 +10,12 @@ import torch
 from transformers import PreTrainedModel
 
 from prompt_core import forward as fwd
-from prompt_core.batch import build_decode, build_prefill
+from prompt_core.batch import build_prefill
 from prompt_core.fingerprint import model_dims
 from prompt_core.layout import RowPlan
 from prompt_core.spec import PromptTensors
 
+from .compiled_decode import CompiledDecode, decode_logits
 from .head_cache import CachedHead, HeadCache
 from .kv_cache import SlotCache
 from .logits_processors import LogitsProcessor
@@ -26,12 +27,14 @@ class ModelRunner:
     LOGPROB_CHUNK = 512  # prompt positions turned into [chunk, V] logits at a time (echo)
 
     def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_rows: int,
-                 head_cache_bytes: int = 1 << 30, processor: LogitsProcessor | None = None):
+                 head_cache_bytes: int = 1 << 30, processor: LogitsProcessor | None = None, compile: bool = False):
         self.model, self.device, self.dtype = model, device, dtype
         self.processor = processor  # logit_bias, penalties, grammar masks: see the hook before each sample()
         self.heads = HeadCache(head_cache_bytes)
         _, layers, _, kv_heads, head_dim = model_dims(model)
         self.cache = SlotCache(layers, kv_heads, head_dim, dtype, device)
+        # the decode step compiled once at start-up (server/engine/compiled_decode.py), or None: eager
+        self.compiled = CompiledDecode(model, self.cache, dtype, device) if compile else None
         self.seqs: list[Sequence] = []
         long = lambda: torch.zeros(max_rows, dtype=torch.long, device=device)  # noqa: E731
         real = lambda: torch.zeros(max_rows, dtype=torch.float32, device=device)  # noqa: E731
@@ -229,12 +232,12 @@ class ModelRunner:
     def decode(self, kv_len: int) -> list[int]:
         """One token for every running row. kv_len: the longest row's length after this step."""
         n = self.num_rows
-        step = build_decode(self.last_token[:n], self.prefix[:n], self.tok_start[:n], self.lengths[:n], kv_len,
-                            self.dtype)
         self.cache.ensure(n, kv_len)
-        self.cache.prepare(slice(0, n), step.slots, kv_len)
-        hidden = fwd.hidden_states(self.model, step, self.cache)                     # [n, 1, D]
-        logits = fwd.logits(self.model, hidden[:, 0])                                # [n, V]
+        rows = (self.last_token[:n], self.prefix[:n], self.tok_start[:n], self.lengths[:n])
+        if self.compiled is not None:
+            logits = self.compiled(*rows, kv_len)                                   # [n, V]
+        else:
+            logits = decode_logits(self.model, self.cache, *rows, kv_len, self.dtype)  # [n, V]
         self._record(logits, self.seqs)
         # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
         # below stay those of the model's raw logits

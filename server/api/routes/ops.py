@@ -30,7 +30,8 @@ def ready(rt: RuntimeDep) -> Response:
     else:
         lm = rt.loaded
         body, status = Readiness(status="ready", model=rt.settings.model, device=lm.device.type,
-                                 dtype=str(lm.dtype).removeprefix("torch."), quantization=lm.quantization), 200
+                                 dtype=str(lm.dtype).removeprefix("torch."), quantization=lm.quantization,
+                                 compiled=rt.engine.engine.runner.compiled is not None), 200
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 

@@ -17,5 +17,6 @@ class Readiness(BaseModel):
     device: str | None = None
     dtype: str | None = None         # what the model runs in (what `--dtype auto` chose, if auto)
     quantization: str | None = None  # none, int8 or int4
+    compiled: bool | None = None     # the decode step runs compiled (--compile)
     tasks: int | None = None
     detail: str | None = None
