@@ -76,12 +76,16 @@ def texts_of(tokenizer, n: int, tokens: int) -> list[str]:
     return out
 
 
-def engine_decode(loaded: LoadedModel, texts: list[str], new_tokens: int, max_batch: int = 64,
-                  compile: bool = False) -> dict:
+def new_engine(loaded: LoadedModel, max_batch: int = 64, compile: bool = False) -> LLMEngine:
+    """An engine as the server builds it (a compiled one compiles here, as a server does at start-up), EOS off."""
     limits = SchedulerConfig(max_batch_size=max_batch, max_prefill_tokens=1 << 16)
     engine = LLMEngine(loaded, EngineConfig(scheduler=limits, compile_decode=compile))
-    compile_s = engine.warm_up()   # 0 when eager; a server does this at start-up
+    engine.warm_up()
     engine.eos_ids = frozenset()
+    return engine
+
+
+def engine_decode(engine: LLMEngine, texts: list[str], new_tokens: int) -> dict:
     ref = PromptRef("bench@1", PromptSpec(PromptKind.HARD, 0, "{input}"))
     warm = EngineRequest("warm", ref, texts[0], sampling=SamplingParams(max_new_tokens=4, temperature=0.0))
     engine.add_request(warm)
@@ -105,8 +109,8 @@ def engine_decode(loaded: LoadedModel, texts: list[str], new_tokens: int, max_ba
     decoded = len(texts) * (new_tokens - 1)
     out = {"decode_tokens_per_s": decoded / (end - t_prefill), "prefill_s": t_prefill - t0,
            "decode_s": end - t_prefill, "tokens": decoded}
-    if compile:
-        out |= {"compile_s": compile_s, "eager_steps": engine.runner.compiled.eager_steps}
+    if engine.runner.compiled is not None:
+        out |= {"compile_s": engine.runner.compiled.compile_s, "eager_steps": engine.runner.compiled.eager_steps}
     return out
 
 
@@ -292,20 +296,22 @@ def main(argv=None) -> int:
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (copy {copy_bw / 1e9:.1f} GB/s read+write); weights "
           f"{wbytes / 1e6:.0f} MB in {args.dtype}: bandwidth bound at batch 1 = "
           f"{bounds['engine']:.1f} tokens/s", flush=True)
+    engine = new_engine(loaded, max(args.batches))
     for b in args.batches:
-        record("engine", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches)))
+        record("engine", b, engine_decode(engine, texts[:b], args.new_tokens))
         if not args.no_hf:
             record("hf", b, hf_decode(loaded, texts[:b], args.new_tokens))
     settings = {"engine": (args.dtype, "none", False)}
     for v in variants:
-        del loaded
+        del loaded, engine
         dtype, quantize, compile = VARIANTS[v]
         loaded = load_model(model, args.device, dtype, quantize=quantize)
         settings[f"engine {v}"] = VARIANTS[v]
         bounds[f"engine {v}"] = bw / weight_bytes(loaded.model)
+        engine = new_engine(loaded, max(args.batches), compile)
         for b in args.batches:
-            record(f"engine {v}", b, engine_decode(loaded, texts[:b], args.new_tokens, max(args.batches), compile))
-    del loaded
+            record(f"engine {v}", b, engine_decode(engine, texts[:b], args.new_tokens))
+    del loaded, engine
     if args.http:
         import tempfile
 

@@ -517,10 +517,14 @@ DECODE_SYSTEMS = {"engine": "engine (in-process, hard prompt)",
                   "engine bfloat16": "engine, `--dtype bfloat16` (what `auto` serves on a CPU with native bf16)",
                   "engine int8": "engine, `--quantize int8`",
                   "engine int4": "engine, `--quantize int4`",
+                  "engine compiled": "engine, `--compile` (float32)",
+                  "engine bfloat16-compiled": "engine, `--compile --dtype bfloat16`",
                   "http": "HTTP server (`python -m server`, streaming `/generate`)",
                   "http bfloat16": "HTTP server, `--dtype bfloat16`",
                   "http int8": "HTTP server, `--quantize int8`",
                   "http int4": "HTTP server, `--quantize int4`",
+                  "http compiled": "HTTP server, `--compile` (float32)",
+                  "http bfloat16-compiled": "HTTP server, `--compile --dtype bfloat16`",
                   "hf": "transformers `generate`, no prompt",
                   "llama.cpp F32": "llama.cpp F32",
                   "llama.cpp Q4_1": "llama.cpp Q4_1 (the file the default model ships in)"}
@@ -609,7 +613,7 @@ def bandwidth_bound(run: dict, goal: str) -> tuple[float, str, float] | None:
     bounds, system = run["bound_tokens_per_s"], m.group(1) or "engine"
     if not isinstance(bounds, dict):
         return run["weight_bytes"], run["args"]["dtype"], bounds
-    label = run["args"]["dtype"] if system == "engine" else system.removeprefix("engine ")
+    label = system.removeprefix("engine").strip().removesuffix("compiled").strip("-") or run["args"]["dtype"]
     return run["read_bytes_per_s"] / bounds[system], label, bounds[system]
 
 
