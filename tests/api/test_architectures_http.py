@@ -21,7 +21,7 @@ from prompt_core.spec import PromptKind, PromptSpec, make_labels
 from prompt_store.peft_io import import_peft
 from server.config import Settings
 from server.engine.request import EngineRequest, PromptRef
-from tests.engine.test_architectures import build
+from tests.engine.test_architectures import saved
 from tests.helpers import greedy, new_engine, run
 
 from .conftest import LiveServer
@@ -35,10 +35,7 @@ NEW_TOKENS = 6
 def served(request, tmp_path_factory):
     """(server, in-process loaded model of the same weights, PEFT adapter files)."""
     root = tmp_path_factory.mktemp(request.param)
-    tiny = build(request.param)
-    tiny.model.save_pretrained(root / "model")
-    tiny.tokenizer.save_pretrained(root / "model")
-    loaded = load_model(str(root / "model"), device="cpu", dtype="float32")
+    loaded = load_model(saved(request.param, root / "model"), device="cpu", dtype="float32")
     torch.manual_seed(3)
     peft_model = get_peft_model(loaded.model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
     peft_model.save_pretrained(root / "adapter")

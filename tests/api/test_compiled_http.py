@@ -12,7 +12,7 @@ from prompt_core.model import load_model
 from prompt_core.spec import PromptKind, PromptSpec
 from server.config import Settings
 from server.engine.request import EngineRequest, PromptRef
-from tests.engine.test_architectures import build
+from tests.engine.test_architectures import saved
 from tests.helpers import greedy, new_engine, run
 
 from .conftest import LiveServer
@@ -24,13 +24,11 @@ TEMPLATE = "Q: {input}\nA:"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("compiled")
-    tiny = build("llama")
-    tiny.model.save_pretrained(root / "model")
-    tiny.tokenizer.save_pretrained(root / "model")
-    server = LiveServer(Settings(store=root / "store", model=str(root / "model"), device="cpu", compile=True,
+    model = saved("llama", root / "model")
+    server = LiveServer(Settings(store=root / "store", model=model, device="cpu", compile=True,
                                  self_check_tokens=32)).start()
     try:
-        yield server, load_model(str(root / "model"), device="cpu", serving=True)   # the server's dtype
+        yield server, load_model(model, device="cpu", serving=True)   # the server's dtype
     finally:
         server.stop()
 

@@ -15,7 +15,7 @@ from prompt_core.model import load_model
 from prompt_core.spec import PromptKind, PromptSpec, make_labels
 from server.config import Settings
 from server.engine.request import EngineRequest, PromptRef
-from tests.engine.test_architectures import build
+from tests.engine.test_architectures import saved
 from tests.helpers import greedy, new_engine, run
 
 from .conftest import LiveServer
@@ -28,11 +28,9 @@ TEMPLATE = "Q: {input}\nA:"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("quantized")
-    tiny = build("llama")
-    tiny.model.save_pretrained(root / "model")
-    tiny.tokenizer.save_pretrained(root / "model")
-    loaded = load_model(str(root / "model"), device="cpu", quantize="int8")
-    server = LiveServer(Settings(store=root / "store", model=str(root / "model"), device="cpu", quantize="int8",
+    model = saved("llama", root / "model")
+    loaded = load_model(model, device="cpu", quantize="int8")
+    server = LiveServer(Settings(store=root / "store", model=model, device="cpu", quantize="int8",
                                  self_check_tokens=32)).start()
     try:
         yield server, loaded

@@ -89,6 +89,14 @@ def build(name: str, seed: int = 0) -> LoadedModel:
                        dtype=torch.float32)
 
 
+def saved(name: str, directory) -> str:
+    """`build(name)` written as a model directory (weights and tokenizer), for `--model DIR` and `load_model`."""
+    tiny = build(name)
+    tiny.model.save_pretrained(directory)
+    tiny.tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 @pytest.fixture(scope="module", params=list(ARCHS))
 def arch(request):
     return request.param, build(request.param)

@@ -13,7 +13,7 @@ from prompt_core.model import load_model
 from server.config import Settings
 from server.engine.compiled_decode import CompiledDecode, RowDot, compiled_graphs, decode_logits
 from server.engine.request import EngineRequest, SamplingParams
-from tests.engine.test_architectures import build, mixed_requests, reference_logits
+from tests.engine.test_architectures import build, mixed_requests, reference_logits, saved
 from tests.helpers import greedy, new_engine, run
 
 # a plain model, and one with interleaved sliding windows (a dict of masks) and logit softcapping
@@ -127,9 +127,6 @@ def test_padding_rows_and_length_change_no_real_row():
 def test_compile_is_a_setting_and_is_refused_with_quantized_layers(tmp_path):
     assert Settings(compile=True).engine_config().compile_decode
     assert not Settings().engine_config().compile_decode
-    tiny = build("llama")
-    tiny.model.save_pretrained(tmp_path / "model")
-    tiny.tokenizer.save_pretrained(tmp_path / "model")
-    quantized = load_model(str(tmp_path / "model"), device="cpu", quantize="int8")
+    quantized = load_model(saved("llama", tmp_path / "model"), device="cpu", quantize="int8")
     with pytest.raises(UnsupportedModel, match="--compile with --quantize int8"):
         new_engine(quantized, compile_decode=True)
