@@ -41,6 +41,10 @@ def test_row_dot_is_the_linear_layer():
     assert got_one.shape == (1, 1, 40)
     assert torch.allclose(got_one, F.linear(one, w, b), rtol=1e-5, atol=1e-5)
     assert torch.equal(got_many, F.linear(many, w, b))     # more than one row: the model's own matmul
+    w16, one16 = w.bfloat16(), one.bfloat16()
+    with RowDot():
+        got16 = F.linear(one16, w16)
+    assert torch.equal(got16, F.linear(one16, w16))        # bf16 weights: the model's own matmul too
 
 
 def test_compiled_step_equals_eager_and_the_models_own_forward_for_every_kind(compiled):
