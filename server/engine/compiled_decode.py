@@ -122,7 +122,7 @@ class CompiledDecode:
         rows = 1 << (n - 1).bit_length()
         kv = -(-kv_len // KV_BUCKET) * KV_BUCKET
         self.cache.ensure(rows, kv)
-        for buf in (self.cache.keys, self.cache.values):  # updated in place, so a CUDA graph may keep its address
+        for buf in self.cache.keys + self.cache.values:  # updated in place, so a CUDA graph may keep its address
             torch._dynamo.mark_static_address(buf)
         kv = min(kv, self.cache.capacity[1])
         if rows > n:

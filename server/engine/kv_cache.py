@@ -16,9 +16,8 @@ class SlotCache(Cache):
         super().__init__(layers=[])
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, device
-        # [layers, rows, H_kv, slots, Dh] each: one tensor per side (not one per layer), so that a compiled step
-        # sees two inputs whose sizes it keeps symbolic, not two per layer (which took compiling 2.3x as long)
-        self.keys = self.values = torch.empty(0)
+        self.keys: list[torch.Tensor] = []    # per layer [rows, H_kv, slots, Dh]
+        self.values: list[torch.Tensor] = []
         self._alloc(8, 256)
         # set by `prepare` before each forward
         self._first, self._end = 0, 0  # rows [first, end); ints, not a slice, so a compiled step keeps them symbolic
@@ -27,18 +26,18 @@ class SlotCache(Cache):
 
     @property
     def capacity(self) -> tuple[int, int]:
-        return self.keys.shape[1], self.keys.shape[3]
+        return self.keys[0].shape[0], self.keys[0].shape[2]
 
     def _alloc(self, rows: int, slots: int) -> None:
-        shape = (self.num_layers, rows, self.kv_heads, slots, self.head_dim)
-        # ordinary tensors even when grown inside inference mode: the buffers stay the same kind of tensor, so a
+        shape = (rows, self.kv_heads, slots, self.head_dim)
+        # ordinary tensors even when grown inside inference mode: every buffer is the same kind of tensor, so a
         # compiled decode step (compiled_decode.py) still matches them after the cache grows
         with torch.inference_mode(False):
-            new_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            new_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
             for old, new in ((self.keys, new_k), (self.values, new_v)):
-                if old.dim() == 5:
-                    new[:, : old.shape[1], :, : old.shape[3]] = old
+                for o, n in zip(old, new):
+                    n[: o.shape[0], :, : o.shape[2]] = o
         self.keys, self.values = new_k, new_v
 
     def ensure(self, rows: int, slots: int) -> None:
@@ -49,14 +48,14 @@ class SlotCache(Cache):
         self._alloc(grow(have_rows, rows), grow(have_slots, slots))
 
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def prepare(self, rows: slice, slots: torch.Tensor, kv_len: int) -> None:
         """The next forward runs rows `rows` (a contiguous range), writing its queries at `slots` [n, Q] and
         attending over the first `kv_len` slots."""
         n = slots.shape[0]
         self._first, self._end, self._kv_len = rows.start, rows.start + n, kv_len
-        _, R, H, S, _ = self.keys.shape
+        R, H, S, _ = self.keys[0].shape
         row_idx = torch.arange(rows.start, rows.start + n, device=slots.device)
         heads = torch.arange(H, device=slots.device)
         # element (row, head, slot) of a [R, H, S, Dh] buffer is row ((row * H + head) * S + slot) of its [-1, Dh]
@@ -66,8 +65,8 @@ class SlotCache(Cache):
     def write_prefixes(self, rows: list[int], prefixes: list[torch.Tensor]) -> None:
         """Copy each row's prefix [L, 2, H_kv, T_i, Dh] into its slots [0, T_i): one index_copy_ per layer and
         side for the whole prefill, however many tasks it mixes."""
-        _, _, H, S, Dh = self.keys.shape
-        dev = self.keys.device
+        _, H, S, Dh = self.keys[0].shape
+        dev = self.keys[0].device
         flat = torch.cat([((r * H + torch.arange(H, device=dev)[:, None]) * S
                            + torch.arange(p.shape[3], device=dev)[None, :]).reshape(-1)
                           for r, p in zip(rows, prefixes)])                                    # [N]
@@ -78,8 +77,8 @@ class SlotCache(Cache):
             self.values[layer].view(-1, Dh).index_copy_(0, flat, kv[layer, 1])
 
     def move_row(self, src: int, dst: int, length: int) -> None:
-        for buf in (self.keys, self.values):
-            buf[:, dst, :, :length] = buf[:, src, :, :length]
+        for buf in self.keys + self.values:
+            buf[dst, :, :length] = buf[src, :, :length]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write this step's keys/values [n, H_kv, Q, Dh] at their slots; return the rows' first kv_len slots."""
