@@ -150,7 +150,7 @@ def _own_copy(fn):
 
 
 def compiled_graphs() -> int:
-    """Graphs compiled in this process so far (torch's own count): a test and a metric see recompiles with it."""
+    """Graphs compiled in this process so far (torch's own count): the tests see recompiles with it."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
