@@ -201,7 +201,7 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     # the key/value cache (scheduler and block manager): blocks held, queries whose key/values are computed
-    blocks: BlockTables | None = None
+    blocks: BlockTables = field(default_factory=lambda: BlockTables([[]]))
     computed: int = 0
     prefix_written: bool = False           # its prefix-tuning key/values are in its blocks (until preempted)
     tensors: PromptTensors | None = None   # the loaded soft prompt, while its prefill runs

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
+from .block_manager import BlockManager, GroupSpec
 from .config import SchedulerConfig
 from .request import Sequence, Status
 from .sequences import block_keys, cache_limit
@@ -42,24 +42,25 @@ class Scheduled:
     seq: Sequence
     start: int
     count: int
+    completes: bool = False  # it computes the sequence's last query: a generating one samples its next token
 
-    @property
-    def completes(self) -> bool:
-        """The step computes its last query: a generating sequence samples its next token from it."""
-        return self.start + self.count == self.seq.num_queries
+    def __post_init__(self) -> None:
+        self.completes = self.start + self.count == self.seq.num_queries
 
 
 @dataclass
 class Schedule:
     """What the engine runs at this step."""
     scheduled: list[Scheduled] = field(default_factory=list)
+    admitted: list[Sequence] = field(default_factory=list)              # taken from the queues at this step
     preempted: list[tuple[Sequence, str]] = field(default_factory=list)  # (sequence, reason); waiting again
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager | None = None):
         self.config = config
-        self.blocks = blocks
+        # without a block manager (tests of the policy alone): memory never runs out
+        self.blocks = blocks or BlockManager([GroupSpec(1 << 20, None, ())], 16, prefix_caching=False)
         self.waiting: dict[str, deque[Sequence]] = {}
         self.running: list[Sequence] = []
         self.counters: dict[str, float] = {}
@@ -152,6 +153,7 @@ class Scheduler:
             seq.computed = start
             seq.status = Status.RUNNING
             self.running.append(seq)
+            out.admitted.append(seq)
             out.scheduled.append(Scheduled(seq, start, count))
             pending |= set(self._pending_keys([out.scheduled[-1]]))
             budget -= count
@@ -223,6 +225,7 @@ class Scheduler:
         seq.prefix_written = False
         seq.preemptions += 1
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
+        out.admitted = [s for s in out.admitted if s is not seq]
         self.waiting.setdefault(seq.tenant, deque()).appendleft(seq)
         self.preemptions[reason] = self.preemptions.get(reason, 0) + 1
         out.preempted.append((seq, reason))
