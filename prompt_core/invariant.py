@@ -47,17 +47,23 @@ class Tiling:
 class InvariantLinear(nn.Module):
     """nn.Linear with a prepacked weight run in fixed row tiles (see the module docstring)."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tiling: Tiling):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tiling: Tiling, bias_after: bool = False):
         super().__init__()
         self.weight, self.bias = weight, bias            # the model's own parameters (ties and state_dict kept)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
         self.tiling = tiling
+        self.bias_after = bias_after                     # (x @ W.T) + b, rounded twice, as some models write it
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            if self.bias_after:
+                return x @ self.weight.T + (self.bias if self.bias is not None else 0)
             return F.linear(x, self.weight, self.bias)
+        if self.bias_after:
+            out = tiled(self.packed, None, x, self.tiling)
+            return out if self.bias is None else out + self.bias
         return tiled(self.packed, self.bias, x, self.tiling)
 
     def extra_repr(self) -> str:
@@ -103,15 +109,31 @@ def calibrate(weight: torch.Tensor, bias: torch.Tensor | None, tiles=TILES, pads
 
 
 def _linears(model: nn.Module):
-    """(parent, name, weight [N, K], bias) of every linear layer, GPT-2's Conv1D included (its weight is [K, N])."""
+    """(parent, name, module, weight [N, K], transposed, bias added apart) of every linear layer: nn.Linear, GPT-2's
+    Conv1D (weight [K, N]), and subclasses of nn.Linear that add the bias after the product (Falcon's)."""
     from transformers.pytorch_utils import Conv1D
 
     for parent in model.modules():
         for name, child in parent.named_children():
             if type(child) is nn.Linear:
-                yield parent, name, child.weight, child.bias, False
+                yield parent, name, child, child.weight, False, False
             elif type(child) is Conv1D:
-                yield parent, name, child.weight, child.bias, True
+                yield parent, name, child, child.weight, True, False
+            elif isinstance(child, nn.Linear) and _adds_bias_after(child):
+                yield parent, name, child, child.weight, False, True
+
+
+@torch.inference_mode()
+def _adds_bias_after(module: nn.Linear) -> bool:
+    """Whether a subclass of nn.Linear computes exactly (x @ W.T) + b (checked on a few rows, bit for bit)."""
+    x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0)).to(module.weight.dtype)
+    want = x @ module.weight.T
+    if module.bias is not None:
+        want = want + module.bias
+    try:
+        return torch.equal(module(x), want)
+    except Exception:  # noqa: BLE001 - a layer that cannot run so is simply not replaced
+        return False
 
 
 def _key(weight: torch.Tensor, has_bias: bool) -> str:
@@ -137,22 +159,24 @@ def make_batch_invariant(model: nn.Module, cache_file: Path | None = None) -> li
             known = {}
     failed: list[str] = []
     changed = False
-    for parent, name, weight, bias, transposed in list(_linears(model)):
+    for parent, name, module, weight, transposed, bias_after in list(_linears(model)):
+        bias = module.bias
         w = weight.detach().t().contiguous() if transposed else weight
         if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32) or \
                 not torch.backends.mkldnn.is_available():
             failed.append(f"{name} {tuple(w.shape)} {w.dtype} on {w.device}")
             continue
-        key = _key(w, bias is not None)
+        fused = None if bias_after else bias
+        key = _key(w, fused is not None)
         if key not in known:
-            t = calibrate(w, bias)
+            t = calibrate(w, fused)
             known[key] = [t.tile, t.pad] if t else None
             changed = True
         if known[key] is None:
             failed.append(f"{name} {tuple(w.shape)} {w.dtype}")
             continue
         weight_param = nn.Parameter(w, requires_grad=False) if transposed else weight
-        setattr(parent, name, InvariantLinear(weight_param, bias, Tiling(*known[key])))
+        setattr(parent, name, InvariantLinear(weight_param, bias, Tiling(*known[key]), bias_after=bias_after))
     if changed and cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)

@@ -205,12 +205,12 @@ def make_requests(tasks: list[Task], n: int, new_tokens: int, *, prefix: str = "
 
 # ---------------------------------------------------------------------------------------------------- systems
 
-HEAD_CACHE_BYTES = EngineConfig().head_cache_bytes  # --no-head-cache sets 0
+PREFIX_CACHING = True  # --no-head-cache turns the prefix cache off
 
 
 def new_engine(loaded: LoadedModel, max_batch: int) -> LLMEngine:
     return LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=max_batch), max_new_tokens=4096,
-                                          head_cache_bytes=HEAD_CACHE_BYTES))
+                                          prefix_caching=PREFIX_CACHING))
 
 
 def run_engine(loaded: LoadedModel, requests: list[EngineRequest], name: str, *, max_batch: int = 64,
@@ -808,8 +808,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write every number here")
     args = p.parse_args(argv)
     if args.no_head_cache:
-        global HEAD_CACHE_BYTES
-        HEAD_CACHE_BYTES = 0
+        global PREFIX_CACHING
+        PREFIX_CACHING = False
     if args.quick:
         args.requests, args.tasks, args.new_tokens, args.peft_requests = 16, 8, 16, 4
         args.batch = min(args.batch, 16)

@@ -73,7 +73,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(1024, ge=1, description="engine requests in flight (running or waiting), all tenants "
                                                   "together (503 above)")
 
-    max_concurrent: int = Field(64, ge=1, description="requests in flight per tenant (429 above)")
+    max_concurrent: int = Field(64, ge=1, description="requests in flight each tenant is guaranteed; past it a tenant "
+                                "is admitted while the queue has room beyond a quarter of --max-queue (429 "
+                                "otherwise); a tenant's own max_concurrent in the auth file is a hard limit")
     tokens_per_minute: int = Field(0, ge=0, description="tokens in+out per tenant per minute, 0 for no limit (429)")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest upload body (413 above)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body that is not an upload, "

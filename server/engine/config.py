@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-CPU_KV_CACHE_BYTES = 2 << 30   # the default key/value budget on a CPU (22.5 KiB per token for the default model in bf16)
+CPU_KV_CACHE_BYTES = 2 << 30   # the key/value budget on a CPU unless set (the default model: 22.5 KiB a token in bf16)
 GPU_KV_CACHE_SHARE = 0.8       # on a GPU: this share of the memory free once the model is loaded
 
 

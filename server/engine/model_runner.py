@@ -147,18 +147,18 @@ class ModelRunner:
     def _forward(self, layout: StepLayout, batch: list[Scheduled]) -> torch.Tensor:
         dev = self.device
         L = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
-        I = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
         B = self.block_size
         groups, writes = [], []
         for g, window in enumerate(self.windows):
             tables = [item.seq.blocks.tables[g] for item in batch]
             width = max(len(t) for t in tables)
             rows = [t + [0] * (width - len(t)) for t in tables]
-            groups.append(GroupStep(block_table=I([[max(b, 0) for b in r] for r in rows]), window=window))
+            groups.append(GroupStep(block_table=i32([[max(b, 0) for b in r] for r in rows]), window=window))
             blocks = [tables[q][s // B] for q, s in zip(layout.seq, layout.slot)]
             writes.append(self.cache.flat_index(L(blocks), L([s % B for s in layout.slot])))
-        queries = QueryMeta(seq=I(layout.seq), slot=I(layout.slot), pos=I(layout.pos), ctx_end=I(layout.ctx_end),
-                            seg_start=I(layout.seg_start))
+        queries = QueryMeta(seq=i32(layout.seq), slot=i32(layout.slot), pos=i32(layout.pos),
+                            ctx_end=i32(layout.ctx_end), seg_start=i32(layout.seg_start))
         step = PagedStep(queries=queries, groups=groups, layer_group=self.cache.layer_group, block_size=B)
         table = torch.cat([t.to(device=dev, dtype=self.dtype) for t in layout.tables]) if layout.tables else None
         embeds = fwd.embed(self.model, SimpleNamespace(ids=L(layout.ids)[None], virt=L(layout.virt)[None],

@@ -15,9 +15,9 @@ from typing import Callable
 from prompt_core.layout import plan_row
 from prompt_core.spec import INPUT_SLOT, PromptSpec
 
+from .block_manager import BlockTables
 from .config import EngineConfig
 from .constraints import GrammarCache
-from .block_manager import BlockTables
 from .request import EngineRequest, InputTooLong, InvalidRequest, PromptRef, Sequence
 from .tokenizer import SharedTokenizer
 
