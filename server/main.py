@@ -54,7 +54,8 @@ def open_runtime(rt: Runtime) -> None:
     t1 = time.monotonic()
     engine_config = s.engine_config({t: p.weight for t, p in rt.keyring.policies.items()})
     engine = LLMEngine(rt.loaded, engine_config, observer=rt.metrics)
-    if not engine.batch_invariant and s.dtype in ("auto", "") and rt.loaded.dtype != torch.float32 \
+    if s.batch_invariant and not engine.batch_invariant and s.dtype in ("auto", "") \
+            and rt.loaded.dtype != torch.float32 \
             and rt.loaded.quantization == "none":
         # auto picks the fastest precision in which requests are batch-invariant: fp32 when bf16 is not
         log.warning("bfloat16 is not batch-invariant on this machine (%s); --dtype auto serves float32",

@@ -79,7 +79,9 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0)
 
 
-def new_engine(loaded: LoadedModel, max_batch_size: int = SchedulerConfig.max_batch_size, **cfg) -> LLMEngine:
-    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=max_batch_size), **cfg))
+def new_engine(loaded: LoadedModel, max_batch_size: int = SchedulerConfig.max_batch_size,
+               max_prefill_tokens: int = SchedulerConfig.max_prefill_tokens, **cfg) -> LLMEngine:
+    engine = LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=max_batch_size,
+                                                                      max_prefill_tokens=max_prefill_tokens), **cfg))
     engine.runner.trace = {}
     return engine

@@ -40,6 +40,8 @@ class EngineConfig:
     #                                    free memory)
     kv_block_size: int = 16            # slots per key/value block (a multiple of 16 on a CPU)
     prefix_caching: bool = True        # share full prompt blocks between requests of one task (and its static head)
+    batch_invariant: bool = True       # fixed-shape linear layers: every row gets the bits it gets alone (off: plain
+    #                                    torch matmuls, whose rounding depends on the batch)
     max_logprobs: int = 20             # most alternatives (top-N) a request may ask for per token
     compile_decode: bool = False       # decode through the compiled step (compiled_decode.py), after warm_up()
 

@@ -57,7 +57,7 @@ class LLMEngine:
         intercept = attention.install(model)
         # every row of a step gets the bits it would get alone: the attention kernel by construction, the linear
         # layers by fixed tiles (prompt_core/invariant.py); what cannot be made so is listed here
-        self.invariance_gaps = batch_invariance(loaded)
+        self.invariance_gaps = batch_invariance(loaded) if self.config.batch_invariant else ["turned off"]
         windows = layer_windows(model)
         _, layers, _, kv_heads, head_dim = model_dims(model)
         shape = CacheShape(kv_heads, head_dim, self.config.kv_block_size, loaded.dtype)

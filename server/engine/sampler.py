@@ -61,5 +61,21 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top_n: int
     if top_n <= 0:
         empty = logp.new_zeros(logp.shape[0], 0)
         return chosen, empty, empty.long()
-    top = logp.topk(min(top_n, logp.shape[-1]), dim=-1)                            # [m, N] each
-    return chosen, top.values, top.indices
+    vals, ids = top_by_id(logp, min(top_n, logp.shape[-1]))                         # [m, N] each
+    return chosen, vals, ids
+
+
+def top_by_id(logp: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n largest values of each row [m, V], equal values ordered by token id (and at the cut, the smallest ids
+    kept): a function of the row alone. topk's own order among equal values depends on how many rows it gets."""
+    vals, ids = logp.topk(n, dim=-1)                                               # [m, n]
+    edge = vals[:, -1:]
+    cut = (logp == edge).sum(-1) > (vals == edge).sum(-1)                          # a tie continues past the n-th
+    if bool(cut.any()):
+        rows = cut.nonzero()[:, 0]
+        s_vals, s_ids = torch.sort(logp[rows], dim=-1, descending=True, stable=True)
+        vals[rows], ids[rows] = s_vals[:, :n], s_ids[:, :n]
+    by_id = ids.argsort(dim=-1)
+    vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
+    by_value = vals.argsort(dim=-1, descending=True, stable=True)
+    return vals.gather(-1, by_value), ids.gather(-1, by_value)

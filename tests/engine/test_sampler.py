@@ -55,3 +55,17 @@ def test_top_k_and_top_p_restrict_the_support():
     top_p = {int(sample(logits, *params(1, top_p=0.5, seed=s))[0]) for s in range(200)}
     assert top_p == {0, 1}
     assert {int(sample(logits, *params(1, top_p=0.1, seed=s))[0]) for s in range(50)} == {0}
+
+
+def test_top_alternatives_break_ties_by_token_id_whatever_the_rows():
+    """Equal log-probabilities are listed lowest id first, and at the cut the lowest ids are kept, so a request's
+    listing does not depend on how many rows were ranked together."""
+    from server.engine.sampler import top_by_id
+
+    row = torch.tensor([0.1, 0.5, 0.3, 0.5, 0.3, 0.3, -1.0])
+    vals, ids = top_by_id(row[None], 3)
+    assert ids.tolist() == [[1, 3, 2]] and torch.equal(vals, row[[1, 3, 2]][None])
+    many = torch.cat([torch.randn(63, 7), row[None]])
+    assert top_by_id(many, 3)[1][-1].tolist() == [1, 3, 2]
+    vals, ids = top_by_id(torch.tensor([[0.0, 2.0, 1.0]]), 2)
+    assert ids.tolist() == [[1, 2]]
