@@ -146,6 +146,9 @@ class EngineRequest:
     input_ids: tuple[int, ...] | None = None
     echo: bool = False
     logprobs: int | None = None
+    # batch work (OpenAI's Batch API) runs from idle capacity: a scheduler admits interactive sequences first and
+    # preempts batch rows first; set only by the server for a batch's lines, never from a request body
+    priority: Literal["interactive", "batch"] = "interactive"
 
     @property
     def top_n(self) -> int:
