@@ -1,0 +1,41 @@
+"""When a batch line may start: from idle capacity, and within `--batch-share` while interactive traffic is present.
+
+Interactive work is what the engine runs for network requests; batch work is what batch lines submit (both counted
+by `server.api.serving.Job` in `Runtime.work`). The rule, checked before every line starts:
+
+- no interactive request in flight: batch lines run up to `--batch-max-in-flight` (the runner's own bound);
+- interactive requests in flight and some engine request waiting for a row: no new batch line;
+- interactive requests in flight, nothing waiting: batch engine requests stay below `--batch-share` of
+  `--max-batch-size` rows (0: none while interactive traffic is present).
+
+Lines already running finish; the engine's scheduler (EngineRequest.priority) is where running batch rows give way
+to interactive ones (admitted first, preempted first).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class Gate:
+    """The default: always open (a worker without interactive traffic runs at full capacity)."""
+
+    def open(self) -> bool:
+        return True
+
+
+class IdleCapacity(Gate):
+    def __init__(self, work, engine, share: float, max_batch_size: int):
+        self.work, self.engine, self.share = work, engine, share
+        self.rows = math.floor(share * max_batch_size)
+        self.held = 0                     # times a line was held back (for tests and debugging)
+
+    def open(self) -> bool:
+        if self.work.interactive <= 0:
+            return True
+        engine = self.engine() if callable(self.engine) else self.engine
+        waiting = engine.stats().waiting if engine is not None else 0
+        if waiting == 0 and self.work.batch < self.rows:
+            return True
+        self.held += 1
+        return False
