@@ -43,6 +43,7 @@ class BatchRecord:
     metadata: dict | None = None
     status: str = "validating"
     created_at: int = field(default_factory=lambda: int(time.time()))
+    created: float = field(default_factory=time.time)   # order within a second: lists and claims go by it
     in_progress_at: int | None = None
     finalizing_at: int | None = None
     completed_at: int | None = None

@@ -73,7 +73,7 @@ class BatchStore:
             rec = self._read(d.name) if d.is_dir() else None
             if rec is not None and (admin or rec.tenant == tenant):
                 out.append(rec)
-        return sorted(out, key=lambda r: (r.created_at, r.id), reverse=True)
+        return sorted(out, key=lambda r: (r.created, r.id), reverse=True)
 
     def counts(self) -> dict[str, int]:
         """Batches by status (the metrics collector reads this at scrape time)."""
@@ -119,7 +119,7 @@ class BatchStore:
         """The oldest active batch that nobody holds, or whose holder's lease expired or process died."""
         with self.locked():
             now = time.time()
-            for rec in sorted(self.list(), key=lambda r: (r.created_at, r.id)):
+            for rec in sorted(self.list(), key=lambda r: (r.created, r.id)):
                 free = rec.lease_owner is None or orphaned(rec, now)
                 if rec.status not in ACTIVE or not free or not batch_filter(rec):
                     continue
