@@ -5,8 +5,9 @@ live route's own pydantic model accepts, naming a model (task) the tenant can se
 the route itself can refuse (a prompt over the token limit, a chat that a soft-prompt task cannot take) is not
 guessed here: such a line runs, and the route's own 4xx lands in the error file.
 
-Memory: the custom_ids are kept as 8-byte hashes in one array (duplicates are then confirmed exactly by a second
-pass over the few lines whose hashes repeat), so checking a 100,000-line file holds 800 KB, not its ids.
+Memory: the custom_ids are kept as 8-byte hashes in one array, sorted in place to find repeats (which a second pass
+confirms on the ids themselves, so a hash collision is never reported), so checking a 100,000-line file holds
+800 KB, not its ids.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def check_file(path: Path, endpoint: str, visible: Visible, name: str = "input.j
                max_errors: int = MAX_ERRORS) -> Checked:
     """Every line of `path` (streamed); errors are `name:line: ...` with the line number in `line` too."""
     checker = LineChecker(endpoint, visible)
-    hashes, lines = array("Q"), array("Q")
+    hashes = array("Q")
     errors: list[dict] = []
     total = 0
     with open(path, "rb") as f:
@@ -138,32 +139,33 @@ def check_file(path: Path, endpoint: str, visible: Visible, name: str = "input.j
                     return Checked(total, errors)
                 continue
             hashes.append(_hash(custom_id))
-            lines.append(n)
     if not total:
         errors.append({"code": "empty_file", "message": f"{name}: no requests", "param": None, "line": None})
-    errors.extend(_duplicates(path, name, hashes, lines, max_errors - len(errors)))
+    errors.extend(_duplicates(path, name, hashes, max_errors - len(errors)))
     errors.sort(key=lambda e: e["line"] or 0)
     return Checked(total, errors)
 
 
-def _duplicates(path: Path, name: str, hashes: array, lines: array, room: int) -> list[dict]:
-    """Lines whose custom_id an earlier line has; hashes that repeat are confirmed on the ids themselves."""
+def _duplicates(path: Path, name: str, hashes: array, room: int) -> list[dict]:
+    """Lines whose custom_id an earlier line has. The hashes are sorted in place; a hash that repeats is confirmed
+    on the ids themselves in a second pass (which a file without repeats never needs)."""
     if len(hashes) < 2:
         return []
-    h = np.frombuffer(hashes, dtype=np.uint64)
-    order = np.argsort(h, kind="stable")
-    same = h[order[1:]] == h[order[:-1]]
-    if not same.any():
+    h = np.frombuffer(hashes, dtype=np.uint64)   # a view of the array: sorted in place, no copy
+    h.sort()
+    repeated = set(h[1:][h[1:] == h[:-1]].tolist())
+    if not repeated:
         return []
-    suspects = set(np.frombuffer(lines, dtype=np.uint64)[np.concatenate([order[1:][same], order[:-1][same]])]
-                   .tolist())
     first: dict[str, int] = {}
     out: list[dict] = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
-            if n not in suspects:
+            try:
+                custom_id = json.loads(raw)["custom_id"] if raw.strip() else None
+            except (ValueError, KeyError, TypeError):
                 continue
-            custom_id = json.loads(raw)["custom_id"]
+            if not isinstance(custom_id, str) or _hash(custom_id) not in repeated:
+                continue
             if custom_id in first and len(out) < room:
                 out.append({"code": "duplicate_custom_id", "message": f"{name}:{n}: custom_id {custom_id!r} is "
                             f"already on line {first[custom_id]}; each request needs its own", "param": "custom_id",

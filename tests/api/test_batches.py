@@ -10,6 +10,7 @@ batch lines are marked batch work for the engine and charged to the tenant.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 
 import openai
@@ -317,3 +318,34 @@ def test_lines_are_batch_work_charged_to_the_tenant(server):
     assert samples[("promptserve_batches", (("status", "completed"),))] >= 1
     assert samples[("promptserve_batch_requests_total", (("outcome", "completed"),))] >= 2
     assert samples[("promptserve_batch_tokens_total", ())] >= 2 * 16
+
+
+def test_a_worker_runs_the_batches_of_a_server_that_does_not(module_tmp, tiny_dir):
+    """Scale-out: the server (`--no-batch-runner`) queues; `python -m server.batch_worker` on the same store runs
+    the batch, with the same answers as the server's live route."""
+    from server.batch_worker import run_worker
+
+    settings = batch_settings(module_tmp / "scale", tiny_dir, batch_runner=False)
+    server = LiveServer(settings).start()
+    stop, worker = threading.Event(), None
+    try:
+        assert server.runtime.batch_runner is None
+        client = oai(server)
+        with server.client(ACME) as http:
+            assert hard_task(http, "qa").status_code == 201
+        rows = completions(20)
+        b = submit(client, rows)
+        assert client.batches.retrieve(b.id).status == "validating"   # nobody here runs it
+        worker = threading.Thread(target=run_worker, args=(settings,), kwargs={"stop": stop}, daemon=True)
+        worker.start()
+        done = wait_batch(client, b.id, timeout_s=180)
+        assert done.status == "completed" and done.request_counts.completed == 20, done
+        out = by_custom_id(read_file(client, done.output_file_id))
+        with server.client(ACME) as http:
+            for row in rows:
+                assert stable(out[row["custom_id"]]["response"]["body"]) == stable(live(http, row).json())
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join(60)
+        server.stop()
