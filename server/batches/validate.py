@@ -73,7 +73,8 @@ class LineChecker:
         try:
             line = json.loads(raw)
         except (ValueError, RecursionError) as e:
-            why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            why = (f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                   if isinstance(e, RecursionError) else "not UTF-8 text")
             raise LineProblem("invalid_json_line", f"not valid JSON ({why})") from None
         if not isinstance(line, dict):
             raise LineProblem("invalid_json_line", "expected a JSON object {custom_id, method, url, body}")
