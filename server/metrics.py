@@ -117,12 +117,12 @@ class Metrics:
                                       "grammar token masks of one batched step (all constrained rows)",
                                       buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025) + LATENCY_BUCKETS, registry=r)
         # batches (server/batches): lines are counted as they finish, tokens as their engine requests end
-        self.batch_requests = Counter("promptserve_batch_requests", "batch lines finished by this process, by "
-                                      "outcome: completed (2xx, output file) or failed (error file)", ["outcome"],
-                                      registry=r)
+        self.batch_requests = Counter("promptserve_batch_requests", "batch lines by outcome: completed (2xx, output "
+                                      "file), failed (error file), preempted (cancelled to make room for "
+                                      "interactive traffic; it runs again)", ["outcome"], registry=r)
         self.batch_tokens = Counter("promptserve_batch_tokens", "prompt + generated tokens of batch lines",
                                     registry=r)
-        for outcome in ("completed", "failed"):
+        for outcome in ("completed", "failed", "preempted"):
             self.batch_requests.labels(outcome)
         self.batch_counts: Callable[[], Mapping[str, int]] = dict  # status -> batches; set once the store opens
         r.register(BatchCollector(lambda: self.batch_counts()))

@@ -6,10 +6,11 @@ by `server.api.serving.Job` in `Runtime.work`). The rule, checked before every l
 - no interactive request in flight: batch lines run up to `--batch-max-in-flight` (the runner's own bound);
 - interactive requests in flight and some engine request waiting for a row: no new batch line;
 - interactive requests in flight, nothing waiting: batch engine requests stay below `--batch-share` of
-  `--max-batch-size` rows (0: none while interactive traffic is present).
-
-Lines already running finish; the engine's scheduler (EngineRequest.priority) is where running batch rows give way
-to interactive ones (admitted first, preempted first).
+  `--max-batch-size` rows (0: none while interactive traffic is present);
+- and batch lines running beyond that share when interactive traffic arrives are preempted (`excess`): the runner
+  cancels its newest lines (their rows are freed at the engine's next step, as for a client that left) and runs
+  them again later. Only the runner's calls into the app do this; the engine's scheduler (EngineRequest.priority)
+  is where batch rows will also give way inside a step (admitted after, preempted before interactive ones).
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ class Gate:
     def open(self) -> bool:
         return True
 
+    def excess(self) -> int:
+        """Batch engine requests to preempt now (0: none)."""
+        return 0
+
 
 class IdleCapacity(Gate):
     def __init__(self, work, engine, share: float, max_batch_size: int):
@@ -34,8 +39,16 @@ class IdleCapacity(Gate):
         if self.work.interactive <= 0:
             return True
         engine = self.engine() if callable(self.engine) else self.engine
-        waiting = engine.stats().waiting if engine is not None else 0
+        try:
+            waiting = engine.stats().waiting if engine is not None else 0
+        except RuntimeError:  # the engine thread changed its queues while we counted: ask again next time
+            waiting = 1
         if waiting == 0 and self.work.batch < self.rows:
             return True
         self.held += 1
         return False
+
+    def excess(self) -> int:
+        if self.work.interactive <= 0:
+            return 0
+        return max(0, self.work.batch - self.rows)

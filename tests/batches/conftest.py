@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ class Stub:
     """An executor that answers every line at once (200, the prompt reversed) and counts lines in flight."""
 
     def __init__(self, delay_s: float = 0.0, keep: bool = True):
-        self.delay_s, self.keep, self.now, self.peak, self.calls = delay_s, keep, 0, 0, 0
+        self.delay_s, self.keep, self.now, self.peak, self.calls, self.started = delay_s, keep, 0, 0, 0, 0
         self.prompts: list[str] = []   # (kept only when asked: the memory test must not grow its own list)
 
     async def __call__(self, url: str, body: dict) -> Answer:
         self.now += 1
+        self.started += 1
         self.peak = max(self.peak, self.now)
         try:
             await asyncio.sleep(self.delay_s)
@@ -47,6 +49,7 @@ class Rig:
         self.batches = BatchStore(root, fsync=False)
         self.files = FileStore(root, FileLimits(max_file_bytes=1 << 30, max_tenant_bytes=1 << 32), fsync=False)
         self.runners: list[BatchRunner] = []
+        self.outcomes: collections.Counter = collections.Counter()   # what the runners reported per line
 
     def file(self, n: int, name: str = "b.jsonl") -> str:
         """A batch file of n completions lines, written to disk and streamed into the file store."""
@@ -67,7 +70,8 @@ class Rig:
     def runner(self, stub: Stub, **config) -> BatchRunner:
         cfg = {"max_in_flight": 8, "fsync": False, "poll_s": 0.05, "sync_s": 0.1, "tick_s": 0.01, **config}
         r = BatchRunner(self.batches, self.files, executor_for=lambda rec: stub,
-                        visible_for=lambda rec: (lambda kind, ref: None), config=RunnerConfig(**cfg))
+                        visible_for=lambda rec: (lambda kind, ref: None), config=RunnerConfig(**cfg),
+                        on_line=lambda outcome: self.outcomes.update([outcome]))
         self.runners.append(r)
         return r
 
