@@ -91,8 +91,9 @@ class Settings(BaseSettings):
                                                  "model (off: leave them to `python -m server.batch_worker` or "
                                                  "other replicas)")
     batch_share: float = Field(0.25, ge=0.0, le=1.0, description="while interactive requests are in flight, the "
-                               "share of --max-batch-size rows that batch lines may hold (0: batches run only when "
-                               "no interactive request is in flight); an idle engine gives batches full capacity")
+                               "share of --max-batch-size rows that batch lines may hold; lines beyond it are "
+                               "preempted and run again later (0: batches run only when no interactive request is "
+                               "in flight); an idle engine gives batches full capacity")
     batch_max_in_flight: int = Field(16, ge=1, description="batch lines in flight in this process, all batches "
                                                            "together (memory is bounded by this, not by file sizes)")
     max_batches_per_tenant: int = Field(4, ge=1, description="batches one tenant may have queued or running (429 "

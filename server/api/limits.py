@@ -106,10 +106,13 @@ class WorkInFlight:
     def __init__(self):
         self._lock = threading.Lock()
         self._counts = {"interactive": 0, "batch": 0}
+        self.interactive_at = float("-inf")   # time.monotonic() when interactive work was last in flight
 
     def add(self, priority: str, n: int) -> None:
         with self._lock:
             self._counts[priority] += n
+            if priority == "interactive":
+                self.interactive_at = time.monotonic()
 
     @property
     def interactive(self) -> int:

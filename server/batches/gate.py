@@ -3,7 +3,9 @@
 Interactive work is what the engine runs for network requests; batch work is what batch lines submit (both counted
 by `server.api.serving.Job` in `Runtime.work`). The rule, checked before every line starts:
 
-- no interactive request in flight: batch lines run up to `--batch-max-in-flight` (the runner's own bound);
+- no interactive request in flight for `quiet_s` (1 s): batch lines run up to `--batch-max-in-flight` (the runner's
+  own bound). (Without the quiet second, lines started in each short gap of a steady light load were preempted by
+  the next request, and each cost that request a batch step of waiting.)
 - interactive requests in flight and some engine request waiting for a row: no new batch line;
 - interactive requests in flight, nothing waiting: batch engine requests stay below `--batch-share` of
   `--max-batch-size` rows (0: none while interactive traffic is present);
@@ -16,6 +18,7 @@ by `server.api.serving.Job` in `Runtime.work`). The rule, checked before every l
 from __future__ import annotations
 
 import math
+import time
 
 
 class Gate:
@@ -30,13 +33,13 @@ class Gate:
 
 
 class IdleCapacity(Gate):
-    def __init__(self, work, engine, share: float, max_batch_size: int):
-        self.work, self.engine, self.share = work, engine, share
+    def __init__(self, work, engine, share: float, max_batch_size: int, quiet_s: float = 1.0):
+        self.work, self.engine, self.share, self.quiet_s = work, engine, share, quiet_s
         self.rows = math.floor(share * max_batch_size)
         self.held = 0                     # times a line was held back (for tests and debugging)
 
     def open(self) -> bool:
-        if self.work.interactive <= 0:
+        if self.work.interactive <= 0 and time.monotonic() - self.work.interactive_at >= self.quiet_s:
             return True
         engine = self.engine() if callable(self.engine) else self.engine
         try:

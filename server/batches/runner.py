@@ -1,11 +1,10 @@
 """BatchRunner: claims batches under a lease and runs their lines, on a thread and event loop of its own.
 
 Its own loop means that nothing a batch does (reading its file, JSON, fsync, tokenizing its lines in the route's
-submit) holds up the event loop that serves HTTP; the thread also runs at a lower OS priority where the OS allows
-it. Up to `max_batches` batches run at once and share `max_in_flight` lines in flight, so one tenant's huge batch
-does not hold every other batch back (the engine's fair share then splits rows between their tenants). A line
-starts only when the gate says so (gate.py: idle capacity, `--batch-share`), and lines beyond the share are
-preempted when interactive traffic arrives.
+submit) holds up the event loop that serves HTTP. Up to `max_batches` batches run at once and share
+`max_in_flight` lines in flight, so one tenant's huge batch does not hold every other batch back (the engine's fair
+share then splits rows between their tenants). A line starts only when the gate says so (gate.py: idle capacity,
+`--batch-share`), and lines beyond the share are preempted when interactive traffic arrives.
 
 The runner never touches the engine: a line is a call into the app (executor.py), so the same code runs in the
 server and in `python -m server.batch_worker`.
@@ -109,10 +108,8 @@ class BatchRunner:
 
     # ---- the loop
     def _main(self) -> None:
-        try:  # below the server's threads where the OS allows it: interactive first
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass
+        # (not at a lower OS priority, unlike the training runner: its own work is light, and on a busy CPU a
+        # lowered thread answered late, so preempted lines held their rows for several more engine steps)
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:

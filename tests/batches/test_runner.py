@@ -165,6 +165,7 @@ def test_lines_preempted_for_interactive_traffic_run_again_and_nothing_is_lost(r
 def test_the_gate_gives_batches_idle_capacity_and_a_share_while_interactive_traffic_runs():
     class Work:
         interactive = batch = 0
+        interactive_at = float("-inf")
 
     class Engine:
         waiting = 0
@@ -189,8 +190,11 @@ def test_the_gate_gives_batches_idle_capacity_and_a_share_while_interactive_traf
     assert not IdleCapacity(work, engine, share=0.0, max_batch_size=16).open()
     assert IdleCapacity(work, engine, share=0.0, max_batch_size=16).excess() == 3
     engine.waiting, work.interactive = 0, 0
-    assert IdleCapacity(work, engine, share=0.0, max_batch_size=16).open()
-    assert IdleCapacity(work, engine, share=0.0, max_batch_size=16).excess() == 0
+    work.interactive_at = time.monotonic()                # the last interactive request just ended
+    quiet = IdleCapacity(work, engine, share=0.0, max_batch_size=16, quiet_s=1.0)
+    assert not quiet.open() and quiet.excess() == 0       # a quiet second first: no start, and no preemption
+    work.interactive_at -= 1.0
+    assert quiet.open()
 
 
 def test_lineset():
