@@ -61,16 +61,23 @@ async def open_loop(url: str, rate: float, n: int, tokens: int, seed: int) -> li
 
 def summary(samples: list[tuple[float, float]]) -> dict:
     ttft, tpot = [s[0] for s in samples], [s[1] for s in samples]
-    return {"n": len(samples), "ttft_p50_ms": round(1000 * pct(ttft, 50), 1),
-            "ttft_p95_ms": round(1000 * pct(ttft, 95), 1), "tpot_p50_ms": round(1000 * pct(tpot, 50), 1),
-            "tpot_p95_ms": round(1000 * pct(tpot, 95), 1)}
+    return {"n": len(samples), "ttft_ms": sorted(round(1000 * x) for x in ttft),
+            "ttft_p50_ms": round(1000 * pct(ttft, 50), 1), "ttft_p95_ms": round(1000 * pct(ttft, 95), 1),
+            "tpot_p50_ms": round(1000 * pct(tpot, 50), 1), "tpot_p95_ms": round(1000 * pct(tpot, 95), 1)}
+
+
+def metric(c: httpx.Client, series: str) -> float:
+    for line in c.get("/metrics").text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def batch_tokens(c: httpx.Client) -> float:
-    for line in c.get("/metrics").text.splitlines():
-        if line.startswith("promptserve_batch_tokens_total "):
-            return float(line.split()[1])
-    return 0.0
+    return metric(c, "promptserve_batch_tokens_total")
+
+
+PREEMPTED = 'promptserve_batch_requests_total{outcome="preempted"}'
 
 
 def main(argv=None) -> int:
@@ -103,7 +110,7 @@ def main(argv=None) -> int:
             c.post("/v1/tasks", json={"task_id": "bench", "kind": "hard", "template": TEMPLATE}).raise_for_status()
             asyncio.run(open_loop(srv.url, 4 * a.rate, 4, a.max_new_tokens, 99))  # warm-up
             out["alone"] = summary(asyncio.run(open_loop(srv.url, a.rate, a.requests, a.max_new_tokens, 1)))
-            print("alone ", out["alone"], flush=True)
+            print("alone ", {k: v for k, v in out["alone"].items() if k != "ttft_ms"}, flush=True)
 
             lines = "".join(json.dumps({"custom_id": f"b{i}", "method": "POST", "url": "/v1/tasks/bench/generate",
                                         "body": {"input": f"Write about item {i}.", "ignore_eos": True,
@@ -119,12 +126,14 @@ def main(argv=None) -> int:
                 time.sleep(0.2)
             done0, tok0, t0 = c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"], \
                 batch_tokens(c), time.monotonic()
+            pre0 = metric(c, PREEMPTED)
             out["batch"] = summary(asyncio.run(open_loop(srv.url, a.rate, a.requests, a.max_new_tokens, 1)))
             done1, tok1, t1 = c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"], \
                 batch_tokens(c), time.monotonic()
             out["batch"]["batch_lines_per_s"] = round((done1 - done0) / (t1 - t0), 2)
             out["batch"]["batch_tokens_per_s"] = round((tok1 - tok0) / (t1 - t0), 1)
-            print("batch ", out["batch"], flush=True)
+            out["batch"]["preempted_lines"] = int(metric(c, PREEMPTED) - pre0)
+            print("batch ", {k: v for k, v in out["batch"].items() if k != "ttft_ms"}, flush=True)
             time.sleep(5)  # the batch alone: what idle capacity gives it
             done2, tok2, t2 = c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"], \
                 batch_tokens(c), time.monotonic()
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
                 assert time.monotonic() < deadline, "the batch never stopped"
                 time.sleep(0.2)
             out["after"] = summary(asyncio.run(open_loop(srv.url, a.rate, a.requests, a.max_new_tokens, 2)))
-            print("after ", out["after"], flush=True)
+            print("after ", {k: v for k, v in out["after"].items() if k != "ttft_ms"}, flush=True)
         for key in ("ttft_p95_ms", "tpot_p95_ms"):
             base = (out["alone"][key] + out["after"][key]) / 2
             out[f"{key.split('_')[0]}_p95_ratio"] = round(out["batch"][key] / base, 2)
