@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 OPEN_TENANT = "default"  # the single tenant of a server started without an auth file
+# the ASGI scope key under which a batch's line carries its Principal (server/batches/executor.py): only code in
+# this process can put it there, since uvicorn builds the scope of every network request itself
+BATCH_CALLER = "promptserve.batch_caller"
 _TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -26,6 +29,8 @@ class Principal:
     tenant: str
     admin: bool = False
     open: bool = False  # no auth file: the single open tenant, which may see and change everything
+    # the batch a call runs for: set only in-process, for a batch's lines (server/batches), never from a request
+    batch: str | None = None
 
 
 @dataclass(frozen=True)

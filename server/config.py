@@ -100,6 +100,19 @@ class Settings(BaseSettings):
     training_checkpoint_s: float = Field(30.0, gt=0, description="checkpoint a running job at least this often, "
                                                                  "besides every epoch end")
 
+    batch_runner: bool = Field(True, description="run queued batches (/v1/batches) in this process, on the resident "
+                                                 "model (off: leave them to `python -m server.batch_worker` or "
+                                                 "other replicas)")
+    batch_share: float = Field(0.25, ge=0.0, le=1.0, description="while interactive requests are in flight, the "
+                               "share of --max-batch-size rows that batch lines may hold; lines beyond it are "
+                               "preempted and run again later (0: batches run only when no interactive request is "
+                               "in flight); an idle engine gives batches full capacity")
+    batch_max_in_flight: int = Field(16, ge=1, description="batch lines in flight in this process, all batches "
+                                                           "together (memory is bounded by this, not by file sizes)")
+    max_batches_per_tenant: int = Field(4, ge=1, description="batches one tenant may have queued or running (429 "
+                                                            "above)")
+    max_batch_lines: int = Field(50_000, ge=1, description="requests in one batch's input file (429 above)")
+
     shutdown_grace_s: float = Field(30.0, ge=0, description="on SIGTERM: time for in-flight requests to finish")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="comma-separated origins allowed by CORS; empty turns CORS off")

@@ -14,7 +14,7 @@ from server.api.body_limit import BodyLimit
 from server.api.deps import Runtime
 from server.api.errors import install_error_handlers
 from server.api.limits import TenantLimiter
-from server.api.routes import files, fine_tuning, generate, openai, ops, tasks
+from server.api.routes import batches, files, fine_tuning, generate, openai, ops, tasks
 from server.auth import KeyRing
 from server.config import Settings
 from server.metrics import HttpMetricsMiddleware, Metrics
@@ -95,9 +95,11 @@ def open_runtime(rt: Runtime) -> None:
     rt.startup = {"imports_s": t0 - rt.launched_at if rt.launched_at is not None else None, "model_s": t1 - t0,
                   "store_and_engine_s": t2 - t1, "check_s": time.monotonic() - t2,
                   "since": rt.launched_at if rt.launched_at is not None else t0}
+    from server.batches.service import open_batches
     from server.fine_tuning import open_fine_tuning
 
     open_fine_tuning(rt)
+    open_batches(rt)
 
 
 def check_generation(engine, generation: dict) -> None:
@@ -123,6 +125,8 @@ async def lifespan(app: FastAPI):
         yield
     finally:
         rt.draining = True
+        if rt.batch_runner is not None:  # lines in flight are cancelled; the batch resumes wherever it is claimed
+            await run_in_threadpool(rt.batch_runner.stop)
         if rt.runner is not None:  # checkpoints the running job and puts it back in the queue
             await run_in_threadpool(rt.runner.stop)
         if rt.engine is not None:  # uvicorn already waited up to the grace period for open requests
@@ -149,7 +153,8 @@ def create_app(settings: Settings | None = None, launched_at: float | None = Non
                               "prefix tuning) batched together. See docs/api.md.")
     app.state.runtime = rt
     install_error_handlers(app)
-    for module in (tasks, generate, openai, ops, files, fine_tuning):
+    rt.app = app
+    for module in (tasks, generate, openai, ops, files, fine_tuning, batches):
         app.include_router(module.router)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],

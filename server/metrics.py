@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server.auth import BATCH_CALLER
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -73,6 +75,30 @@ class KVCacheCollector(Collector):
                                   value=float(s["prefix_hits"]))
 
 
+BATCH_STATUSES = ("validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
+                  "cancelled")
+
+
+class BatchCollector(Collector):
+    """Batches on the shared store by status, read at scrape time (every status is always exported)."""
+
+    def __init__(self, counts: Callable[[], Mapping[str, int]]):
+        self._counts = counts
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        fam = GaugeMetricFamily("promptserve_batches", "batches on the store by status", labels=["status"])
+        try:
+            counts = self._counts() or {}
+        except Exception:  # noqa: BLE001 - a scrape must never fail because the store is busy or closing
+            counts = {}
+        for status in BATCH_STATUSES:
+            fam.add_metric([status], float(counts.get(status, 0)))
+        yield fam
+
+
 class Metrics:
     """Every metric family of the server, registered in its own registry (several apps may live in one process)."""
 
@@ -120,6 +146,16 @@ class Metrics:
         self.preemptions = Counter("promptserve_preemptions", "sequences preempted (recomputed later) by reason: "
                                    "memory (no free key/value block), fairness (a starved tenant), priority (an "
                                    "interactive request over batch work)", ["reason"], registry=r)
+        # batches (server/batches): lines are counted as they finish, tokens as their engine requests end
+        self.batch_requests = Counter("promptserve_batch_requests", "batch lines by outcome: completed (2xx, output "
+                                      "file), failed (error file), preempted (cancelled to make room for "
+                                      "interactive traffic; it runs again)", ["outcome"], registry=r)
+        self.batch_tokens = Counter("promptserve_batch_tokens", "prompt + generated tokens of batch lines",
+                                    registry=r)
+        for outcome in ("completed", "failed", "preempted"):
+            self.batch_requests.labels(outcome)
+        self.batch_counts: Callable[[], Mapping[str, int]] = dict  # status -> batches; set once the store opens
+        r.register(BatchCollector(lambda: self.batch_counts()))
         if tier_stats is not None:
             r.register(PromptCacheCollector(tier_stats))
 
@@ -203,6 +239,8 @@ class HttpMetricsMiddleware:
     def _observe(self, scope, status: int, started: float) -> None:
         metrics = self.metrics_of()
         if metrics is None:
+            return
+        if scope.get(BATCH_CALLER) is not None:  # a batch's line, run in-process: not HTTP traffic
             return
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"

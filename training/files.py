@@ -1,13 +1,17 @@
-"""Uploaded training files on the shared store: ROOT/files/<file-id>/{file.json, data.jsonl}.
+"""Uploaded files on the shared store: ROOT/files/<file-id>/{file.json, data.jsonl}.
 
-A file is validated line by line when it is uploaded (any accepted format, see data.FORMATS), so a job never
-starts on data it cannot read. Each file directory is written in ROOT/tmp and published by one rename, as the
+Purposes: `fine-tune` (training data), `batch` (a batch's requests: OpenAI's Batch API, server/batches) and
+`batch_output` (a batch's output and error files, written by the server, never uploaded). A fine-tuning file is
+validated line by line when it is uploaded (any accepted format, see data.FORMATS), so a job never starts on data
+it cannot read; a batch file is copied to disk in chunks (never whole in memory) and its lines are checked when a
+batch is made of it. Each file directory is written in ROOT/tmp and published by one rename, as the
 prompt store publishes versions: a kill -9 leaves either the whole file or nothing. Files are private to the tenant
 that uploaded them; another tenant's file reads exactly like a missing one.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -16,6 +20,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from prompt_store.errors import InvalidPrompt, PayloadTooLarge, QuotaExceeded, TaskNotFound
 from prompt_store.format import write_durably
@@ -24,7 +29,9 @@ from .data import parse_record, read_lines
 
 DATA_NAME = "data.jsonl"
 META_NAME = "file.json"
-PURPOSES = ("fine-tune",)
+PURPOSES = ("fine-tune", "batch")     # what a tenant may upload
+OUTPUT_PURPOSE = "batch_output"        # what the server writes: a batch's output and error files
+CHUNK = 1 << 20
 
 
 class FileNotFound(TaskNotFound):
@@ -39,8 +46,9 @@ class FileRecord:
     purpose: str
     bytes: int
     created_at: int
-    lines: int            # examples (blank lines not counted)
-    tasks: list[str]      # tasks the lines allow: "classify", "generate" (both for prompt/completion, messages)
+    lines: int            # examples or requests (blank lines not counted)
+    tasks: list[str]      # tasks the lines allow: "classify", "generate" (both for prompt/completion, messages);
+                          # empty for batch files
 
 
 @dataclass
@@ -106,27 +114,88 @@ class FileStore:
     # ---- writing
     def create(self, tenant: str, filename: str, purpose: str, data: bytes) -> FileRecord:
         """Validate every line, check the size limit and the tenant's byte quota, then publish."""
+        if purpose == "batch":
+            return self.create_stream(tenant, filename, purpose, io.BytesIO(data))
         if purpose not in PURPOSES:
             raise InvalidPrompt(f"purpose expected one of {list(PURPOSES)}, found {purpose!r}")
         if len(data) > self.limits.max_file_bytes:
             raise PayloadTooLarge(f"a file may hold at most {self.limits.max_file_bytes} bytes, found {len(data)}")
-        name = Path(filename or "data.jsonl").name[:255] or "data.jsonl"
+        name = _name(filename)
         examples, tasks = validate_lines(data, name)
+        stage = self.staging / f"file-{uuid.uuid4().hex}"
+        stage.mkdir(parents=True)
+        try:
+            write_durably(stage / DATA_NAME, data, self.fsync)
+            return self._publish(stage, tenant, name, purpose, len(data), len(examples), tasks, quota=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def create_stream(self, tenant: str, filename: str, purpose: str, src: BinaryIO) -> FileRecord:
+        """A batch file, copied from `src` to ROOT/tmp a chunk at a time (a 100,000-line file is never whole in
+        memory) and counted as it goes; its lines are checked when a batch is made of it."""
+        if purpose != "batch":
+            raise InvalidPrompt(f"purpose expected 'batch' for a streamed file, found {purpose!r}")
+        name = _name(filename)
+        stage = self.staging / f"file-{uuid.uuid4().hex}"
+        stage.mkdir(parents=True)
+        try:
+            size, lines, pending = 0, 0, b""
+            with open(stage / DATA_NAME, "wb") as out:
+                while chunk := src.read(CHUNK):
+                    size += len(chunk)
+                    if size > self.limits.max_file_bytes:
+                        raise PayloadTooLarge(f"a file may hold at most {self.limits.max_file_bytes} bytes, found "
+                                              "more")
+                    out.write(chunk)
+                    parts = (pending + chunk).split(b"\n")
+                    pending = parts.pop()
+                    lines += sum(1 for p in parts if p.strip())
+                lines += 1 if pending.strip() else 0
+                if self.fsync:
+                    out.flush()
+                    os.fsync(out.fileno())
+            if not lines:
+                raise InvalidPrompt(f"{name}: no requests (every line is blank)")
+            return self._publish(stage, tenant, name, purpose, size, lines, [], quota=True)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def publish_output(self, file_id: str, tenant: str, filename: str, src: Path, lines: int) -> FileRecord:
+        """A batch's output or error file under the id its batch fixed in advance: `src` is hard-linked in (no copy),
+        and publishing twice (a runner that died after the first) returns the first. Outside the byte quota: the
+        server writes it, and the quota was checked when the batch was made."""
+        existing = self._read(file_id)
+        if existing is not None:
+            return existing
+        stage = self.staging / f"file-{uuid.uuid4().hex}"
+        stage.mkdir(parents=True)
+        try:
+            try:
+                os.link(src, stage / DATA_NAME)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(src, stage / DATA_NAME)
+            return self._publish(stage, tenant, filename, OUTPUT_PURPOSE, (stage / DATA_NAME).stat().st_size,
+                                 lines, [], quota=False, file_id=file_id)
+        except OSError:  # another runner published it between the check and the rename
+            existing = self._read(file_id)
+            if existing is None:
+                raise
+            return existing
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+    def _publish(self, stage: Path, tenant: str, name: str, purpose: str, size: int, lines: int, tasks: list[str],
+                 quota: bool, file_id: str | None = None) -> FileRecord:
+        """stage/data.jsonl is written: check the tenant's byte quota, add file.json, publish by one rename."""
         with self._lock:
             used = self.tenant_bytes(tenant)
-            if used + len(data) > self.limits.max_tenant_bytes:
-                raise QuotaExceeded(f"tenant {tenant!r} stores {used} bytes of files; this one ({len(data)} bytes) "
+            if quota and used + size > self.limits.max_tenant_bytes:
+                raise QuotaExceeded(f"tenant {tenant!r} stores {used} bytes of files; this one ({size} bytes) "
                                     f"would pass the limit of {self.limits.max_tenant_bytes}; delete some files")
-            rec = FileRecord(id=f"file-{uuid.uuid4().hex[:24]}", tenant=tenant, filename=name, purpose=purpose,
-                             bytes=len(data), created_at=int(time.time()), lines=len(examples), tasks=tasks)
-            stage = self.staging / f"file-{uuid.uuid4().hex}"
-            stage.mkdir(parents=True)
-            try:
-                write_durably(stage / DATA_NAME, data, self.fsync)
-                write_durably(stage / META_NAME, (json.dumps(asdict(rec), indent=1) + "\n").encode(), self.fsync)
-                os.rename(stage, self.dir / rec.id)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+            rec = FileRecord(id=file_id or new_file_id(), tenant=tenant, filename=name, purpose=purpose,
+                             bytes=size, created_at=int(time.time()), lines=lines, tasks=tasks)
+            write_durably(stage / META_NAME, (json.dumps(asdict(rec), indent=1) + "\n").encode(), self.fsync)
+            os.rename(stage, self.dir / rec.id)
         return rec
 
     def delete(self, file_id: str, tenant: str, admin: bool = False) -> None:
@@ -138,6 +207,14 @@ class FileStore:
         except FileNotFoundError:
             raise FileNotFound(f"no file {file_id!r}") from None
         shutil.rmtree(gone, ignore_errors=True)
+
+
+def new_file_id() -> str:
+    return f"file-{uuid.uuid4().hex[:24]}"
+
+
+def _name(filename: str) -> str:
+    return Path(filename or "data.jsonl").name[:255] or "data.jsonl"
 
 
 def validate_lines(data: bytes, name: str) -> tuple[list, list[str]]:

@@ -14,13 +14,13 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from prompt_core.model import LoadedModel
 from prompt_store.store import PromptStore
-from server.auth import OPEN_TENANT, KeyRing, Principal
+from server.auth import BATCH_CALLER, OPEN_TENANT, KeyRing, Principal
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
 from server.metrics import Metrics
 
 from .errors import ApiError, unauthorized
-from .limits import TenantLimiter
+from .limits import TenantLimiter, WorkInFlight
 
 
 @dataclass
@@ -36,6 +36,10 @@ class Runtime:
     files: object = None      # training.files.FileStore, once started (server/fine_tuning.py)
     jobs: object = None       # training.jobs.JobStore
     runner: object = None     # training.jobs.JobRunner, when this process trains
+    batches: object = None    # server.batches.BatchStore, once started (server/batches/service.py)
+    batch_runner: object = None  # server.batches.BatchRunner, when this process runs batches
+    app: object = None        # the ASGI app itself: a batch's lines run through it in-process
+    work: WorkInFlight = field(default_factory=WorkInFlight)
     training_stats: dict = field(default_factory=dict)
     draining: bool = False
     started_at: float = field(default_factory=time.time)
@@ -52,9 +56,13 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 _bearer = HTTPBearer(auto_error=False, description="an API key from the auth file")
 
 
-def get_principal(rt: RuntimeDep,
+def get_principal(request: Request, rt: RuntimeDep,
                   creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Principal:
-    """The caller. Without an auth file everyone is the one open tenant (as admin, since there is no one else)."""
+    """The caller. Without an auth file everyone is the one open tenant (as admin, since there is no one else). A
+    batch's line run in-process carries the batch's principal in its ASGI scope, which no header can set."""
+    inside = request.scope.get(BATCH_CALLER)
+    if isinstance(inside, Principal):
+        return inside
     if rt.keyring.open:
         return Principal(tenant=OPEN_TENANT, admin=True, open=True)
     if creds is None or not creds.credentials:

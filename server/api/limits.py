@@ -113,3 +113,27 @@ class TenantLimiter:
             st.balance = min(float(tpm), st.balance + (now - st.updated) * tpm / 60.0)
         st.updated = now
 
+
+
+class WorkInFlight:
+    """Engine requests in flight in this process by priority, so batch work can see whether interactive traffic is
+    present (server/batches/gate.py). Counted by `serving.Job`, from every event loop that runs routes."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {"interactive": 0, "batch": 0}
+        self.interactive_at = float("-inf")   # time.monotonic() when interactive work was last in flight
+
+    def add(self, priority: str, n: int) -> None:
+        with self._lock:
+            self._counts[priority] += n
+            if priority == "interactive":
+                self.interactive_at = time.monotonic()
+
+    @property
+    def interactive(self) -> int:
+        return self._counts["interactive"]
+
+    @property
+    def batch(self) -> int:
+        return self._counts["batch"]

@@ -128,11 +128,13 @@ class Job:
     id: str
     finals: list[RequestOutput | None] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.monotonic)
+    priority: str = "interactive"   # "batch" for a batch's line (principal.batch): runs from idle capacity
     _closed: bool = False
 
     def _final(self, i: int, out: RequestOutput) -> None:
         self.finals[i] = out
-        self.rt.metrics.observe_tpot(out, time.monotonic() - self.submitted_at)
+        if self.priority == "interactive":  # the latency histograms describe interactive traffic
+            self.rt.metrics.observe_tpot(out, time.monotonic() - self.submitted_at)
 
     @classmethod
     def start(cls, rt: Runtime, engine: AsyncEngine, principal: Principal, prompt: PromptRef, texts: list[str],
@@ -144,6 +146,7 @@ class Job:
         inputs, or one per input. share_prompt: the inputs are choices of repeated prompts (n > 1), whose prefill
         is shared."""
         per_input = params if isinstance(params, list) else [params] * len(texts)
+        priority = "batch" if principal.batch else "interactive"
         admission = rt.limiter.acquire(principal.tenant, len(texts))
         job_id = new_id(prefix)
         streams: list[RequestStream] = []
@@ -154,17 +157,19 @@ class Job:
                 streams.append(engine.submit(EngineRequest(
                     request_id=rid, prompt=prompt, text=text, mode=mode, sampling=per_input[i],
                     tenant=principal.tenant, input_ids=tuple(ids) if ids is not None else None, echo=echo,
-                    logprobs=logprobs, share_prompt=share_prompt)))
+                    logprobs=logprobs, share_prompt=share_prompt, priority=priority)))
         except BaseException:
             for s in streams:
                 s.cancel()
             admission.release(0)
             raise
+        rt.work.add(priority, len(streams))
         if rt.settings.log_requests:
             log.info("%s tenant=%s task=%s mode=%s inputs=%r", job_id, principal.tenant, prompt.key, mode, texts)
         else:
             log.debug("%s tenant=%s task=%s mode=%s inputs=%d", job_id, principal.tenant, prompt.key, mode, len(texts))
-        return cls(rt=rt, streams=streams, admission=admission, id=job_id, finals=[None] * len(streams))
+        return cls(rt=rt, streams=streams, admission=admission, id=job_id, finals=[None] * len(streams),
+                   priority=priority)
 
     def close(self) -> None:
         """Cancel whatever has not finished and release the admission with the tokens actually used."""
@@ -175,6 +180,9 @@ class Job:
             s.cancel()
         used = sum(f.prompt_tokens + f.completion_tokens for f in self.finals if f is not None)
         self.admission.release(used)
+        self.rt.work.add(self.priority, -len(self.streams))
+        if self.priority == "batch":
+            self.rt.metrics.batch_tokens.inc(used)
 
     async def results(self, request: Request) -> list[RequestOutput]:
         """Wait for every final output; if the client disconnects first, cancel all and raise ClientGone."""

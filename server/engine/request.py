@@ -150,7 +150,8 @@ class EngineRequest:
     input_ids: tuple[int, ...] | None = None
     echo: bool = False
     logprobs: int | None = None
-    # batch work (the Batch API) runs from capacity interactive requests leave: admitted after them, preempted first
+    # batch work (OpenAI's Batch API) runs from capacity interactive requests leave: the scheduler admits it after
+    # them and preempts it first; set only by the server for a batch's lines, never from a request body
     priority: Priority = "interactive"
 
     @property

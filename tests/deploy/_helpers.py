@@ -28,6 +28,10 @@ METRICS = {
     "promptserve_prompt_cache_resident_bytes": "gauge",
     "promptserve_tenant_requests_total": "counter",
     "promptserve_tenant_tokens_total": "counter",
+    # batches (issue 25)
+    "promptserve_batches": "gauge",
+    "promptserve_batch_requests_total": "counter",
+    "promptserve_batch_tokens_total": "counter",
 }
 METRIC_LABELS = {
     "promptserve_requests_total": {"endpoint", "status"},
@@ -38,6 +42,8 @@ METRIC_LABELS = {
     "promptserve_prompt_cache_resident_bytes": {"tier"},
     "promptserve_tenant_requests_total": {"tenant"},
     "promptserve_tenant_tokens_total": {"tenant", "direction"},
+    "promptserve_batches": {"status"},
+    "promptserve_batch_requests_total": {"outcome"},
 }
 _HISTOGRAM_SERIES = ("_bucket", "_sum", "_count")
 

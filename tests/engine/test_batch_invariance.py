@@ -28,7 +28,7 @@ QUESTIONS = ["What makes the sea salty?", "Write two lines about autumn leaves."
 @functools.lru_cache(maxsize=1)
 def served():
     loaded = load_model(dtype="auto", serving=True)
-    print(f"batch invariance at the served default: {loaded.dtype}")  # noqa: T201 - the test says what it ran
+    print(f"batch invariance at the served default: {loaded.dtype}")
     return loaded
 
 

@@ -20,7 +20,8 @@ def load_fuzzer():
 
 
 def fine_tuning(label: str) -> bool:
-    return "/v1/files" in label or "/v1/fine_tuning" in label
+    """The files, fine-tuning and batch routes: they take no model time at the request."""
+    return "/v1/files" in label or "/v1/fine_tuning" in label or "/v1/batches" in label
 
 
 def test_fuzz_every_operation_no_5xx_no_schema_violation(tmp_path):
@@ -40,13 +41,13 @@ def test_fuzz_every_operation_no_5xx_no_schema_violation(tmp_path):
 
 
 def test_fuzz_files_and_fine_tuning_operations(tmp_path):
-    """The files and fine-tuning routes on their own budget (they take no model time: ids that do not exist are 404s,
-    bodies that do not validate 422s)."""
+    """The files, fine-tuning and batch routes on their own budget (they take no model time: ids that do not exist
+    are 404s, bodies that do not validate 422s)."""
     fuzz = load_fuzzer()
-    with live_server(tmp_path, training_runner=False) as server:
+    with live_server(tmp_path, training_runner=False, batch_runner=False) as server:
         report = fuzz.run_fuzz(server.url, ACME, examples=4, seed=0, time_budget_s=60, request_timeout_s=60,
                                only=fine_tuning)
     print(report.summary())
     assert report.server_errors == 0 and report.schema_violations == 0 and report.count("transport") == 0, \
         report.summary()
-    assert len(report.by_operation) == 11, sorted(report.by_operation)
+    assert len(report.by_operation) == 15, sorted(report.by_operation)

@@ -1,6 +1,8 @@
-"""Files for fine-tuning (OpenAI's /v1/files): upload JSONL, list, read, download, delete; private to the tenant.
+"""Files (OpenAI's /v1/files): upload JSONL, list, read, download, delete; private to the tenant.
 
-Every line is validated on upload (errors name the line, 422); a file over `--max-file-bytes` is a 413 and a tenant
+Purposes: `fine-tune`, whose every line is validated on upload (errors name the line, 422), and `batch`, copied to
+disk in chunks and checked line by line when a batch is made of it (server/batches). A batch's output and error
+files are files of purpose `batch_output`, downloaded here. A file over `--max-file-bytes` is a 413 and a tenant
 over `--max-file-bytes-per-tenant` of stored files a 429. Another tenant's file is a 404, as a missing one.
 """
 
@@ -10,10 +12,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from training.files import FileRecord, FileStore
+from training.files import FileNotFound, FileRecord, FileStore
 
 from ..body_limit import limited
 from ..deps import RuntimeDep, TenantDep
@@ -26,8 +29,9 @@ FileId = Annotated[str, Path(description="a file id (file-...)", max_length=64)]
 ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429)}
 _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
-    "properties": {"file": {"type": "string", "format": "binary", "description": "JSONL, one example a line"},
-                   "purpose": {"type": "string", "enum": ["fine-tune"]}}}}}}
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "JSONL, one example (fine-tune) or one request (batch) a line"},
+                   "purpose": {"type": "string", "enum": ["fine-tune", "batch"]}}}}}}
 
 
 def file_store(rt) -> FileStore:
@@ -43,8 +47,8 @@ def file_object(rec: FileRecord) -> FileObject:
 
 @router.post("", response_model=FileObject, openapi_extra={"requestBody": _UPLOAD_BODY}, responses=ERRORS)
 async def upload_file(request: Request, principal: TenantDep, rt: RuntimeDep) -> FileObject:
-    """Multipart `file` (JSONL) and `purpose` ("fine-tune"). Accepted lines: {input, output}, {input, label},
-    {prompt, completion}, {messages: [...]} (docs/api.md)."""
+    """Multipart `file` (JSONL) and `purpose`: "fine-tune" (lines {input, output}, {input, label}, {prompt,
+    completion}, {messages: [...]}) or "batch" (lines {custom_id, method, url, body}); see docs/api.md."""
     files = file_store(rt)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "multipart/form-data":
@@ -61,8 +65,12 @@ async def upload_file(request: Request, principal: TenantDep, rt: RuntimeDep) ->
             errors.append({"type": "missing", "loc": ("body", "purpose"), "msg": "a text field is required"})
         if errors:
             raise RequestValidationError(errors)
-        data = await upload.read()
-        rec = await run_in_threadpool(files.create, principal.tenant, upload.filename or "", purpose, data)
+        if purpose == "batch":  # copied from the spooled upload a chunk at a time
+            rec = await run_in_threadpool(files.create_stream, principal.tenant, upload.filename or "", purpose,
+                                          upload.file)
+        else:
+            data = await upload.read()
+            rec = await run_in_threadpool(files.create, principal.tenant, upload.filename or "", purpose, data)
     finally:
         await form.close()
     return file_object(rec)
@@ -94,10 +102,13 @@ def get_file(file_id: FileId, principal: TenantDep, rt: RuntimeDep) -> FileObjec
 @router.get("/{file_id}/content", response_class=Response, responses={**ERRORS, 200: {
     "content": {"application/jsonl": {}}}})
 def file_content(file_id: FileId, principal: TenantDep, rt: RuntimeDep) -> Response:
-    """The uploaded bytes, as they came."""
+    """The uploaded bytes as they came (or a batch's output), streamed from disk."""
     files = file_store(rt)
     rec = files.get(file_id, principal.tenant, principal.admin)
-    return Response(files.content(rec), media_type="application/jsonl")
+    path = files.path(rec)
+    if not path.is_file():  # deleted since it was read
+        raise FileNotFound(f"no file {file_id!r}")
+    return FileResponse(path, media_type="application/jsonl")
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=ERRORS)

@@ -6,10 +6,19 @@ One module per resource; import from `server.api.schemas`:
     generate.py     the native generate and classify routes
     openai.py       the OpenAI-compatible completions, chat completions and models routes
     files.py        OpenAI's /v1/files
+    batches.py      OpenAI's /v1/batches
     fine_tuning.py  OpenAI's /v1/fine_tuning/jobs
     ops.py          health and readiness
 """
 
+from .batches import (
+    Batch,
+    BatchCreate,
+    BatchError,
+    BatchErrors,
+    BatchList,
+    BatchRequestCounts,
+)
 from .common import (
     MAX_BATCH_INPUTS,
     MAX_CHOICES,
@@ -96,7 +105,8 @@ from .tasks import (
 )
 
 __all__ = [
-    "AssistantMessage", "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk", "ChatCompletionRequest",
+    "AssistantMessage", "Batch", "BatchCreate", "BatchError", "BatchErrors", "BatchList", "BatchRequestCounts",
+    "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk", "ChatCompletionRequest",
     "ChatCompletionResponse", "ChatDelta", "ChatLogprobs", "ChatMessage", "ChatTokenLogprob", "Checkpoint",
     "CheckpointList", "ClassifyRequest", "ClassifyResult", "CompletionChoice", "CompletionLogprobs",
     "CompletionRequest", "CompletionResponse", "CompletionUsage", "ErrorBody", "ErrorResponse", "FileDeleted",
