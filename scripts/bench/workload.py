@@ -149,9 +149,10 @@ class Result:
 @dataclass
 class StepTimer:
     """Whole engine steps timed from outside: wall and CPU seconds of each, and whether it prefilled, seen in what
-    it returns (a step prefilled when some request got its first output in it; every step then decodes every row,
-    so a decode-only step returns one output per row). A request resumed after a preemption prefills again
-    without a first output; the benchmarks run one tenant, which the scheduler never preempts."""
+    it returns: a step prefilled when some request got its first output in it; a decode-only step returns one
+    output per running row. Not seen: a request resumed after a preemption (it prefills again without a first
+    output; one tenant, as here, is never preempted), and a step that computes only part of a long prompt where
+    the engine chunks prefills (it counts as decode-only, with fewer rows than a full batch)."""
     prefill: list[tuple[float, float]] = field(default_factory=list)    # (wall s, CPU s) of steps that prefilled
     decode: list[tuple[int, float, float]] = field(default_factory=list)  # (rows, wall s, CPU s), decode-only
     seen: set[str] = field(default_factory=set)                           # requests with an output so far
