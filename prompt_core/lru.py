@@ -1,5 +1,5 @@
 """One least-recently-used cache under a byte budget, for every cache of tensors: the prompt store's host and device
-tiers (prompt_store/tiers.py) and the engine's cached prompt heads (server/engine/head_cache.py).
+tiers (prompt_store/tiers.py).
 
 Eviction is oldest-use first and stops as soon as the new entry fits. A pinned entry is never evicted (it still
 counts toward the budget). An entry bigger than the whole budget is not cached (unless pinned) and evicts nothing.

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="write every number here")
     args = p.parse_args(argv)
     if args.no_head_cache:
-        workload.HEAD_CACHE_BYTES = 0
+        workload.PREFIX_CACHING = False
     if args.quick:
         args.requests, args.tasks, args.new_tokens, args.peft_requests = 16, 8, 16, 4
         args.batch = min(args.batch, 16)

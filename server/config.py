@@ -53,20 +53,29 @@ class Settings(BaseSettings):
 
     # the engine's limits: defaults and validation are engine/config.py's (see engine_config)
     max_batch_size: int = Field(SchedulerConfig.max_batch_size, description="rows in one engine step")
-    max_prefill_tokens: int = Field(SchedulerConfig.max_prefill_tokens, description="tokens prefilled in one engine "
-                                                                                    "step")
+    max_prefill_tokens: int = Field(SchedulerConfig.max_prefill_tokens, description="tokens one engine step computes: "
+                                    "one per decoding row, then chunks of prompts (a longer prompt is split over "
+                                    "steps)")
     max_input_tokens: int = Field(EngineConfig.max_input_tokens, description="longest accepted input, task prompt "
                                                                              "included (413 above)")
     max_new_tokens: int = Field(EngineConfig.max_new_tokens, description="most tokens one request may generate (413 "
                                                                          "above)")
     max_logprobs: int = Field(EngineConfig.max_logprobs, description="most alternatives per token that logprobs / "
                                                                      "top_logprobs may ask for (a larger N is a 422)")
-    head_cache_mb: int = Field(EngineConfig.head_cache_bytes >> 20, description="memory for cached key/values of task "
-                               "prompt heads (leading virtual tokens and template text); 0 turns the cache off")
+    kv_cache_mb: int = Field(EngineConfig.kv_cache_bytes >> 20, ge=0, description="the key/value cache's budget in "
+                             "MiB, allocated once at start; 0: 2048 on a CPU (no more than --max-batch-size x "
+                             "(--max-input-tokens + --max-new-tokens) tokens can use), 0.8 of the free memory on a GPU")
+    kv_block_size: int = Field(EngineConfig.kv_block_size, description="key/value slots per cache block (a multiple "
+                                                                       "of 16)")
+    prefix_caching: bool = Field(EngineConfig.prefix_caching, description="share cached key/value blocks of "
+                                 "identical prompt prefixes between requests of one task (the task's static head, "
+                                 "a tenant's repeated system prompt or conversation)")
     max_queue: int = Field(1024, ge=1, description="engine requests in flight (running or waiting), all tenants "
                                                   "together (503 above)")
 
-    max_concurrent: int = Field(64, ge=1, description="requests in flight per tenant (429 above)")
+    max_concurrent: int = Field(64, ge=1, description="requests in flight each tenant is guaranteed; past it a tenant "
+                                "is admitted while the queue has room beyond a quarter of --max-queue (429 "
+                                "otherwise); a tenant's own max_concurrent in the auth file is a hard limit")
     tokens_per_minute: int = Field(0, ge=0, description="tokens in+out per tenant per minute, 0 for no limit (429)")
     max_upload_bytes: int = Field(64 * 1024 * 1024, ge=1, description="largest upload body (413 above)")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1, description="largest request body that is not an upload, "
@@ -121,7 +130,8 @@ class Settings(BaseSettings):
                                                       max_prefill_tokens=self.max_prefill_tokens,
                                                       tenant_weights=dict(tenant_weights or {})),
                             max_input_tokens=self.max_input_tokens, max_new_tokens=self.max_new_tokens,
-                            head_cache_bytes=self.head_cache_mb << 20, max_logprobs=self.max_logprobs,
+                            kv_cache_bytes=self.kv_cache_mb << 20, kv_block_size=self.kv_block_size,
+                            prefix_caching=self.prefix_caching, max_logprobs=self.max_logprobs,
                             compile_decode=self.compile)
 
     def check_bind(self) -> None:

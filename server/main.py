@@ -35,7 +35,10 @@ def open_runtime(rt: Runtime) -> None:
     uvicorn starts (so a model we cannot serve is refused in one line); the lifespan runs it for other hosts."""
     if rt.engine is not None:
         return
+    import torch
+
     from prompt_core.fingerprint import fingerprint
+    from prompt_core.model import load_model
     from prompt_store.archive import limits_for_model
     from prompt_store.peft_io import base_model_name
     from prompt_store.store import PromptStore, StoreConfig
@@ -45,23 +48,34 @@ def open_runtime(rt: Runtime) -> None:
     s = rt.settings
     t0 = time.monotonic()
     if s.threads:
-        import torch
-
         torch.set_num_threads(s.threads)
     if rt.loaded is None:
         rt.loaded = load_served_model(s)
     t1 = time.monotonic()
+    engine_config = s.engine_config({t: p.weight for t, p in rt.keyring.policies.items()})
+    engine = LLMEngine(rt.loaded, engine_config, observer=rt.metrics)
+    if not engine.batch_invariant and s.dtype in ("auto", "") and rt.loaded.dtype != torch.float32 \
+            and rt.loaded.quantization == "none":
+        # auto picks the fastest precision in which requests are batch-invariant: fp32 when bf16 is not
+        log.warning("bfloat16 is not batch-invariant on this machine (%s); --dtype auto serves float32",
+                    "; ".join(engine.invariance_gaps))
+        rt.loaded = load_model(s.model, device=s.device, dtype="float32", attn_implementation=s.attn_implementation,
+                               quantize=s.quantize, serving=True)
+        engine = LLMEngine(rt.loaded, engine_config, observer=rt.metrics)
+    if not engine.batch_invariant:
+        log.warning("requests are NOT batch-invariant at this setting (%s): a request's tokens and log-probabilities "
+                    "can change with what else is batched; see docs/runbook.md", "; ".join(engine.invariance_gaps))
     rt.metrics.model_info.labels(base_model=s.model, device=rt.loaded.device.type,
                                  dtype=str(rt.loaded.dtype).removeprefix("torch."),
-                                 quantization=rt.loaded.quantization).set(1)
+                                 quantization=rt.loaded.quantization,
+                                 batch_invariant=str(engine.batch_invariant).lower()).set(1)
+    rt.metrics.watch_engine(engine)
     fp = fingerprint(rt.loaded.model)
     limits = limits_for_model(fp, StoreConfig.max_virtual_tokens, max_archive_bytes=s.max_upload_bytes)
     rt.store = PromptStore(s.store, fp, device=rt.loaded.device, dtype=rt.loaded.dtype,
                            config=StoreConfig(max_tasks_per_tenant=s.max_tasks_per_tenant, archive=limits,
                                               base_model=base_model_name(s.model)),
                            poll=True)
-    weights = {t: p.weight for t, p in rt.keyring.policies.items()}
-    engine = LLMEngine(rt.loaded, s.engine_config(weights), observer=rt.metrics)
     if engine.runner.compiled is not None:  # compile now, not on the first request
         compiled = engine.runner.compiled
         log.info("compiled the decode step in %.1f s", engine.warm_up())
@@ -72,7 +86,8 @@ def open_runtime(rt: Runtime) -> None:
         from server.engine.self_check import self_check
 
         worst = self_check(engine, s.self_check_tokens)
-        log.info("start-up check: batched logits equal the model's own forward (max relative difference %.1e)", worst)
+        log.info("start-up check: batched logits equal the model's own forward (max relative difference %.1e)%s",
+                 worst, ", and each probe alone bit for bit" if engine.batch_invariant else "")
     rt.store.check_generation = lambda generation: check_generation(engine, generation)
     rt.engine = AsyncEngine(engine, max_queue=s.max_queue)
     rt.engine.start()
@@ -116,11 +131,8 @@ async def lifespan(app: FastAPI):
 
 
 def _tiers(rt: Runtime) -> dict:
-    """The store's disk/host/device tiers, and the engine's cache of prompt heads as tier "head"."""
-    tiers = dict(rt.store.stats()["tiers"]) if rt.store is not None else {}
-    if rt.engine is not None:
-        tiers["head"] = rt.engine.head_cache_stats()
-    return tiers
+    """The store's disk/host/device tiers."""
+    return dict(rt.store.stats()["tiers"]) if rt.store is not None else {}
 
 
 def create_app(settings: Settings | None = None, launched_at: float | None = None) -> FastAPI:
@@ -129,7 +141,8 @@ def create_app(settings: Settings | None = None, launched_at: float | None = Non
     keyring = KeyRing.load(settings.auth_file) if settings.auth_file else KeyRing.open_ring()
     metrics = Metrics(tier_stats=lambda: _tiers(rt))
     rt = Runtime(settings=settings, keyring=keyring, metrics=metrics, launched_at=launched_at,
-                 limiter=TenantLimiter(keyring, settings.max_concurrent, settings.tokens_per_minute))
+                 limiter=TenantLimiter(keyring, settings.max_concurrent, settings.tokens_per_minute,
+                                         settings.max_queue))
     app = FastAPI(title="promptserve", version="0.1.0", lifespan=lifespan,
                   description="One frozen causal LM serving many task prompts (hard, prompt tuning, P-tuning, "
                               "prefix tuning) batched together. See docs/api.md.")

@@ -47,6 +47,32 @@ class PromptCacheCollector(Collector):
         yield resident
 
 
+class KVCacheCollector(Collector):
+    """The paged key/value cache (vLLM's meanings): capacity, bytes held by running sequences, bytes held by more
+    than one sequence at once, and the prefix cache's queried and served prompt tokens."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, int]]):
+        self._stats = stats
+
+    def describe(self) -> Iterable:
+        return []
+
+    def collect(self) -> Iterable:
+        try:
+            s = self._stats()
+        except Exception:  # noqa: BLE001 - a scrape must never fail while the engine changes its tables
+            return
+        for name, help_, key in (("capacity", "bytes of the key/value cache, allocated at start", "capacity_bytes"),
+                                 ("used", "bytes of key/value blocks held by running sequences", "used_bytes"),
+                                 ("shared", "bytes of key/value blocks held by several sequences at once (a task's "
+                                            "head, a repeated prompt): each held once", "shared_bytes")):
+            yield GaugeMetricFamily(f"promptserve_kv_cache_{name}_bytes", help_, value=float(s[key]))
+        yield CounterMetricFamily("promptserve_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                  value=float(s["prefix_queries"]))
+        yield CounterMetricFamily("promptserve_prefix_cache_hits", "prompt tokens served from the prefix cache",
+                                  value=float(s["prefix_hits"]))
+
+
 class Metrics:
     """Every metric family of the server, registered in its own registry (several apps may live in one process)."""
 
@@ -68,8 +94,9 @@ class Metrics:
         self.generated_tokens = Counter("promptserve_generated_tokens", "generated tokens", registry=r)
         self.batch_size = Histogram("promptserve_batch_size", "rows per engine step", buckets=BATCH_BUCKETS,
                                     registry=r)
-        self.model_info = Gauge("promptserve_model_info", "1, labelled with the served base model, device, dtype and "
-                                "quantization", ["base_model", "device", "dtype", "quantization"], registry=r)
+        self.model_info = Gauge("promptserve_model_info", "1, labelled with the served base model, device, dtype, "
+                                "quantization and whether requests are batch-invariant",
+                                ["base_model", "device", "dtype", "quantization", "batch_invariant"], registry=r)
         self.decode_compile_seconds = Gauge("promptserve_decode_compile_seconds", "time --compile spent compiling "
                                             "the decode step at start-up (0: eager)", registry=r)
         self.decode_eager_steps = Gauge("promptserve_decode_eager_steps", "decode steps after start-up that no "
@@ -90,8 +117,15 @@ class Metrics:
         self.grammar_mask = Histogram("promptserve_grammar_mask_seconds",
                                       "grammar token masks of one batched step (all constrained rows)",
                                       buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025) + LATENCY_BUCKETS, registry=r)
+        self.preemptions = Counter("promptserve_preemptions", "sequences preempted (recomputed later) by reason: "
+                                   "memory (no free key/value block), fairness (a starved tenant), priority (an "
+                                   "interactive request over batch work)", ["reason"], registry=r)
         if tier_stats is not None:
             r.register(PromptCacheCollector(tier_stats))
+
+    def watch_engine(self, engine) -> None:
+        """Read the engine's key/value cache numbers at scrape time."""
+        self.registry.register(KVCacheCollector(engine.kv_stats))
 
     # -- EngineObserver (called from the engine thread; prometheus-client is thread-safe) --
 
@@ -112,6 +146,9 @@ class Metrics:
             self.queue_wait.observe(out.queue_wait_s)
         if out.ttft_s is not None:
             self.ttft.observe(out.ttft_s)
+
+    def preempted(self, reason: str) -> None:
+        self.preemptions.labels(reason).inc()
 
     def constrained_request(self, kind: str) -> None:
         self.constrained.labels(kind).inc()

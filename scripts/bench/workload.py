@@ -25,7 +25,7 @@ from server.engine.request import EngineRequest, PromptRef, RequestOutput, Sampl
 from .inputs import CLASSIFY_LABELS, TEXTS
 
 KINDS = (PromptKind.HARD, PromptKind.PROMPT_TUNING, PromptKind.P_TUNING, PromptKind.PREFIX_TUNING)
-HEAD_CACHE_BYTES = EngineConfig().head_cache_bytes  # bench_engine.py --no-head-cache sets 0
+PREFIX_CACHING = True  # bench_engine.py --no-head-cache turns the prefix cache off
 
 
 # ---------------------------------------------------------------------------------------------------- tasks
@@ -189,7 +189,7 @@ class StepTimer:
 
 def new_engine(loaded: LoadedModel, max_batch: int) -> LLMEngine:
     return LLMEngine(loaded, EngineConfig(scheduler=SchedulerConfig(max_batch_size=max_batch), max_new_tokens=4096,
-                                          head_cache_bytes=HEAD_CACHE_BYTES))
+                                          prefix_caching=PREFIX_CACHING))
 
 
 def run_engine(loaded: LoadedModel, requests: list[EngineRequest], name: str, *, max_batch: int = 64,

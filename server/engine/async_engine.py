@@ -138,8 +138,8 @@ class AsyncEngine:
         """Compile (and cache) an output constraint; call it off the event loop."""
         self.engine.grammars.compile(constraint)
 
-    def head_cache_stats(self) -> dict:
-        return self.engine.runner.heads.stats()
+    def kv_stats(self) -> dict:
+        return self.engine.kv_stats()
 
     # ---- requests
     def submit(self, request: EngineRequest) -> RequestStream:

@@ -1,4 +1,4 @@
-"""The engine: add requests, then `step()` until they finish. One step = admit, prefill the newcomers, decode all.
+"""The engine: add requests, then `step()` until they finish. One step = schedule, run one forward, hand out tokens.
 
 Requests come in through sequences.py (validation, tokenization) and tokens go out through outputs.py (text,
 stop strings, finishing); the scheduler picks rows and the model runner does all tensor work. Not thread-safe by
@@ -12,19 +12,24 @@ import logging
 import time
 from typing import Protocol
 
-from prompt_core.arch import UnsupportedModel
-from prompt_core.forward import logits_width
-from prompt_core.model import LoadedModel
-from prompt_core.spec import PromptKind, PromptSpec, PromptTensors
+import torch
 
-from .compiled_decode import compile_refusal
-from .config import EngineConfig
+from prompt_core.arch import UnsupportedModel, mask_layout
+from prompt_core.fingerprint import model_dims
+from prompt_core.forward import logits_width
+from prompt_core.invariant import make_batch_invariant
+from prompt_core.model import LoadedModel
+
+from . import attention
+from .block_manager import BlockManager
+from .config import CPU_KV_CACHE_BYTES, GPU_KV_CACHE_SHARE, EngineConfig
 from .constraints import GrammarCache
+from .kv_cache import CacheShape, PagedKVCache, plan_groups
 from .logits_processors import LogitsProcessor
 from .model_runner import ModelRunner
 from .outputs import OutputProcessor
-from .request import EngineRequest, PromptRef, RequestOutput, SamplingParams, Sequence
-from .scheduler import Scheduler
+from .request import EngineRequest, RequestOutput, Sequence
+from .scheduler import Schedule, Scheduled, Scheduler
 from .sequences import SequenceBuilder
 from .tokenizer import SharedTokenizer
 
@@ -34,7 +39,8 @@ log = logging.getLogger(__name__)
 class EngineObserver(Protocol):
     def step_done(self, batch_size: int, running: int, waiting: int) -> None: ...
     def request_finished(self, out: RequestOutput, tenant: str, task_key: str) -> None: ...
-    # optional: grammar_compiled(kind, seconds), grammar_masked(seconds, rows), constrained_request(kind)
+    # optional: grammar_compiled(kind, seconds), grammar_masked(seconds, rows), constrained_request(kind),
+    # preempted(reason)
 
 
 class LLMEngine:
@@ -44,14 +50,26 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.observer = observer
         model = loaded.model
-        if self.config.compile_decode and (reason := compile_refusal(loaded.device, loaded.quantization)):
-            raise UnsupportedModel(reason)
+        if self.config.compile_decode:
+            raise UnsupportedModel("--compile is not available with the paged key/value cache yet")
         logits_size = logits_width(model)
         self.processor = LogitsProcessor(logits_size, on_mask=self._hook("grammar_masked"))
-        self.runner = ModelRunner(model, loaded.device, loaded.dtype, self.config.scheduler.max_batch_size,
-                                  self.config.head_cache_bytes, processor=self.processor,
-                                  compile=self.config.compile_decode)
-        self.scheduler = Scheduler(self.config.scheduler)
+        intercept = attention.install(model)
+        # every row of a step gets the bits it would get alone: the attention kernel by construction, the linear
+        # layers by fixed tiles (prompt_core/invariant.py); what cannot be made so is listed here
+        self.invariance_gaps = batch_invariance(loaded)
+        windows = layer_windows(model)
+        _, layers, _, kv_heads, head_dim = model_dims(model)
+        shape = CacheShape(kv_heads, head_dim, self.config.kv_block_size, loaded.dtype)
+        sched = self.config.scheduler
+        self.kv_budget = kv_budget(self.config, loaded.device, shape, layers)
+        groups = plan_groups(windows, self.kv_budget, shape, sched.max_batch_size, sched.max_prefill_tokens)
+        self.blocks = BlockManager(groups, shape.block_size, prefix_caching=self.config.prefix_caching)
+        self.cache = PagedKVCache(groups, layers, shape, loaded.device)
+        self.runner = ModelRunner(model, loaded.device, loaded.dtype, self.cache, shape.block_size,
+                                  [g.window or 0 for g in groups], processor=self.processor,
+                                  intercept_sdpa=intercept)
+        self.scheduler = Scheduler(sched, self.blocks)
         self.tokens = SharedTokenizer(loaded.tokenizer)
         self.output_processor = OutputProcessor(self.tokens, on_finish=self._finished)
         eos = model.generation_config.eos_token_id
@@ -64,7 +82,7 @@ class LLMEngine:
         self.sequence_builder = SequenceBuilder(
             self.config, self.tokens, self.grammars, vocab_size=model.get_input_embeddings().weight.shape[0],
             logits_size=logits_size, max_positions=getattr(model.config, "max_position_embeddings", None),
-            on_constrained=self._constrained)
+            on_constrained=self._constrained, kv_refusal=self._kv_refusal, kv_groups=len(groups))
 
     @property
     def eos_ids(self) -> frozenset[int]:
@@ -77,26 +95,20 @@ class LLMEngine:
         self.output_processor.eos_ids = self._eos_ids
         self.processor.eos_ids = sorted(self._eos_ids)
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Whether every request's tokens and log-probabilities are bit-identical whatever else is batched."""
+        return not self.invariance_gaps
+
     def warm_up(self) -> float:
-        """Compile the decode step before the first request (a no-op when it runs eagerly): one request alone,
-        then two together, a few tokens each. Returns the seconds it took."""
-        if self.runner.compiled is None:
-            return 0.0
-        ref = PromptRef("warm-up", PromptSpec(PromptKind.HARD, 0, "{input}"))
-        sampling = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+        """Nothing to compile ahead of the first request in this engine (kept for the server's start-up)."""
+        return 0.0
 
-        def run(batch: int) -> None:
-            for i in range(batch):
-                self.add_request(EngineRequest(f"warm-up-{batch}-{i}", ref, "warm up" + " again" * i,
-                                               sampling=sampling))
-            while self.has_work():
-                self.step()
-
-        observer, self.observer = self.observer, None  # warm-up requests are no one's traffic
-        try:
-            return self.runner.compiled.warm_up(run)
-        finally:
-            self.observer = observer
+    def _kv_refusal(self, slots: int) -> str | None:
+        if self.blocks.fits_ever(slots, self.config.scheduler.max_prefill_tokens):
+            return None
+        return (f"the request can hold up to {slots} key/value slots (prompt and max_new_tokens); this server's "
+                f"key/value cache holds {self.blocks.max_slots(0)} (--kv-cache-mb)")
 
     # ---- requests in
     def make_sequence(self, req: EngineRequest) -> Sequence:
@@ -130,88 +142,63 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = self._reap_cancelled()
         schedule = self.scheduler.schedule()
-        if schedule.preempted:
-            self.runner.release(schedule.preempted)
-        if schedule.admitted:
-            outputs += self._prefill(schedule.admitted)
-        if self.runner.num_rows:
-            outputs += self._decode()
+        self._preempted(schedule)
+        if schedule.scheduled:
+            outputs += self._run(schedule.scheduled)
         if self.observer:
-            self.observer.step_done(self.runner.num_rows, self.scheduler.num_running, self.scheduler.num_waiting)
+            self.observer.step_done(len(schedule.scheduled), self.scheduler.num_running, self.scheduler.num_waiting)
         return outputs
 
-    def _prefill(self, seqs: list[Sequence]) -> list[RequestOutput]:
+    def _run(self, scheduled: list[Scheduled]) -> list[RequestOutput]:
         now = time.monotonic()
-        for s in seqs:
-            s.scheduled_at = s.scheduled_at or now
         ready, outputs = [], []
-        tensors: list[PromptTensors | None] = []
-        for s in seqs:  # a prompt that fails to load fails its own request only
-            try:
-                tensors.append(s.request.prompt.load())
-                ready.append(s)
-            except Exception as e:  # noqa: BLE001 - reported to that request
-                log.warning("prompt %s failed to load: %s", s.request.prompt.key, e)
-                outputs.append(self.output_processor.finish(s, "error", error=f"task prompt could not be loaded: {e}"))
-        results = []
-        for group in self._length_groups(ready):
-            results += self._run_prefill([ready[i] for i in group], [tensors[i] for i in group], outputs)
-        for s, res in results:
-            if s.is_classify:
-                outputs.append(self.output_processor.classified(s, res))
-            elif s.request.mode == "score":  # the prompt's log-probabilities are all it asked for
+        for item in scheduled:  # a prompt that fails to load fails its own request only
+            s = item.seq
+            s.scheduled_at = s.scheduled_at or now
+            if s.tensors is None and item.start < s.plan.num_tokens:
+                try:
+                    s.tensors = s.request.prompt.load()
+                except Exception as e:  # noqa: BLE001 - reported to that request
+                    log.warning("prompt %s failed to load: %s", s.request.prompt.key, e)
+                    outputs.append(self.output_processor.finish(s, "error",
+                                                                error=f"task prompt could not be loaded: {e}"))
+                    continue
+            ready.append(item)
+        for item, res in self._forward(ready, outputs):
+            s = item.seq
+            self.scheduler.advance(s, item.count)
+            if s.computed >= s.plan.num_tokens:
+                s.tensors = None  # the prompt is in the cache now
+            if res.scores is not None:
+                outputs.append(self.output_processor.classified(s, res.scores))
+            elif item.completes and s.request.mode == "score":  # the prompt's log-probabilities were all it asked
                 outputs.append(self.output_processor.finish(s, "length"))
-            else:
-                outputs.append(self._sampled(s, res))
-        for s in ready:  # the shared prompt of n choices served the choices admitted with it; free its key/values
-            if s.request.share_prompt and s.head_len > self.sequence_builder.head_len(s.request.prompt):
-                self.runner.heads.discard((s.request.prompt.key, min(s.head_len, s.prefill_plan.num_tokens - 1)))
-        self._release_finished(seqs)  # finished at prefill (classified, EOS, failed) leave at once
+            elif res.token is not None:
+                outputs.append(self._sampled(s, res.token))
+        self._release_finished([item.seq for item in scheduled])
         return outputs
 
-    @staticmethod
-    def _length_groups(seqs: list[Sequence], waste: float = 0.25) -> list[list[int]]:
-        """Split a prefill into forwards of similar lengths, so padding stays under `waste` of the computed
-        queries (rows are padded to the longest; one forward costs little more than its queries)."""
-        order = sorted(range(len(seqs)), key=lambda i: seqs[i].cost_tokens - seqs[i].head_len)
-        groups: list[list[int]] = []
-        real = 0
-        for i in order:
-            n = max(seqs[i].cost_tokens - seqs[i].head_len, 1)
-            if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (real + n):
-                groups[-1].append(i)
-                real += n
-            else:
-                groups.append([i])
-                real = n
-        return groups
-
-    def _run_prefill(self, seqs, tensors, outputs) -> list[tuple[Sequence, object]]:
-        """Prefill together; if the batch fails, retry one by one so a bad request fails alone."""
-        if not seqs:
+    def _forward(self, items: list[Scheduled], outputs: list[RequestOutput]):
+        """Run together; if the step fails, run each sequence alone so a bad request fails alone."""
+        if not items:
             return []
         try:
-            return list(zip(seqs, self.runner.prefill(seqs, tensors)))
+            return list(zip(items, self.runner.run(items)))
         except Exception as e:
-            if len(seqs) == 1:
-                log.exception("prefill failed for %s", seqs[0].request_id)
-                outputs.append(self._failed(seqs[0], e))
+            if len(items) == 1:
+                log.exception("step failed for %s", items[0].seq.request_id)
+                outputs.append(self._failed(items[0].seq, e))
                 return []
-            return [r for s, t in zip(seqs, tensors) for r in self._run_prefill([s], [t], outputs)]
+            return [r for item in items for r in self._forward([item], outputs)]
 
-    def _decode(self) -> list[RequestOutput]:
-        seqs = list(self.runner.seqs)
-        kv_len = max(s.plan.prefix + s.plan.num_tokens + len(s.output_ids) for s in seqs)
-        try:
-            tokens = self.runner.decode(kv_len)
-        except Exception as e:  # the batch state is unknown: end its requests, keep serving
-            log.exception("decode step failed")
-            outputs = [self._failed(s, e) for s in seqs]
-            self.runner.release(seqs)
-            return outputs
-        outputs = [self._sampled(s, t) for s, t in zip(seqs, tokens)]
-        self._release_finished(seqs)
-        return outputs
+    def _preempted(self, schedule: Schedule) -> None:
+        hook = self._hook("preempted")
+        for seq, reason in schedule.preempted:
+            seq.tensors = None
+            if not seq.prompt_lp_done:
+                seq.prompt_logprobs = None  # recomputed from the start
+            if hook is not None:
+                hook(reason)
 
     # ---- bookkeeping
     def _sampled(self, seq: Sequence, token: int) -> RequestOutput:
@@ -226,7 +213,6 @@ class LLMEngine:
     def _release_finished(self, seqs) -> None:
         done = [s for s in seqs if s.finish_reason is not None]
         if done:
-            self.runner.release(done)
             self.scheduler.finish(done)
 
     def _reap_cancelled(self) -> list[RequestOutput]:
@@ -247,3 +233,56 @@ class LLMEngine:
     def _hook(self, name: str):
         """The observer's optional method `name`, or None."""
         return getattr(self.observer, name, None) if self.observer is not None else None
+
+    # ---- numbers
+    def kv_stats(self) -> dict[str, int]:
+        """The key/value cache in bytes (capacity, used, held by several sequences at once), the prefix cache in
+        tokens (looked up, served), and preemptions by reason."""
+        used = shared = 0
+        for spec, pool in zip(self.blocks.groups, self.blocks.pools):
+            block = self.cache.shape.block_bytes(len(spec.layers))
+            used += pool.used() * block
+            shared += pool.shared() * block
+        st = self.blocks.stats()
+        return {"capacity_bytes": self.cache.bytes(), "used_bytes": used, "shared_bytes": shared,
+                "blocks": st["blocks"], "used_blocks": st["used"], "cached_blocks": st["cached"],
+                "block_size": self.blocks.block_size, "prefix_queries": self.blocks.queries,
+                "prefix_hits": self.blocks.hits,
+                **{f"preempted_{k}": v for k, v in self.scheduler.preemptions.items()}}
+
+
+def batch_invariance(loaded: LoadedModel) -> list[str]:
+    """Make the model's linear layers batch-invariant where they can be; return what is not (empty: all is)."""
+    from prompt_core.model import cache_root
+
+    gaps = []
+    if loaded.dtype not in attention.kernel_dtypes(loaded.device):
+        gaps.append(f"attention in {str(loaded.dtype).removeprefix('torch.')} on {loaded.device.type}")
+    if loaded.quantization != "none":
+        return gaps + [f"--quantize {loaded.quantization} layers"]
+    if loaded.device.type != "cpu":
+        return gaps + [f"linear layers on {loaded.device.type}"]
+    return gaps + make_batch_invariant(loaded.model, cache_root() / "invariance.json")
+
+
+def layer_windows(model) -> list[int | None]:
+    """Each layer's attention window (None: full), as the model's own masks apply them."""
+    layout = mask_layout(model.config)
+    n = model.config.num_hidden_layers
+    if layout.keys == (None,):
+        return [layout.windows[0]] * n
+    types = model.config.layer_types
+    return [layout.windows[layout.keys.index(t)] for t in types]
+
+
+def kv_budget(config: EngineConfig, device: torch.device, shape: CacheShape, layers: int) -> int:
+    """The key/value cache's bytes: the operator's, else a share of free GPU memory, else a fixed CPU default,
+    never more than the configured limits could ever fill."""
+    if config.kv_cache_bytes:
+        return config.kv_cache_bytes
+    per_slot = shape.block_bytes(layers) // shape.block_size
+    worst = config.scheduler.max_batch_size * (config.max_input_tokens + config.max_new_tokens) * per_slot
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return min(worst, int(free * GPU_KV_CACHE_SHARE))
+    return min(worst, CPU_KV_CACHE_BYTES)

@@ -1,96 +1,126 @@
-"""A slot cache: one preallocated key/value buffer per layer, one row per running request.
+"""The paged key/value cache: pools of fixed-size blocks per layer, allocated once from the operator's budget.
 
-Rows stay compact (0..n-1), so a decode step reads a view of the buffer instead of concatenating or filtering the
-whole cache. Each row holds its prefix key/values in slots [0, P) and its tokens from slot P on. Buffers grow by
-doubling, so memory follows the real batch and lengths rather than the configured maxima.
+A replica's memory is therefore known when it starts and does not grow with load. Which blocks a sequence holds is
+the block manager's business (block_manager.py, pure Python); this class only holds the tensors, writes a step's
+new keys/values into their slots and hands each layer's pools to the attention kernel (attention.py), which reads
+the blocks in place.
+
+Per layer, keys are [blocks, H_kv, Dh, B] (each block's keys transposed, so the kernel reads one slot per vector
+lane) and values [blocks, H_kv, B, Dh]. Layers of one window share a group and a block numbering.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from transformers.cache_utils import Cache
 
+from .block_manager import GroupSpec
 
-class SlotCache(Cache):
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+
+@dataclass(frozen=True)
+class CacheShape:
+    """What one block costs: per layer H_kv x B slots of Dh keys and Dh values."""
+    kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    def block_bytes(self, layers: int) -> int:
+        return 2 * layers * self.kv_heads * self.block_size * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+
+def plan_groups(windows: list[int | None], budget_bytes: int, shape: CacheShape, max_rows: int,
+                max_chunk: int) -> list[GroupSpec]:
+    """Split the budget into one pool per distinct window. A sliding group needs at most
+    (window + chunk) slots per running sequence, so it gets no more than that for `max_rows` sequences; the rest
+    goes to the full-attention group."""
+    by_window: dict[int | None, list[int]] = {}
+    for layer, w in enumerate(windows):
+        by_window.setdefault(w, []).append(layer)
+    specs: list[GroupSpec] = []
+    left = budget_bytes
+    full = by_window.pop(None, None)
+    slide_cap = lambda w: max_rows * (-(-(w + max_chunk) // shape.block_size) + 2)  # noqa: E731
+    sliding = sorted(by_window.items())
+    if full is None:  # every layer slides: the whole budget to the sliding groups, in proportion to their layers
+        total = sum(len(layers) for _, layers in sliding)
+        for w, layers in sliding:
+            n = int(budget_bytes * len(layers) / total) // shape.block_bytes(len(layers))
+            specs.append(GroupSpec(num_blocks=max(1, n), window=w, layers=tuple(layers)))
+        return specs
+    for w, layers in sliding:
+        fair = budget_bytes * len(layers) // len(windows) // shape.block_bytes(len(layers))
+        n = max(1, min(slide_cap(w), fair))
+        specs.append(GroupSpec(num_blocks=n, window=w, layers=tuple(layers)))
+        left -= n * shape.block_bytes(len(layers))
+    n_full = max(1, left // shape.block_bytes(len(full)))
+    return [GroupSpec(num_blocks=n_full, window=None, layers=tuple(full))] + specs
+
+
+class PagedKVCache(Cache):
+    def __init__(self, groups: list[GroupSpec], num_layers: int, shape: CacheShape, device: torch.device):
         super().__init__(layers=[])
-        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
-        self.dtype, self.device = dtype, device
-        self.keys: list[torch.Tensor] = []    # per layer [rows, H_kv, slots, Dh]
+        self.shape, self.device, self.dtype = shape, device, shape.dtype
+        self.layer_group = [0] * num_layers
+        for g, spec in enumerate(groups):
+            for layer in spec.layers:
+                self.layer_group[layer] = g
+        H, Dh, B = shape.kv_heads, shape.head_dim, shape.block_size
+        self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._alloc(8, 256)
-        # set by `prepare` before each forward
-        self._first, self._end = 0, 0  # rows [first, end); ints, not a slice, so a compiled step keeps them symbolic
-        self._flat: torch.Tensor | None = None  # [n * H_kv * Q] write rows, derived from rows and slots
-        self._kv_len = 0
-
-    @property
-    def capacity(self) -> tuple[int, int]:
-        return self.keys[0].shape[0], self.keys[0].shape[2]
-
-    def _alloc(self, rows: int, slots: int) -> None:
-        shape = (rows, self.kv_heads, slots, self.head_dim)
-        # ordinary tensors even when grown inside inference mode: every buffer is the same kind of tensor, so a
-        # compiled decode step (compiled_decode.py) still matches them after the cache grows
+        # allocated once, uninitialized: the kernel reads only slots it has written (a block's unwritten slots are
+        # masked before they count), so memory is committed as blocks first fill, never beyond the budget
         with torch.inference_mode(False):
-            new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-            new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-            for old, new in ((self.keys, new_k), (self.values, new_v)):
-                for o, n in zip(old, new):
-                    n[: o.shape[0], :, : o.shape[2]] = o
-        self.keys, self.values = new_k, new_v
-
-    def ensure(self, rows: int, slots: int) -> None:
-        have_rows, have_slots = self.capacity
-        if rows <= have_rows and slots <= have_slots:
-            return
-        grow = lambda have, need: have if need <= have else max(need, 2 * have)  # noqa: E731
-        self._alloc(grow(have_rows, rows), grow(have_slots, slots))
+            for layer in range(num_layers):
+                n = groups[self.layer_group[layer]].num_blocks
+                self.keys.append(torch.empty(n, H, Dh, B, dtype=shape.dtype, device=device))
+                self.values.append(torch.empty(n, H, B, Dh, dtype=shape.dtype, device=device))
+        self._pool_layer = {t.data_ptr(): i for i, t in enumerate(self.keys)}
+        self.write: list[tuple[torch.Tensor, torch.Tensor]] = []  # per group: flat_index(...) of this step
 
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def prepare(self, rows: slice, slots: torch.Tensor, kv_len: int) -> None:
-        """The next forward runs rows `rows` (a contiguous range), writing its queries at `slots` [n, Q] and
-        attending over the first `kv_len` slots."""
-        n = slots.shape[0]
-        self._first, self._end, self._kv_len = rows.start, rows.start + n, kv_len
-        R, H, S, _ = self.keys[0].shape
-        row_idx = torch.arange(rows.start, rows.start + n, device=slots.device)
-        heads = torch.arange(H, device=slots.device)
-        # element (row, head, slot) of a [R, H, S, Dh] buffer is row ((row * H + head) * S + slot) of its [-1, Dh]
-        # view, so one index_copy_ per layer writes the step (advanced-index assignment was 11% of a decode step)
-        self._flat = ((row_idx[:, None, None] * H + heads[None, :, None]) * S + slots[:, None, :]).reshape(-1)
+    def layer_of_pool(self, keys: torch.Tensor) -> int | None:
+        return self._pool_layer.get(keys.data_ptr())
 
-    def write_prefixes(self, rows: list[int], prefixes: list[torch.Tensor]) -> None:
-        """Copy each row's prefix [L, 2, H_kv, T_i, Dh] into its slots [0, T_i): one index_copy_ per layer and
-        side for the whole prefill, however many tasks it mixes."""
-        _, H, S, Dh = self.keys[0].shape
-        dev = self.keys[0].device
-        flat = torch.cat([((r * H + torch.arange(H, device=dev)[:, None]) * S
-                           + torch.arange(p.shape[3], device=dev)[None, :]).reshape(-1)
-                          for r, p in zip(rows, prefixes)])                                    # [N]
-        kv = torch.cat([p.to(device=dev, dtype=self.dtype).reshape(p.shape[0], 2, -1, Dh) for p in prefixes],
-                       dim=2)                                                                   # [L, 2, N, Dh]
-        for layer in range(self.num_layers):
-            self.keys[layer].view(-1, Dh).index_copy_(0, flat, kv[layer, 0])
-            self.values[layer].view(-1, Dh).index_copy_(0, flat, kv[layer, 1])
-
-    def move_row(self, src: int, dst: int, length: int) -> None:
-        for buf in self.keys + self.values:
-            buf[dst, :, :length] = buf[src, :, :length]
+    def flat_index(self, blocks: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where T tokens' keys and values go (blocks, offsets: [T]): element indices into a key pool viewed flat,
+        [T * H * Dh] in (token, head, dim) order, and row indices into a value pool viewed as [-1, Dh], [T * H].
+        One index_copy_ per layer and side then writes the step (advanced-index assignment into the transposed
+        keys cost 1 ms per layer)."""
+        H, Dh, B = self.shape.kv_heads, self.shape.head_dim, self.shape.block_size
+        heads = torch.arange(H, device=blocks.device)
+        rows = blocks[:, None] * H + heads[None, :]                                      # [T, H]
+        k = ((rows[:, :, None] * Dh + torch.arange(Dh, device=blocks.device)) * B + offsets[:, None, None])
+        v = rows * B + offsets[:, None]
+        return k.reshape(-1), v.reshape(-1)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write this step's keys/values [n, H_kv, Q, Dh] at their slots; return the rows' first kv_len slots."""
-        Dh = key_states.shape[-1]
-        for buf, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
-            buf.view(-1, Dh).index_copy_(0, self._flat, new.reshape(-1, Dh).to(self.dtype))  # [n*H*Q, Dh]
-        rows = slice(self._first, self._end)
-        k, v = self.keys[layer_idx][rows], self.values[layer_idx][rows]                 # views [n, H, S, Dh]
-        return k[:, :, : self._kv_len], v[:, :, : self._kv_len]
+        """Write this step's keys/values [1, H_kv, T, Dh] at their slots; return the layer's pools."""
+        k_idx, v_idx = self.write[self.layer_group[layer_idx]]
+        self._write(layer_idx, k_idx, v_idx, key_states[0], value_states[0])
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def _write(self, layer: int, k_idx: torch.Tensor, v_idx: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor) -> None:
+        """keys/values [H, T, Dh] of T tokens at the slots k_idx/v_idx stand for."""
+        Dh = self.shape.head_dim
+        k = keys.transpose(0, 1).reshape(-1).to(self.dtype)                              # [T * H * Dh]
+        v = values.transpose(0, 1).reshape(-1, Dh).to(self.dtype)                        # [T * H, Dh]
+        self.keys[layer].view(-1).index_copy_(0, k_idx, k)
+        self.values[layer].view(-1, Dh).index_copy_(0, v_idx, v)
+
+    def write_prefix(self, blocks: torch.Tensor, offsets: torch.Tensor, kv: torch.Tensor, layers: list[int]) -> None:
+        """Prefix-tuning key/values [L, 2, H_kv, P, Dh] into slots (blocks/offsets [P]) of the given layers."""
+        k_idx, v_idx = self.flat_index(blocks, offsets)
+        for layer in layers:
+            self._write(layer, k_idx, v_idx, kv[layer, 0], kv[layer, 1])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self._kv_len
+        return 0
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self._kv_len, 0
+        return query_length, 0

@@ -1,148 +1,294 @@
-"""All tensor work of the engine: turn scheduled sequences into step tensors, run the model, sample.
+"""All tensor work of the engine: one packed forward per step over every scheduled query, then sampling.
 
-Rows are compact: row i of every per-row tensor and of the slot cache belongs to `self.seqs[i]`. A finished row is
-filled by moving the last row into it, so decode steps read contiguous views and never filter the cache.
+A step's queries (chunks of prompts being prefilled and one token per decoding row, of any task and kind) are laid
+end to end as one sequence of T tokens: the linear layers see T rows and no padding, and the attention kernel gives
+each query exactly its own keys (attention.py), read from its blocks in the paged cache (kv_cache.py). Virtual
+tokens are gathered into the embeddings, prefix-tuning key/values are written into their slots once, and the rows
+that finish a prompt or decode share one sampling path with its logits-processing hook.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from transformers import PreTrainedModel
 
 from prompt_core import forward as fwd
-from prompt_core.batch import build_prefill
-from prompt_core.fingerprint import model_dims
-from prompt_core.layout import RowPlan
-from prompt_core.spec import PromptTensors
 
-from .compiled_decode import CompiledDecode, decode_logits
-from .head_cache import CachedHead, HeadCache
-from .kv_cache import SlotCache
+from .attention import GroupStep, PagedStep, QueryMeta, cache_context, paged_step
+from .kv_cache import PagedKVCache
 from .logits_processors import LogitsProcessor
 from .request import Sequence, TokenLogprob
 from .sampler import sample, token_logprobs
+from .scheduler import Scheduled
+
+
+@dataclass
+class RunResult:
+    token: int | None = None                # the sampled next token of a generating sequence
+    scores: list[float] | None = None       # each label's log-likelihood, when a classify prompt completes
+
+
+@dataclass
+class StepLayout:
+    """One step's queries in Python lists (T tokens over S scheduled sequences), before they become tensors."""
+    ids: list[int] = field(default_factory=list)
+    virt: list[int] = field(default_factory=list)      # row of the step's virtual-token table, or -1
+    seq: list[int] = field(default_factory=list)       # which scheduled sequence
+    slot: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    ctx_end: list[int] = field(default_factory=list)
+    seg_start: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)   # first token of each scheduled sequence
+    tables: list[torch.Tensor] = field(default_factory=list)   # per group: the virtual tokens' source tensors
+
+
+def label_queries(seq: Sequence) -> tuple[list[int], list[int], list[int]]:
+    """A classify row's label tokens as queries after its prompt: (token ids, position offsets after the prompt,
+    segment start offsets). Each label's verbalizer but its last token is fed; the label sees the whole prompt and
+    its own earlier tokens, so each label is scored as if alone."""
+    ids, pos, seg = [], [], []
+    for label in seq.plan.labels:
+        first = len(ids)
+        for k, tok in enumerate(label[:-1]):
+            ids.append(tok)
+            pos.append(k)
+            seg.append(first)
+    return ids, pos, seg
 
 
 class ModelRunner:
     LOGPROB_CHUNK = 512  # prompt positions turned into [chunk, V] logits at a time (echo)
 
-    def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, max_rows: int,
-                 head_cache_bytes: int = 1 << 30, processor: LogitsProcessor | None = None, compile: bool = False):
+    def __init__(self, model: PreTrainedModel, device: torch.device, dtype: torch.dtype, cache: PagedKVCache,
+                 block_size: int, windows: list[int], processor: LogitsProcessor | None = None,
+                 intercept_sdpa: bool = False):
         self.model, self.device, self.dtype = model, device, dtype
-        self.processor = processor  # logit_bias, penalties, grammar masks: see the hook before each sample()
-        self.heads = HeadCache(head_cache_bytes)
-        _, layers, _, kv_heads, head_dim = model_dims(model)
-        self.cache = SlotCache(layers, kv_heads, head_dim, dtype, device)
-        # the decode step compiled once at start-up (server/engine/compiled_decode.py), or None: eager
-        self.compiled = CompiledDecode(model, self.cache, dtype, device) if compile else None
-        self.seqs: list[Sequence] = []
-        long = lambda: torch.zeros(max_rows, dtype=torch.long, device=device)  # noqa: E731
-        real = lambda: torch.zeros(max_rows, dtype=torch.float32, device=device)  # noqa: E731
-        # per-row state, [max_rows] each
-        self.prefix, self.tok_start, self.lengths, self.last_token = long(), long(), long(), long()
-        self.temperature, self.top_p = real(), real()
-        self.top_k, self.seed, self.step = long(), long(), long()
+        self.cache, self.block_size = cache, block_size
+        self.windows = windows              # per group: its attention window (0: full)
+        self.processor = processor          # logit_bias, penalties, grammar masks: the hook before sample()
+        self.intercept_sdpa = intercept_sdpa
         self.trace: dict[str, list[torch.Tensor]] | None = None  # request id -> logits per step (tests, debugging)
-        self._row_state = [self.prefix, self.tok_start, self.lengths, self.last_token, self.temperature,
-                           self.top_p, self.top_k, self.seed, self.step]
+        self.compiled = None                # no compiled step with the paged cache (see docs/benchmarks.md)
+        self._mask = torch.zeros(1, 1, 1, 1, dtype=dtype, device=device)  # the model's masks are not used
 
-    @property
-    def num_rows(self) -> int:
-        return len(self.seqs)
-
+    # ---- one step
     @torch.inference_mode()
-    def prefill(self, seqs: list[Sequence], tensors: list[PromptTensors | None]) -> list[int | list[float]]:
-        """Prefill new sequences into rows after the running ones. Returns per sequence its first token
-        (generation) or its label log-likelihoods (classification). Rows are taken only if the forward succeeds."""
-        base, k = self.num_rows, len(seqs)
-        plans, kv_prefixes = self._start_after_heads(seqs, tensors)
-        step, readout = build_prefill(plans, [p.prefix for p in plans],
-                                      [t.virtual if t is not None else None for t in tensors], self.device, self.dtype)
-        kv_len = step.kv_len
-        max_new = max(s.request.sampling.max_new_tokens for s in seqs)
-        self.cache.ensure(base + k, kv_len + max_new)
-        prefixed = [(base + i, kv) for i, kv in enumerate(kv_prefixes) if kv is not None]
-        if prefixed:
-            self.cache.write_prefixes(*map(list, zip(*prefixed)))
-        self.cache.prepare(slice(base, base + k), step.slots, kv_len)
-        hidden = fwd.hidden_states(self.model, step, self.cache)                     # [k, Q, D]
-        scores = fwd.label_scores(self.model, hidden, readout)
-        prompt_logprobs = self._prompt_logprobs(hidden, seqs, plans)
-        gen = [i for i, s in enumerate(seqs) if s.samples]
-        results: list[int | list[float] | None] = [sc.tolist() for sc in scores]
-        rows = torch.arange(base, base + k, device=self.device)
-        self._set_rows(rows, seqs, plans)
-        sampled = None
-        if gen:
-            gi = torch.tensor(gen, device=self.device)
-            logits = fwd.logits(self.model, hidden[gi, readout.last_q[gi]])           # [g, V]
-            r = rows[gi]
-            self._record(logits, [seqs[i] for i in gen])
-            # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
-            # below stay those of the model's raw logits
-            processed = logits
-            if self.processor is not None:
-                processed = self.processor.apply(logits, [seqs[i] for i in gen])
-            toks = sample(processed, self.temperature[r], self.top_k[r], self.top_p[r], self.seed[r], self.step[r])
-            if self.processor is not None:
-                self.processor.accept([seqs[i] for i in gen], toks)
-            # -- end of hook
-            self.last_token[r] = toks
-            self.step[r] += 1
-            sampled = self._sampled_logprobs(logits, toks, [seqs[i] for i in gen])
-            for i, tok in zip(gen, toks.tolist()):
-                results[i] = tok
-        # the forward succeeded: only now does any sequence's state change
-        for i, lps in prompt_logprobs.items():
-            seqs[i].prompt_logprobs = lps
-        if sampled:
-            for s, lp in sampled:
-                s.output_logprobs.append(lp)
+    def run(self, batch: list[Scheduled]) -> list[RunResult]:
+        """Compute every scheduled query in one forward; sample the rows that complete. Sequence state changes
+        only once everything succeeded."""
+        layout = self._layout(batch)
+        self._write_prefixes(batch)
+        hidden = self._forward(layout, batch)                                   # [T, D]
+        results = [RunResult() for _ in batch]
+        prompt_lps = self._prompt_logprobs(hidden, batch, layout)
+        for i, scores in self._label_scores(hidden, batch, layout).items():
+            results[i].scores = scores
+        sampled = self._sample(hidden, batch, layout, results)
+        for item in batch:   # the forward succeeded: now state may change
+            s = item.seq
+            if s in prompt_lps:
+                s.prompt_logprobs = (s.prompt_logprobs or []) + prompt_lps[s]
+                s.prompt_lp_done = item.start + item.count + 1 >= s.plan.input_span[1]
+        for s, lp in sampled:
+            s.output_logprobs.append(lp)
+        for item in batch:
+            item.seq.prefix_written = True
         return results
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, seqs: list[Sequence],
-                         plans: list[RowPlan]) -> dict[int, list[TokenLogprob]]:
-        """With echo and logprobs: each input token's log-probability given everything before it in the row
-        (prefix, virtual tokens, template text, earlier input tokens), from this prefill's hidden states.
+    def _layout(self, batch: list[Scheduled]) -> StepLayout:
+        out = StepLayout()
+        table_of: dict[int, int] = {}
+        for i, item in enumerate(batch):
+            s = item.seq
+            P, nt = s.plan.prefix, s.plan.num_tokens
+            plain = nt + len(s.output_ids) if s.samples else nt   # prompt, then tokens generated before a preemption
+            lo, hi = item.start, item.start + item.count
+            out.offsets.append(len(out.ids))
+            a, b = lo, min(hi, plain)
+            if a < b:
+                if a < nt:
+                    out.ids.extend(s.plan.ids[a:min(b, nt)])
+                    virt = s.plan.virt[a:min(b, nt)]
+                    if any(v >= 0 for v in virt):
+                        base = self._table_offset(s, out, table_of)
+                        virt = [v + base if v >= 0 else -1 for v in virt]
+                    out.virt.extend(virt)
+                if b > nt:
+                    out.ids.extend(s.output_ids[max(a, nt) - nt:b - nt])
+                    out.virt.extend([-1] * (b - max(a, nt)))
+                out.slot.extend(range(P + a, P + b))
+                out.pos.extend(range(P + a, P + b))
+                out.ctx_end.extend([0] * (b - a))
+                out.seg_start.extend([0] * (b - a))
+            if hi > plain:  # classify: label tokens after the prompt
+                ids, pos, seg = label_queries(s)
+                a, b = max(lo, nt) - nt, hi - nt
+                out.ids.extend(ids[a:b])
+                out.virt.extend([-1] * (b - a))
+                out.slot.extend(range(P + nt + a, P + nt + b))
+                out.pos.extend(P + nt + p for p in pos[a:b])
+                out.ctx_end.extend([P + nt] * (b - a))
+                out.seg_start.extend(P + nt + g for g in seg[a:b])
+            out.seq.extend([i] * item.count)
+        return out
 
-        hidden: [k, Q, D]. Query j of row i holds plans[i].ids[j], so token p of the original plan is predicted by
-        query p - 1 - shift, where shift is the cached head the row starts after (capped by the engine so that
-        query is always computed here)."""
-        want = [i for i, s in enumerate(seqs) if s.request.echo and s.request.logprobs is not None
-                and s.prompt_logprobs is None and s.plan.input_span is not None]
-        if not want:
+    @staticmethod
+    def _table_offset(seq: Sequence, out: StepLayout, table_of: dict[int, int]) -> int:
+        """Rows of one task share one copy of its virtual tokens in the step's table."""
+        table = seq.tensors.virtual
+        if id(table) not in table_of:
+            table_of[id(table)] = sum(t.shape[0] for t in out.tables)
+            out.tables.append(table)
+        return table_of[id(table)]
+
+    def _forward(self, layout: StepLayout, batch: list[Scheduled]) -> torch.Tensor:
+        dev = self.device
+        L = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
+        B = self.block_size
+        groups, writes = [], []
+        for g, window in enumerate(self.windows):
+            tables = [item.seq.blocks.tables[g] for item in batch]
+            width = max(len(t) for t in tables)
+            rows = [t + [0] * (width - len(t)) for t in tables]
+            groups.append(GroupStep(block_table=i32([[max(b, 0) for b in r] for r in rows]), window=window))
+            blocks = [tables[q][s // B] for q, s in zip(layout.seq, layout.slot)]
+            writes.append(self.cache.flat_index(L(blocks), L([s % B for s in layout.slot])))
+        queries = QueryMeta(seq=i32(layout.seq), slot=i32(layout.slot), pos=i32(layout.pos),
+                            ctx_end=i32(layout.ctx_end), seg_start=i32(layout.seg_start))
+        step = PagedStep(queries=queries, groups=groups, layer_group=self.cache.layer_group, block_size=B)
+        table = torch.cat([t.to(device=dev, dtype=self.dtype) for t in layout.tables]) if layout.tables else None
+        embeds = fwd.embed(self.model, SimpleNamespace(ids=L(layout.ids)[None], virt=L(layout.virt)[None],
+                                                       virtual_table=table))       # [1, T, D]
+        self.cache.write = writes
+        with paged_step(step, self.intercept_sdpa), cache_context(self.cache):
+            out = fwd.body(self.model)(inputs_embeds=embeds, attention_mask=self._mask,
+                                       position_ids=L(layout.pos)[None], cache=self.cache, use_cache=True)
+        return out.last_hidden_state[0]                                             # [T, D]
+
+    def _write_prefixes(self, batch: list[Scheduled]) -> None:
+        """A prefix-tuning row's key/values into its first P slots (those the prefix cache did not provide)."""
+        B = self.block_size
+        for item in batch:
+            s = item.seq
+            P = s.plan.prefix
+            if P == 0 or s.prefix_written:
+                continue
+            first = min(s.blocks.cached_tokens, P)
+            if first == P:
+                continue
+            kv = s.tensors.prefix.to(self.device)                                   # [L, 2, H, P, Dh]
+            for g, spec_layers in enumerate(self._group_layers()):
+                table = s.blocks.tables[g]
+                slots = [p for p in range(first, P) if table[p // B] >= 0]
+                if not slots:
+                    continue
+                blocks = torch.tensor([table[p // B] for p in slots], device=self.device)
+                offsets = torch.tensor([p % B for p in slots], device=self.device)
+                idx = torch.tensor(slots, device=self.device)
+                self.cache.write_prefix(blocks, offsets, kv[:, :, :, idx], spec_layers)
+
+    def _group_layers(self) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in self.windows]
+        for layer, g in enumerate(self.cache.layer_group):
+            out[g].append(layer)
+        return out
+
+    # ---- readouts
+    def _sample(self, hidden: torch.Tensor, batch: list[Scheduled], layout: StepLayout,
+                results: list[RunResult]) -> list[tuple[Sequence, TokenLogprob]]:
+        """The next token of every generating row whose last query ran: prefill and decode alike."""
+        which = [i for i, item in enumerate(batch) if item.completes and item.seq.samples]
+        if not which:
+            return []
+        seqs = [batch[i].seq for i in which]
+        rows = torch.tensor([layout.offsets[i] + batch[i].count - 1 for i in which], device=self.device)
+        logits = fwd.logits(self.model, hidden[rows])                                # [m, V]
+        self._record(logits, seqs)
+        # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
+        # below stay those of the model's raw logits
+        processed = logits if self.processor is None else self.processor.apply(logits, seqs)
+        col = lambda f, dt: torch.tensor([f(s) for s in seqs], dtype=dt, device=self.device)  # noqa: E731
+        toks = sample(processed, col(lambda s: s.request.sampling.temperature, torch.float32),
+                      col(lambda s: s.request.sampling.top_k, torch.long),
+                      col(lambda s: s.request.sampling.top_p, torch.float32), col(lambda s: s.seed, torch.long),
+                      col(lambda s: len(s.output_ids), torch.long))
+        if self.processor is not None:
+            self.processor.accept(seqs, toks)
+        # -- end of hook
+        for i, tok in zip(which, toks.tolist()):
+            results[i].token = tok
+        return self._sampled_logprobs(logits, toks, seqs)
+
+    def _label_scores(self, hidden: torch.Tensor, batch: list[Scheduled],
+                      layout: StepLayout) -> dict[int, list[float]]:
+        """Each label's full-verbalizer log-likelihood for classify rows whose prompt completes in this step."""
+        rows, toks, owner, label_of, counts = [], [], [], [], []
+        for i, item in enumerate(batch):
+            s = item.seq
+            if not (s.is_classify and item.completes):
+                continue
+            nt, base = s.plan.num_tokens, layout.offsets[i] - item.start
+            k = 0
+            for li, label in enumerate(s.plan.labels):
+                for j, tok in enumerate(label):   # token j is predicted by the prompt's last query, then its own
+                    rows.append(base + (nt - 1 if j == 0 else nt + k + j - 1))
+                    toks.append(tok)
+                    owner.append(len(counts))
+                    label_of.append(sum(counts) + li)
+                k += len(label) - 1
+            counts.append(len(s.plan.labels))
+        if not rows:
             return {}
-        Q = hidden.shape[1]
+        dev = self.device
+        L = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        queries, which = torch.unique(L(rows), return_inverse=True)                  # [U], [E]
+        logp = torch.log_softmax(fwd.logits(self.model, hidden[queries]), dim=-1)     # [U, V]
+        tok_logp = logp[which, L(toks)]                                              # [E]
+        scores = torch.zeros(sum(counts), dtype=torch.float32, device=dev).index_add_(0, L(label_of), tok_logp)
+        per_row = torch.split(scores, counts)
+        done = [i for i, item in enumerate(batch) if item.seq.is_classify and item.completes]
+        return {i: sc.tolist() for i, sc in zip(done, per_row)}
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: list[Scheduled],
+                         layout: StepLayout) -> dict[Sequence, list[TokenLogprob]]:
+        """With echo and logprobs: each input token's log-probability given everything before it in the row
+        (prefix, virtual tokens, template text, earlier input tokens), from the queries of this step that predict
+        one (query p - 1 predicts token p; a chunk covers the tokens whose predicting query it computes)."""
         flat, targets, owners = [], [], []
-        for i in want:
-            start, end = seqs[i].plan.input_span
-            shift = seqs[i].plan.num_tokens + len(seqs[i].output_ids) - plans[i].num_tokens
-            for p in range(max(start, 1), end):  # a token at position 0 has no context: its logprob is None
-                assert p - 1 >= shift, "the cached head covers a query that echo needs"
-                flat.append(i * Q + p - 1 - shift)
-                targets.append(seqs[i].plan.ids[p])
-                owners.append(i)
-        top_n = max(seqs[i].request.top_n for i in want)
+        out: dict[Sequence, list[TokenLogprob]] = {}
+        for i, item in enumerate(batch):
+            s = item.seq
+            if not (s.request.echo and s.request.logprobs is not None and s.plan.input_span is not None) \
+                    or s.prompt_lp_done:
+                continue
+            start, end = s.plan.input_span
+            lo, hi = item.start, item.start + item.count
+            mine = out.setdefault(s, [])
+            if start == 0 < end and lo == 0:  # a first token that nothing precedes
+                mine.append(TokenLogprob(s.plan.ids[0], None))
+            for p in range(max(start, 1, lo + 1), min(end, hi + 1)):
+                flat.append(layout.offsets[i] + p - 1 - lo)
+                targets.append(s.plan.ids[p])
+                owners.append(s)
+        if not flat:
+            return out
+        top_n = max(s.request.top_n for s in out)
         L = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
-        h = hidden.reshape(-1, hidden.shape[-1])                                    # [k*Q, D]
+        idx, tgt = L(flat), L(targets)
         lp, top_lp, top_ids = [], [], []
-        idx, tgt = L(flat), L(targets)                                              # [E], [E]
         for c in range(0, len(flat), self.LOGPROB_CHUNK):  # bounded memory: [chunk, V] logits at a time
-            logits = fwd.logits(self.model, h[idx[c:c + self.LOGPROB_CHUNK]])        # [c, V]
+            logits = fwd.logits(self.model, hidden[idx[c:c + self.LOGPROB_CHUNK]])    # [c, V]
             a, b, t = token_logprobs(logits, tgt[c:c + self.LOGPROB_CHUNK], top_n)  # [c], [c, N], [c, N]
             lp.append(a)
             top_lp.append(b)
             top_ids.append(t)
-        out: dict[int, list[TokenLogprob]] = {i: [] for i in want}
-        if flat:
-            rows = zip(torch.cat(lp).tolist(), torch.cat(top_lp).tolist(), torch.cat(top_ids).tolist())
-        else:
-            rows = iter(())
-        for i in want:
-            if seqs[i].plan.input_span[0] == 0 < seqs[i].plan.input_span[1]:
-                out[i].append(TokenLogprob(seqs[i].plan.ids[0], None))
+        rows = zip(torch.cat(lp).tolist(), torch.cat(top_lp).tolist(), torch.cat(top_ids).tolist())
         for owner, tok, (v, tl, ti) in zip(owners, targets, rows):
-            n = seqs[owner].request.top_n
+            n = owner.request.top_n
             out[owner].append(TokenLogprob(tok, v, tuple(zip(ti[:n], tl[:n]))))
         return out
 
@@ -162,116 +308,7 @@ class ModelRunner:
             out.append((seqs[j], TokenLogprob(int(toks[j]), v, tuple(zip(ti[:n], tl[:n])))))
         return out
 
-    def _start_after_heads(self, seqs: list[Sequence], tensors: list[PromptTensors | None]):
-        """Each row's plan and the key/values in front of it: a row whose task has a static head (leading virtual
-        tokens, fixed instruction text) starts after the head's cached key/values, computed here on a miss (all
-        misses of the step in one forward). Returns (plans, kv prefixes [L, 2, H_kv, P, Dh] or None)."""
-        plans = [s.prefill_plan for s in seqs]
-        kv = [t.prefix if t is not None else None for t in tensors]
-        heads: dict[int, CachedHead] = {}
-        missing: dict[tuple[str, int], list[int]] = {}
-        for i, (s, plan) in enumerate(zip(seqs, plans)):
-            n = min(s.head_len, plan.num_tokens - 1)
-            if n <= 0 or self.heads.budget <= 0:
-                continue
-            key = (s.request.prompt.key, n)
-            entry = self.heads.get(key, plan.ids, plan.virt)
-            if entry is not None:
-                heads[i] = entry
-            else:
-                missing.setdefault(key, []).append(i)
-        if missing:
-            firsts = [rows[0] for rows in missing.values()]
-            computed = self._compute_heads([plans[i] for i in firsts], [keys[1] for keys in missing],
-                                           [tensors[i] for i in firsts])
-            for (key, rows), entry in zip(missing.items(), computed):
-                self.heads.put(key, entry)
-                for i in rows:
-                    if entry.matches(plans[i].ids, plans[i].virt):
-                        heads[i] = entry
-        for i, entry in heads.items():
-            n, p = len(entry.ids), plans[i]
-            plans[i] = RowPlan(ids=p.ids[n:], virt=p.virt[n:], prefix=p.prefix + n, labels=p.labels)
-            kv[i] = entry.kv
-        return plans, kv
-
-    def _compute_heads(self, plans: list[RowPlan], lengths: list[int],
-                       tensors: list[PromptTensors | None]) -> list[CachedHead]:
-        """Prefill the first `lengths[i]` tokens of each plan once, behind any prefix, and keep their key/values."""
-        heads = [RowPlan(ids=p.ids[:n], virt=p.virt[:n], prefix=p.prefix) for p, n in zip(plans, lengths)]
-        width = max(p.prefix for p in heads)
-        cache = fwd.prefix_cache(self.model, [t.prefix if t is not None else None for t in tensors], width)
-        step, _ = build_prefill(heads, [width] * len(heads), [t.virtual if t is not None else None for t in tensors],
-                                self.device, self.dtype)
-        fwd.hidden_states(self.model, step, cache)
-        layers = cache.layers
-        out = []
-        for i, (p, n) in enumerate(zip(heads, lengths)):
-            kv = torch.stack([torch.stack([torch.cat([side[i, :, :p.prefix], side[i, :, width:width + n]], dim=1)
-                                           for side in (layer.keys, layer.values)]) for layer in layers])
-            out.append(CachedHead(ids=tuple(p.ids), virt=tuple(p.virt), kv=kv.contiguous()))  # [L, 2, H, P+n, Dh]
-        return out
-
-    def _set_rows(self, rows: torch.Tensor, seqs: list[Sequence], plans: list[RowPlan]) -> None:
-        """Take rows for new sequences and load their per-row state (once per request, at prefill)."""
-        for s in seqs:
-            s.row = len(self.seqs)
-            self.seqs.append(s)
-        cols = lambda f, dt: torch.tensor([f(s) for s in seqs], dtype=dt, device=self.device)  # noqa: E731
-        prefix = torch.tensor([p.prefix for p in plans], dtype=torch.long, device=self.device)
-        self.prefix[rows] = prefix
-        self.tok_start[rows] = prefix
-        self.lengths[rows] = prefix + torch.tensor([p.num_tokens for p in plans], dtype=torch.long, device=self.device)
-        self.temperature[rows] = cols(lambda s: s.request.sampling.temperature, torch.float32)
-        self.top_p[rows] = cols(lambda s: s.request.sampling.top_p, torch.float32)
-        self.top_k[rows] = cols(lambda s: s.request.sampling.top_k, torch.long)
-        self.seed[rows] = cols(lambda s: s.seed, torch.long)
-        self.step[rows] = cols(lambda s: len(s.output_ids), torch.long)  # a resumed sequence keeps its draws
-
-    @torch.inference_mode()
-    def decode(self, kv_len: int) -> list[int]:
-        """One token for every running row. kv_len: the longest row's length after this step."""
-        n = self.num_rows
-        self.cache.ensure(n, kv_len)
-        rows = (self.last_token[:n], self.prefix[:n], self.tok_start[:n], self.lengths[:n])
-        if self.compiled is not None:
-            logits = self.compiled(*rows, kv_len)                                   # [n, V]
-        else:
-            logits = decode_logits(self.model, self.cache, *rows, kv_len, self.dtype)  # [n, V]
-        self._record(logits, self.seqs)
-        # -- logits processing hook (sampler side): the only call into per-request processors; log-probabilities
-        # below stay those of the model's raw logits
-        processed = logits
-        if self.processor is not None:
-            processed = self.processor.apply(logits, self.seqs)
-        toks = sample(processed, self.temperature[:n], self.top_k[:n], self.top_p[:n], self.seed[:n], self.step[:n])
-        if self.processor is not None:
-            self.processor.accept(self.seqs, toks)
-        # -- end of hook
-        self.lengths[:n] += 1
-        self.step[:n] += 1
-        self.last_token[:n] = toks
-        for s, lp in self._sampled_logprobs(logits, toks, self.seqs):
-            s.output_logprobs.append(lp)
-        return toks.tolist()
-
     def _record(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         if self.trace is not None:
             for row, s in zip(logits.cpu(), seqs):
                 self.trace.setdefault(s.request_id, []).append(row)
-
-    @torch.inference_mode()
-    def release(self, seqs: list[Sequence]) -> None:
-        """Free the rows of finished sequences, keeping rows compact by moving the last row into each hole."""
-        for row in sorted((s.row for s in seqs if 0 <= s.row < self.num_rows), reverse=True):
-            last = self.num_rows - 1
-            if row != last:
-                moved = self.seqs[last]
-                self.cache.move_row(last, row, moved.kv_extent)
-                for t in self._row_state:
-                    t[row] = t[last]
-                self.seqs[row] = moved
-                moved.row = row
-            self.seqs.pop()
-        for s in seqs:
-            s.row = -1

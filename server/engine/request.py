@@ -11,6 +11,8 @@ from typing import Callable, Literal
 from prompt_core.layout import RowPlan
 from prompt_core.spec import PromptSpec, PromptTensors
 
+from .block_manager import BlockTables
+
 
 class EngineError(Exception):
     """Base of the errors the engine reports to callers."""
@@ -118,9 +120,11 @@ class PromptRef:
     key: str  # unique per content, e.g. "sentiment@3"
     spec: PromptSpec
     load: Callable[[], PromptTensors | None] = lambda: None
+    content: str = ""  # a digest of the stored tensors: cached key/value blocks are keyed by it as well as by key
 
 
 Mode = Literal["generate", "classify", "score"]
+Priority = Literal["interactive", "batch"]
 
 
 @dataclass
@@ -146,6 +150,8 @@ class EngineRequest:
     input_ids: tuple[int, ...] | None = None
     echo: bool = False
     logprobs: int | None = None
+    # batch work (the Batch API) runs from capacity interactive requests leave: admitted after them, preempted first
+    priority: Priority = "interactive"
 
     @property
     def top_n(self) -> int:
@@ -174,7 +180,6 @@ class Sequence:
     request: EngineRequest
     plan: RowPlan
     status: Status = Status.WAITING
-    row: int = -1                          # row in the model runner's batch while running
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None       # "stop", "length", "cancelled", "error"
@@ -191,9 +196,16 @@ class Sequence:
     output_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per sampled token (EOS included)
     sent_logprobs: int = 0                 # output_logprobs already handed out in a RequestOutput
     prompt_sent: bool = False              # prompt_logprobs went out with an earlier output
+    prompt_lp_done: bool = False           # every input token's log-probability is in prompt_logprobs
     # incremental detokenization offsets (see OutputProcessor._detokenize)
     prefix_offset: int = 0
     read_offset: int = 0
+    # the key/value cache (scheduler and block manager): blocks held, queries whose key/values are computed
+    blocks: BlockTables = field(default_factory=lambda: BlockTables([[]]))
+    computed: int = 0
+    prefix_written: bool = False           # its prefix-tuning key/values are in its blocks (until preempted)
+    tensors: PromptTensors | None = None   # the loaded soft prompt, while its prefill runs
+    preemptions: int = 0
 
     @property
     def request_id(self) -> str:
@@ -220,14 +232,21 @@ class Sequence:
         return self.plan.prefix + self.plan.num_tokens
 
     @property
-    def kv_extent(self) -> int:
-        """Cache slots this sequence's row uses now (an upper bound)."""
-        return self.plan.prefix + self.plan.num_queries + len(self.output_ids)
+    def num_queries(self) -> int:
+        """Queries the sequence computes in all: its prompt (and label tokens), then each generated token but the
+        last; once all but the last are computed, the last one's logits give the next token."""
+        return self.plan.num_queries + len(self.output_ids)
 
     @property
-    def cost_tokens(self) -> int:
-        """Queries the prefill computes: the prompt plus any label tokens, plus the output of a resumed sequence."""
-        return self.plan.num_queries + len(self.output_ids)
+    def prefilling(self) -> bool:
+        return self.num_queries - self.computed > 1
+
+    @property
+    def max_slots(self) -> int:
+        """The most cache slots it can ever hold: prefix, prompt, label tokens and every generated token but the
+        last (a classify or score request generates none)."""
+        new = self.request.sampling.max_new_tokens - 1 if self.samples else 0
+        return self.plan.prefix + self.plan.num_queries + max(new, 0)
 
     @property
     def prefill_plan(self) -> RowPlan:
@@ -236,6 +255,12 @@ class Sequence:
             return self.plan
         p = self.plan
         return RowPlan(ids=p.ids + self.output_ids, virt=p.virt + [-1] * len(self.output_ids), prefix=p.prefix)
+
+    @property
+    def cost_tokens(self) -> int:
+        """Queries the prefill computes: the prompt plus any label tokens, plus the output of a resumed sequence."""
+        return self.plan.num_queries + len(self.output_ids)
+
 
 
 @dataclass

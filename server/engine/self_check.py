@@ -50,19 +50,32 @@ def self_check(engine: LLMEngine, max_tokens: int = 256) -> float:
             PromptRef("self-check:prefix", prefixed, lambda: tensors)]
     trace, engine.runner.trace = engine.runner.trace, {}
     observer, engine.observer = engine.observer, None  # probe requests are no one's traffic
-    try:
-        seqs = []
-        for i, (ref, toks) in enumerate(zip(refs, ids)):
-            seq = engine.make_sequence(EngineRequest(f"self-check-{i}", ref, "x",
+
+    def probe(which: list[int], tag: str) -> dict[str, list[torch.Tensor]]:
+        engine.runner.trace = {}
+        for i in which:
+            ref, toks = refs[i], ids[i]
+            seq = engine.make_sequence(EngineRequest(f"self-check-{i}{tag}", ref, "x",
                                                      sampling=SamplingParams(max_new_tokens=STEPS, temperature=0.0)))
             seq.plan.ids, seq.plan.virt = list(toks), [-1] * len(toks)  # the probe's own tokens, not a text's
             engine.add(seq)
-            seqs.append(seq)
         while engine.has_work():
             engine.step()
-        got = engine.runner.trace
+        return engine.runner.trace
+
+    try:
+        got = probe(list(range(len(refs))), "")
+        # the same probes one at a time: at a batch-invariant setting every step's logits are the same bits
+        alone = {f"self-check-{i}": probe([i], "-alone")[f"self-check-{i}-alone"] for i in range(len(refs))} \
+            if engine.batch_invariant else {}
     finally:
         engine.runner.trace, engine.observer = trace, observer
+    for rid, steps in alone.items():
+        if len(steps) != len(got.get(rid, [])) or any(not torch.equal(a, b) for a, b in zip(steps, got[rid])):
+            worst = max(((a - b).abs().max().item() for a, b in zip(steps, got.get(rid, []))), default=float("nan"))
+            raise UnsupportedModel(f"{architecture(model)}: a probe batched with others differs from the same probe "
+                                   f"alone (by {worst:.2e}) although this setting should be batch-invariant; please "
+                                   "report it")
     worst = 0.0
     for i, (ref, toks) in enumerate(zip(refs, ids)):
         steps = got.get(f"self-check-{i}", [])

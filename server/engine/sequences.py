@@ -6,13 +6,16 @@ InvalidRequest or InputTooLong, before it reaches the engine loop.
 
 from __future__ import annotations
 
+import hashlib
 import random
+from array import array
 from dataclasses import dataclass
 from typing import Callable
 
 from prompt_core.layout import plan_row
 from prompt_core.spec import INPUT_SLOT, PromptSpec
 
+from .block_manager import BlockTables
 from .config import EngineConfig
 from .constraints import GrammarCache
 from .request import EngineRequest, InputTooLong, InvalidRequest, PromptRef, Sequence
@@ -46,8 +49,11 @@ class SequenceBuilder:
 
     def __init__(self, config: EngineConfig, tokenizer: SharedTokenizer, grammars: GrammarCache, *,
                  vocab_size: int, logits_size: int, max_positions: int | None,
-                 on_constrained: Callable[[str], None] | None = None):
+                 on_constrained: Callable[[str], None] | None = None,
+                 kv_refusal: Callable[[int], str | None] = lambda slots: None, kv_groups: int = 1):
         self.config, self.tokenizer, self.grammars = config, tokenizer, grammars
+        self.kv_refusal = kv_refusal        # (slots a request may hold) -> why the cache can never hold it, or None
+        self.kv_groups = kv_groups          # block tables per sequence (one per attention window)
         self.vocab_size = vocab_size        # token ids an input may use (input embeddings)
         self.logits_size = logits_size      # token ids logit_bias may name (output embeddings)
         self.max_positions = max_positions  # the model's context length, if it has one
@@ -95,14 +101,11 @@ class SequenceBuilder:
             raise InputTooLong(f"prefix, prompt and max_new_tokens make {longest} positions; the model has "
                                f"{self.max_positions}")
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        head_len = task.head_len
-        if req.echo and plan.input_span is not None:
-            # the query before the input's first token predicts it: it must be computed, not taken from the head
-            head_len = max(0, min(head_len, plan.input_span[0] - 1))
-        elif req.share_prompt and req.mode == "generate" and cfg.head_cache_bytes > 0:
-            # one of n choices: all of the prompt but its last token is computed once for all of them
-            head_len = max(head_len, plan.num_tokens - 1)
-        seq = Sequence(request=req, plan=plan, seed=seed, head_len=head_len)
+        seq = Sequence(request=req, plan=plan, seed=seed, head_len=task.head_len,
+                       blocks=BlockTables([[] for _ in range(self.kv_groups)]))
+        refusal = self.kv_refusal(seq.max_slots)
+        if refusal:
+            raise InputTooLong(refusal)
         if req.mode == "generate":
             self._check_processing(seq)
         return seq
@@ -138,3 +141,37 @@ class SequenceBuilder:
             seq.matcher = self.grammars.matcher(sp.constraint)
             if self.on_constrained is not None:
                 self.on_constrained(sp.constraint.kind)
+
+
+def cache_limit(seq: Sequence) -> int:
+    """How many leading slots may come from the prefix cache: never the prompt's last token (its logits are the
+    first output), and with echo nothing from the query before the input's first token on (it scores that token)."""
+    plan = seq.plan
+    limit = plan.prefix + plan.num_tokens - 1
+    if seq.request.echo and plan.input_span is not None:
+        limit = min(limit, plan.prefix + plan.input_span[0] - 1)
+    return max(0, limit)
+
+
+_PREFIX_SLOT = -(1 << 40)
+
+
+def block_keys(seq: Sequence, block_size: int) -> list[bytes]:
+    """The prefix-cache keys of the sequence's full prompt blocks: a chain of 128-bit digests over what each slot
+    holds (a prefix slot, a virtual token, a token id), rooted at the task's prompt key and content, so that only
+    requests of the same task version can share a block. A block that holds any of the request's own input (past the
+    task's shared head) is keyed by the tenant as well: no tenant's text is shared with, or timed by, another."""
+    plan, prompt = seq.plan, seq.request.prompt
+    P = plan.prefix
+    head = P + seq.head_len
+    key = hashlib.blake2b(repr((prompt.key, prompt.content, prompt.spec)).encode(), digest_size=16).digest()
+    keys = []
+    for j in range((P + plan.num_tokens) // block_size):
+        lo, hi = j * block_size, (j + 1) * block_size
+        desc = array("q", (_PREFIX_SLOT - s if s < P else
+                           (-1 - plan.virt[s - P] if plan.virt[s - P] >= 0 else plan.ids[s - P])
+                           for s in range(lo, hi)))
+        salt = b"" if hi <= head else seq.tenant.encode()
+        key = hashlib.blake2b(key + len(salt).to_bytes(4, "little") + salt + desc.tobytes(), digest_size=16).digest()
+        keys.append(key)
+    return keys

@@ -155,12 +155,13 @@ def test_settings_give_the_engine_each_limit_by_name():
     """Defaults live in the engine's config; every limit flag lands in the field of the same name, once."""
     assert Settings().engine_config() == EngineConfig()
     s = Settings(max_batch_size=7, max_prefill_tokens=99, max_input_tokens=55, max_new_tokens=33, max_logprobs=4,
-                 head_cache_mb=2)
+                 kv_cache_mb=2, kv_block_size=32, prefix_caching=False)
     assert s.engine_config({"gold": 3.0}) == EngineConfig(
         scheduler=SchedulerConfig(max_batch_size=7, max_prefill_tokens=99, tenant_weights={"gold": 3.0}),
-        max_input_tokens=55, max_new_tokens=33, max_logprobs=4, head_cache_bytes=2 << 20)
+        max_input_tokens=55, max_new_tokens=33, max_logprobs=4, kv_cache_bytes=2 << 20, kv_block_size=32,
+        prefix_caching=False)
     for bad in (dict(max_prefill_tokens=0), dict(max_input_tokens=0), dict(max_new_tokens=0),
-                dict(max_logprobs=-1), dict(head_cache_mb=-1)):
+                dict(max_logprobs=-1), dict(kv_cache_mb=-1), dict(kv_block_size=24)):
         with pytest.raises(ValueError):
             Settings(**bad)
     with pytest.raises(ValueError, match="tenant weights"):

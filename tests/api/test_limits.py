@@ -168,6 +168,9 @@ FAMILIES = {
     "promptserve_prompt_cache_hits": "counter", "promptserve_prompt_cache_misses": "counter",
     "promptserve_prompt_cache_evictions": "counter", "promptserve_prompt_cache_resident_bytes": "gauge",
     "promptserve_tenant_requests": "counter", "promptserve_tenant_tokens": "counter",
+    "promptserve_kv_cache_capacity_bytes": "gauge", "promptserve_kv_cache_used_bytes": "gauge",
+    "promptserve_kv_cache_shared_bytes": "gauge", "promptserve_prefix_cache_queries": "counter",
+    "promptserve_prefix_cache_hits": "counter",
 }
 
 
@@ -186,7 +189,7 @@ def test_metric_families_are_exported_with_bounded_labels(server):
         assert samples[name].value > 0, name
     assert samples["promptserve_generated_tokens_total"].value > 0
     tiers = {s.labels["tier"] for s in fams["promptserve_prompt_cache_hits"].samples}
-    assert {"host", "device", "head"} <= tiers
+    assert {"host", "device"} <= tiers
     assert sum(s.value for s in fams["promptserve_prompt_cache_hits"].samples) >= 1
     assert sum(s.value for s in fams["promptserve_prompt_cache_resident_bytes"].samples) > 0
     endpoints = {s.labels["endpoint"] for s in fams["promptserve_requests"].samples}
@@ -196,6 +199,10 @@ def test_metric_families_are_exported_with_bounded_labels(server):
     labels = {k for f in fams.values() for s in f.samples for k in s.labels}
     assert not labels & {"task", "task_id", "model"}  # tasks are unbounded: never a label
     assert fams["promptserve_running_requests"].samples[0].value == 0
+    capacity = samples["promptserve_kv_cache_capacity_bytes"].value
+    assert capacity == server.runtime.engine.engine.cache.bytes() > 0
+    assert samples["promptserve_kv_cache_used_bytes"].value == 0      # idle: every block is back in the pool
+    assert samples["promptserve_prefix_cache_queries_total"].value > 0
 
 
 def test_corrupt_prompt_fails_alone_in_band_with_the_error_shape(server):

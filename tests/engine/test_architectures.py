@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from prompt_core import forward as forward_mod
-from prompt_core.arch import MaskLayout, UnsupportedModel, attn_implementation, kv_geometry, mask_layout
+from prompt_core.arch import UnsupportedModel, attn_implementation, kv_geometry, mask_layout
 from prompt_core.fingerprint import fingerprint
 from prompt_core.layout import plan_row
 from prompt_core.model import LoadedModel, freeze
@@ -242,15 +242,16 @@ def test_start_up_check_passes(arch):
 
 
 @pytest.mark.parametrize("name, break_it", [
-    ("gemma2-window-softcap", lambda mp: mp.setattr(forward_mod, "output_logits", lambda config, logits: logits)),
-    ("mistral-window", lambda mp: mp.setattr(forward_mod, "mask_layout", lambda config: MaskLayout((None,), (None,)))),
-    ("gemma3-interleaved", lambda mp: mp.setattr(forward_mod, "mask_layout",
-                                                 lambda config: MaskLayout((None,), (WINDOW,)))),
+    ("gemma2-window-softcap",
+     lambda engine, mp: mp.setattr(forward_mod, "output_logits", lambda config, logits: logits)),
+    ("mistral-window", lambda engine, mp: mp.setattr(engine.runner, "windows", [0] * len(engine.runner.windows))),
+    ("gemma3-interleaved",
+     lambda engine, mp: mp.setattr(engine.runner, "windows", [WINDOW] * len(engine.runner.windows))),
 ])
 def test_start_up_check_refuses_what_the_engine_gets_wrong(name, break_it, monkeypatch):
     """Skip the softcapping, forget a window, or window every layer of an interleaved model: the check sees it."""
     engine = new_engine(build(name))
-    break_it(monkeypatch)
+    break_it(engine, monkeypatch)
     with pytest.raises(UnsupportedModel, match="differ from the model's own forward"):
         self_check(engine, max_tokens=64)
 

@@ -81,22 +81,22 @@ def test_joining_mid_decode_changes_nothing(which):
 
 
 def test_rows_are_freed_and_reused():
-    """Rows leave the batch when they finish, and a later request reuses the freed rows correctly."""
+    """Rows leave the batch when they finish, and later requests reuse the freed rows and blocks correctly."""
     loaded = tiny_llama()
     requests = mixed_requests(loaded)
     engine = new_engine(loaded, max_batch_size=3)
     outs = run(engine, requests)
-    assert engine.runner.num_rows == 0 and engine.scheduler.num_running == 0
+    assert engine.kv_stats()["used_blocks"] == 0 and engine.scheduler.num_running == 0
     check_same(loaded, engine, outs, requests[:4])
 
 
 @pytest.mark.parametrize("which", ["tiny", "default"])
-def test_cached_prompt_heads_change_nothing(which):
-    """Rows that start after a cached head (virtual tokens, fixed instruction text) get the logits they get when
-    every token is prefilled, on the first use of a task (computed in the step) and on later ones (reused)."""
+def test_cached_prompt_blocks_change_nothing(which):
+    """Rows that start after cached blocks (a task's virtual tokens and fixed text, a repeated prompt) get the logits
+    they get when every token is computed, on the first use (shared within the run) and on later ones."""
     loaded = tiny_llama() if which == "tiny" else default_model()
     requests = mixed_requests(loaded)
-    plain = new_engine(loaded, head_cache_bytes=0)
+    plain = new_engine(loaded, prefix_caching=False)
     reference = run(plain, requests)
     cached = new_engine(loaded)
     for round_ in range(2):
@@ -110,8 +110,7 @@ def test_cached_prompt_heads_change_nothing(which):
                 continue
             for a, b in zip(cached.runner.trace[req.request_id], plain.runner.trace[req.request_id]):
                 assert torch.allclose(a, b, atol=ATOL, rtol=0), f"round {round_} {req.request_id}"
-    stats = cached.runner.heads.stats()
-    with_head = [r for r in requests if cached.make_sequence(r).head_len > 0]
-    assert len(with_head) >= 8 and stats["entries"] >= 4
-    assert stats["hits"] >= len(with_head)  # the second round reused every head
-    assert plain.runner.heads.stats()["entries"] == 0
+    stats = cached.kv_stats()
+    full_blocks = sum((len(s.plan.ids) + s.plan.prefix) // 16 for s in map(cached.make_sequence, requests))
+    assert full_blocks > 0 and stats["prefix_hits"] >= 16 * full_blocks // 2  # the second round reused them
+    assert plain.kv_stats()["prefix_hits"] == 0 and plain.kv_stats()["prefix_queries"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from prompt_core.spec import PromptKind, PromptSpec, make_labels
-from server.engine.request import EngineRequest, InputTooLong, InvalidRequest, SamplingParams
+from server.engine.request import EngineRequest, InputTooLong, InvalidRequest, SamplingParams, Status
 from tests.helpers import greedy, new_engine, prompt_ref, random_prompt, run, tiny_llama
 
 HARD = prompt_ref("hard@1", PromptSpec(PromptKind.HARD, 0, "Say: {input}"), None)
@@ -87,10 +87,16 @@ def test_streamed_deltas_add_up_to_the_text(loaded):
 def scripted(engine, monkeypatch, tokens: list[int]) -> None:
     """The engine's one generating row produces `tokens`, in order, whatever the model says."""
     script = iter(tokens)
-    real_prefill, real_decode = engine.runner.prefill, engine.runner.decode
-    monkeypatch.setattr(engine.runner, "prefill", lambda seqs, tensors: [
-        next(script) if isinstance(r, int) else r for r in real_prefill(seqs, tensors)])
-    monkeypatch.setattr(engine.runner, "decode", lambda kv_len: [next(script) for _ in real_decode(kv_len)])
+    real = engine.runner.run
+
+    def run_scripted(batch):
+        results = real(batch)
+        for r in results:
+            if r.token is not None:
+                r.token = next(script)
+        return results
+
+    monkeypatch.setattr(engine.runner, "run", run_scripted)
 
 
 @pytest.mark.parametrize("text, cut, expected", [
@@ -114,15 +120,16 @@ def test_a_character_split_by_the_end_is_held_back_not_replaced(loaded, monkeypa
     assert not any("\ufffd" in d for d in deltas)
 
 
-def test_cancel_frees_the_row(loaded):
-    engine = new_engine(loaded)
-    seqs = [engine.add_request(EngineRequest(f"r{i}", HARD, "hello", sampling=greedy(50))) for i in range(3)]
+def test_cancel_frees_the_row_and_its_blocks(loaded):
+    engine = new_engine(loaded, prefix_caching=False)
+    seqs = [engine.add_request(EngineRequest(f"r{i}", HARD, f"hello {i}", sampling=greedy(50))) for i in range(3)]
     engine.step()
-    assert engine.runner.num_rows == 3
+    assert engine.scheduler.num_running == 3
+    held = engine.kv_stats()["used_blocks"]
     engine.abort(seqs[1])
     outs = {o.request_id: o for o in engine.step()}
-    assert outs["r1"].finish_reason == "cancelled"
-    assert engine.runner.num_rows == 2 and seqs[2].row == 1  # the last row moved into the hole
+    assert outs["r1"].finish_reason == "cancelled" and seqs[1].blocks.tables == [[]]
+    assert engine.scheduler.num_running == 2 and engine.kv_stats()["used_blocks"] < held
 
 
 def test_a_failing_prompt_fails_alone(loaded):
@@ -145,20 +152,20 @@ def test_a_failing_prompt_fails_alone(loaded):
 
 def test_an_exception_in_the_batched_forward_fails_only_its_request(loaded, monkeypatch):
     engine = new_engine(loaded)
-    real = engine.runner.prefill
+    real = engine.runner.run
 
-    def flaky(seqs, tensors):  # injected fault: any batch holding request "x" raises
-        if any(s.request_id == "x" for s in seqs):
+    def flaky(batch):  # injected fault: any step holding request "x" raises
+        if any(item.seq.request_id == "x" for item in batch):
             raise RuntimeError("injected")
-        return real(seqs, tensors)
+        return real(batch)
 
-    monkeypatch.setattr(engine.runner, "prefill", flaky)
+    monkeypatch.setattr(engine.runner, "run", flaky)
     requests = [EngineRequest(i, HARD, f"input {i}", sampling=greedy(4)) for i in ("a", "x", "b")]
     outs = run(engine, requests)
     assert outs["x"].finish_reason == "error"
     expected = run(new_engine(loaded), [requests[0], requests[2]])
     assert outs["a"].text == expected["a"].text and outs["b"].text == expected["b"].text
-    assert engine.runner.num_rows == 0
+    assert engine.scheduler.num_running == 0 and engine.kv_stats()["used_blocks"] == 0
 
 
 def test_a_preempted_request_resumes_with_the_same_text(loaded):
@@ -176,8 +183,8 @@ def test_a_preempted_request_resumes_with_the_same_text(loaded):
     engine.add_request(light)
     for out in engine.step():
         finals[out.request_id] = out
-    assert seqs[3].row == -1 and seqs[3].output_ids  # preempted mid-decode, keeping its output
-    assert "l0" in [s.request_id for s in engine.runner.seqs]  # the light request runs at the next step
+    assert seqs[3].status is Status.WAITING and seqs[3].output_ids  # preempted mid-decode, keeping its output
+    assert "l0" in [s.request_id for s in engine.scheduler.running]  # the light request runs in its place
     while engine.has_work():
         for out in engine.step():
             if out.finished:

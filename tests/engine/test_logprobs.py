@@ -205,7 +205,7 @@ def test_logprobs_batched_equal_alone(which):
     together = run(new_engine(loaded), requests[:6], join_after={1: requests[6:]})  # some join mid-decode
     assert set(together) == {r.request_id for r in requests}
     for req in requests:
-        alone = run(new_engine(loaded, head_cache_bytes=0), [req])[req.request_id]
+        alone = run(new_engine(loaded, prefix_caching=False), [req])[req.request_id]
         got = together[req.request_id]
         assert got.error is None and got.text == alone.text, req.request_id
         same_entries(got.prompt_logprobs, alone.prompt_logprobs, f"{req.request_id} prompt")
@@ -218,17 +218,20 @@ def test_logprobs_batched_equal_alone(which):
 
 
 def test_echo_after_a_cached_head_still_scores_the_first_input_token():
-    """A prompt-tuning task with template {input}: its cached head is the virtual tokens, whose last query
-    predicts the input's first token. An echo request recomputes that query rather than lose the number."""
+    """A prompt-tuning task with template {input}: its cached head is one block of 16 virtual tokens, whose last
+    query predicts the input's first token. An echo request recomputes that query rather than lose the number;
+    a plain request of the task takes the block from the cache."""
     loaded = tiny_llama()
-    spec = PromptSpec(PromptKind.PROMPT_TUNING, 4, "{input}")
-    ref = prompt_ref("bare@1", spec, random_prompt(loaded, PromptKind.PROMPT_TUNING, 4, 7))
+    spec = PromptSpec(PromptKind.PROMPT_TUNING, 16, "{input}")
+    ref = prompt_ref("bare@1", spec, random_prompt(loaded, PromptKind.PROMPT_TUNING, 16, 7))
     ids = tuple(ids_of(loaded, "one two three"))
     engine = new_engine(loaded)
-    run(engine, [EngineRequest("warm", ref, "four five", sampling=greedy(2))])  # caches the 4-token head
-    assert engine.runner.heads.stats()["entries"] == 1
+    run(engine, [EngineRequest("warm", ref, "four five", sampling=greedy(2))])  # caches the 16-token head
+    run(engine, [EngineRequest("again", ref, "six seven", sampling=greedy(2))])
+    assert engine.kv_stats()["prefix_hits"] == 16
     out = run(engine, [EngineRequest("e", ref, "", mode="score", input_ids=ids, echo=True, logprobs=1)])["e"]
-    plain = run(new_engine(loaded, head_cache_bytes=0),
+    assert engine.kv_stats()["prefix_hits"] == 16     # the echo request computed the head's last query itself
+    plain = run(new_engine(loaded, prefix_caching=False),
                 [EngineRequest("e", ref, "", mode="score", input_ids=ids, echo=True, logprobs=1)])["e"]
     assert out.prompt_logprobs[0].logprob is not None
     same_entries(out.prompt_logprobs, plain.prompt_logprobs, "cached head")

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from prompt_core import forward as forward_mod
-from prompt_core.arch import MaskLayout, UnsupportedModel
+from prompt_core.arch import UnsupportedModel
 from prompt_core.model import LoadedModel, load_model, pick_dtype
 from prompt_core.quantize import (
     INT4_GROUP,
@@ -198,6 +197,7 @@ def test_start_up_check_passes_on_a_quantized_model_and_still_catches_a_wrong_wi
     """The looser limit of quantized layers still leaves a forgotten attention window far above it."""
     loaded = quantized("mistral-window", mode)
     assert self_check(new_engine(loaded), max_tokens=32) < QUANTIZED_TOLERANCE
-    monkeypatch.setattr(forward_mod, "mask_layout", lambda config: MaskLayout((None,), (None,)))
+    engine = new_engine(loaded)
+    monkeypatch.setattr(engine.runner, "windows", [0] * len(engine.runner.windows))
     with pytest.raises(UnsupportedModel, match="differ from the model's own forward"):
-        self_check(new_engine(loaded), max_tokens=32)
+        self_check(engine, max_tokens=32)

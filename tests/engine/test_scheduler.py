@@ -1,37 +1,109 @@
-"""The scheduler: batch limits, head-of-line requeue, and token-fair sharing between tenants."""
+"""The scheduler: the step's token budget (decoding rows, prompt chunks, admissions), admission by rows and blocks,
+preemption by memory, fairness and priority, token-fair sharing between tenants, prefix sharing within a step."""
 
 from __future__ import annotations
 
 from prompt_core.layout import RowPlan
 from prompt_core.spec import PromptKind, PromptSpec
-from server.engine.request import EngineRequest, PromptRef, Sequence, Status
+from server.engine.block_manager import BlockManager, GroupSpec
+from server.engine.request import EngineRequest, PromptRef, SamplingParams, Sequence, Status
 from server.engine.scheduler import Scheduler, SchedulerConfig
 
 REF = PromptRef("t@1", PromptSpec(PromptKind.HARD))
 
 
-def seq(i: int, tenant: str = "a", tokens: int = 10) -> Sequence:
-    return Sequence(EngineRequest(f"{tenant}{i}", REF, "x", tenant=tenant),
-                    RowPlan(ids=[1] * tokens, virt=[-1] * tokens))
+def seq(i: int, tenant: str = "a", tokens: int = 10, priority: str = "interactive", new: int = 64,
+        ids: list[int] | None = None) -> Sequence:
+    ids = ids if ids is not None else [1] * tokens
+    return Sequence(EngineRequest(f"{tenant}{i}", REF, "x", tenant=tenant, priority=priority,
+                                  sampling=SamplingParams(max_new_tokens=new)),
+                    RowPlan(ids=list(ids), virt=[-1] * len(ids)))
 
 
-def test_batch_size_and_prefill_token_limits():
-    s = Scheduler(SchedulerConfig(max_batch_size=3, max_prefill_tokens=25))
+def run_step(s: Scheduler, tokens: dict[str, int] | None = None):
+    """Schedule, then account for what ran as the engine does: queries computed; a completed row gets a token."""
+    out = s.schedule()
+    for item in out.scheduled:
+        s.advance(item.seq, item.count)
+        if item.completes:
+            item.seq.output_ids.append((tokens or {}).get(item.seq.request_id, 7))
+    return out
+
+
+def test_batch_rows_limit_admission():
+    s = Scheduler(SchedulerConfig(max_batch_size=3, max_prefill_tokens=1000))
     for i in range(5):
         s.add(seq(i))
     first = s.schedule().admitted
-    assert [q.request_id for q in first] == ["a0", "a1"]  # a third would make 30 > 25 prefill tokens
+    assert [q.request_id for q in first] == ["a0", "a1", "a2"]
     assert all(q.status is Status.RUNNING for q in first)
-    assert [q.request_id for q in s.schedule().admitted] == ["a2"]  # batch of 3 is full now
-    assert s.schedule().admitted == []
-    s.finish(first)
+    assert s.schedule().admitted == []                  # the batch is full
+    s.finish(first[:2])
     assert [q.request_id for q in s.schedule().admitted] == ["a3", "a4"]
 
 
-def test_an_oversized_request_still_runs_alone():
+def test_the_token_budget_chunks_long_prompts_and_decoding_rows_go_first():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=16))
+    short, long = seq(0, tokens=6), seq(1, tokens=40)
+    s.add(short)
+    s.add(long)
+    out = run_step(s)
+    assert [(x.seq.request_id, x.start, x.count) for x in out.scheduled] == [("a0", 0, 6), ("a1", 0, 10)]
+    out = run_step(s)                                   # a0 decodes (one token), a1 gets the other 15
+    assert [(x.seq.request_id, x.start, x.count) for x in out.scheduled] == [("a0", 6, 1), ("a1", 10, 15)]
+    out = run_step(s)
+    assert [(x.seq.request_id, x.start, x.count) for x in out.scheduled] == [("a0", 7, 1), ("a1", 25, 15)]
+    assert out.scheduled[1].completes and long.output_ids == [7]   # its prefill done: it sampled a token
+
+
+def test_an_oversized_request_still_progresses_alone():
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_prefill_tokens=5))
     s.add(seq(0, tokens=50))
-    assert len(s.schedule().admitted) == 1
+    counts = [sum(x.count for x in run_step(s).scheduled) for _ in range(10)]
+    assert counts == [5] * 10 and s.running[0].output_ids == [7]
+
+
+def test_a_classify_prompt_keeps_its_last_token_with_its_label_tokens():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_prefill_tokens=8))
+    c = Sequence(EngineRequest("c", REF, "x", mode="classify"),
+                 RowPlan(ids=[1] * 10, virt=[-1] * 10, labels=[[5, 6, 7], [8, 9]]))   # 3 label queries
+    s.add(c)
+    assert [(x.start, x.count) for x in s.schedule().scheduled] == [(0, 8)]
+    s.advance(c, 8)                                     # 5 left: the prompt's last two tokens and 3 label tokens
+    assert [(x.start, x.count, x.completes) for x in s.schedule().scheduled] == [(8, 5, True)]
+    d = Sequence(EngineRequest("d", REF, "x", mode="classify"),
+                 RowPlan(ids=[1] * 6, virt=[-1] * 6, labels=[[5, 6, 7], [8, 9]]))   # 9 queries, 4 in the tail
+    s.add(d)
+    s.finish([c])
+    assert [(x.start, x.count) for x in s.schedule().scheduled] == [(0, 5)]   # not 8: that would split the tail
+
+
+def test_admission_waits_for_blocks_and_growth_preempts_the_latest_admitted():
+    blocks = BlockManager([GroupSpec(6, None, ())], 16, prefix_caching=False, watermark=0.0)
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=1000), blocks)
+    a, b, c = seq(0, tokens=32), seq(1, tokens=32), seq(2, tokens=32)
+    for q in (a, b, c):
+        s.add(q)
+    out = run_step(s)
+    assert out.admitted == [a, b, c] and blocks.pools[0].num_free == 0   # two blocks each
+    out = run_step(s)                                   # each needs a third block for its next token: none free
+    assert [(q.request_id, r) for q, r in out.preempted] == [("a2", "memory")]
+    assert [x.seq for x in out.scheduled] == [a, b] and c.status is Status.WAITING and c.computed == 0
+    assert s.waiting["a"][0] is c and c.output_ids == [7]        # it resumes with what it had generated
+    assert s.preemptions == {"memory": 1}
+
+
+def test_batch_work_is_admitted_after_interactive_and_preempted_first():
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_prefill_tokens=1000))
+    bulk = [seq(i, "b", priority="batch") for i in range(3)]
+    for q in bulk:
+        s.add(q)
+    s.add(seq(0, "i"))
+    assert [q.request_id for q in s.schedule().admitted] == ["i0", "b0"]
+    s.add(seq(1, "i"))
+    out = s.schedule()                                   # full: the batch row gives way to the interactive one
+    assert [(q.request_id, r) for q, r in out.preempted] == [("b0", "priority")]
+    assert [q.request_id for q in out.admitted] == ["i1"]
 
 
 def test_a_flooding_tenant_cannot_starve_a_light_one():
@@ -91,10 +163,11 @@ def test_a_starved_tenant_preempts_the_tenant_over_its_share():
     s.running[-1].output_ids = [5, 6]  # it had generated two tokens
     s.add(seq(0, "light"))
     out = s.schedule()
-    assert [q.request_id for q in out.preempted] == ["heavy3"]
+    assert [(q.request_id, r) for q, r in out.preempted] == [("heavy3", "fairness")]
     assert [q.request_id for q in out.admitted] == ["light0"]
-    assert out.preempted[0].status is Status.WAITING and s.waiting["heavy"][0].request_id == "heavy3"
-    assert s.waiting["heavy"][0].cost_tokens == 12  # resumes with its prompt and its two tokens
+    victim = out.preempted[0][0]
+    assert victim.status is Status.WAITING and s.waiting["heavy"][0] is victim
+    assert victim.cost_tokens == 12 and victim.computed == 0  # resumes with its prompt and its two tokens
     # at its share (2 of 4 for two tenants) nobody is preempted again
     s.add(seq(1, "light"))
     assert s.schedule().preempted == []
@@ -107,6 +180,22 @@ def test_no_preemption_when_disabled_or_batch_not_full():
     s.schedule()
     s.add(seq(0, "light"))
     assert s.schedule().preempted == []
+
+
+def test_requests_of_one_task_admitted_together_share_its_head_from_the_next_step():
+    blocks = BlockManager([GroupSpec(64, None, ())], 16, prefix_caching=True, watermark=0.0)
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=1000), blocks)
+    head = list(range(100, 132))                         # two full blocks every request of the task shares
+    reqs = [seq(i, ids=head + [i, i + 1, i + 2]) for i in range(4)]
+    for q in reqs:
+        q.head_len = 32
+        s.add(q)
+    out = run_step(s)
+    assert out.admitted == reqs[:1]                      # the others would compute the same two blocks
+    out = run_step(s)
+    assert out.admitted == reqs[1:] and all(q.blocks.cached_tokens == 32 for q in reqs[1:])
+    assert [x.start for x in out.scheduled if x.seq in reqs[1:]] == [32, 32, 32]
+    assert blocks.stats()["shared"] == 2 and blocks.hits == 96
 
 
 def test_cancelled_waiting_requests_leave_their_queue_and_running_ones_stay_until_finished():
@@ -122,7 +211,7 @@ def test_cancelled_waiting_requests_leave_their_queue_and_running_ones_stay_unti
     waiting, still_running = s.cancelled()
     assert waiting == [a[2], b] and still_running == [a[0]]
     assert list(s.waiting["a"]) == [a[1]] and not s.waiting["b"] and s.num_waiting == 1
-    assert s.running == [a[0]]  # its row is the engine's to free first
+    assert s.running == [a[0]]  # its blocks are the engine's to free first
     assert s.cancelled() == ([], [a[0]])  # the waiting ones are gone; the running one is reported until finished
     s.finish(still_running)
     assert s.cancelled() == ([], []) and a[0].status is Status.FINISHED
@@ -139,15 +228,3 @@ def test_remove_waiting_only_removes_a_waiting_sequence():
     assert not s.remove_waiting(first)  # running, not waiting
     assert s.remove_waiting(second) and not s.remove_waiting(second)
     assert s.num_waiting == 0 and s.running == [first]
-
-
-def test_prefill_groups_keep_padding_low():
-    from server.engine.engine import LLMEngine
-
-    seqs = [seq(i, tokens=n) for i, n in enumerate([5, 40, 6, 38, 7, 100, 5])]
-    groups = LLMEngine._length_groups(seqs)
-    assert sorted(i for g in groups for i in g) == list(range(7))
-    for g in groups:
-        lengths = [seqs[i].cost_tokens for i in g]
-        assert len(g) * max(lengths) <= 1.25 * sum(lengths)
-    assert len(groups) == 3  # short ones, the ~40s, and the long one alone

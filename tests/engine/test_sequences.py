@@ -7,8 +7,8 @@ import pytest
 
 from prompt_core.spec import PromptKind, PromptSpec, make_labels
 from server.engine.config import EngineConfig
-from server.engine.request import EngineRequest, InvalidRequest, PromptRef
-from server.engine.sequences import SequenceBuilder, task_tokens
+from server.engine.request import EngineRequest, InputTooLong, InvalidRequest, PromptRef, SamplingParams
+from server.engine.sequences import SequenceBuilder, block_keys, cache_limit, task_tokens
 from server.engine.tokenizer import SharedTokenizer
 from tests.helpers import tokenizer
 
@@ -50,13 +50,50 @@ def test_the_cache_starts_over_when_full(monkeypatch):
     assert list(b._tasks) == ["review@2"]
 
 
-def test_choices_of_one_prompt_share_all_of_it_but_its_last_token():
-    """One of n choices (share_prompt) takes its whole prompt but the last token from the head cache; without a
-    head cache it keeps the task's head."""
-    req = EngineRequest("n", REF, "a fine film", share_prompt=True)
-    shared = builder().make(req)
-    assert shared.head_len == shared.plan.num_tokens - 1 > builder().head_len(REF)
-    assert builder(head_cache_bytes=0).make(req).head_len == builder().head_len(REF)
+def keyed(ref: PromptRef, text: str, tenant: str = "t", **kw) -> list[bytes]:
+    seq = builder().make(EngineRequest("k", ref, text, tenant=tenant, **kw))
+    return block_keys(seq, 4)
+
+
+def test_block_keys_are_shared_only_within_one_task_version_and_its_head_across_tenants():
+    long_head = PromptRef("chat@1", PromptSpec(PromptKind.HARD, 0, "You are a careful assistant who answers in "
+                                                                   "French. {input}"))
+    head = builder().task(long_head).head_len
+    assert head >= 8
+    mine = keyed(long_head, "Bonjour, comment allez-vous?")
+    assert mine == keyed(long_head, "Bonjour, comment allez-vous?")               # the same request: same keys
+    other_text = keyed(long_head, "Quelle heure est-il maintenant?")
+    whole = head // 4                                                              # blocks inside the head
+    assert other_text[:whole] == mine[:whole] and other_text[whole:] != mine[whole:]
+    other_tenant = keyed(long_head, "Bonjour, comment allez-vous?", tenant="u")
+    assert other_tenant[:whole] == mine[:whole]                                    # the task's head is shared
+    assert not set(other_tenant[whole:]) & set(mine[whole:])                      # the tenant's input is not
+    other_task = keyed(PromptRef("chat2@1", long_head.spec), "Bonjour, comment allez-vous?")
+    new_content = keyed(PromptRef("chat@1", long_head.spec, content="other"), "Bonjour, comment allez-vous?")
+    assert not set(other_task) & set(mine) and not set(new_content) & set(mine)
+
+
+def test_soft_prompts_with_the_same_text_never_share_a_block():
+    spec = PromptSpec(PromptKind.PROMPT_TUNING, 8, "{input}")
+    a = keyed(PromptRef("task-a@1", spec), "the same words for both tasks here")
+    b = keyed(PromptRef("task-b@1", spec), "the same words for both tasks here")
+    assert a and not set(a) & set(b)
+
+
+def test_the_cache_never_serves_the_last_prompt_token_nor_what_echo_scores():
+    seq = builder().make(EngineRequest("k", REF, "a fine film indeed"))
+    assert cache_limit(seq) == seq.plan.num_tokens - 1
+    echo = builder().make(EngineRequest("e", REF, "a fine film indeed", echo=True, logprobs=0))
+    assert cache_limit(echo) == echo.plan.input_span[0] - 1
+
+
+def test_a_request_the_cache_can_never_hold_is_refused_at_once():
+    b = SequenceBuilder(EngineConfig(), SharedTokenizer(tokenizer()), grammars=None, vocab_size=49152,
+                        logits_size=49152, max_positions=512,
+                        kv_refusal=lambda slots: f"{slots} slots" if slots > 40 else None)
+    assert b.make(EngineRequest("ok", REF, "short", sampling=SamplingParams(max_new_tokens=8)))
+    with pytest.raises(InputTooLong, match="slots"):
+        b.make(EngineRequest("big", REF, "short", sampling=SamplingParams(max_new_tokens=64)))
 
 
 def test_limits_are_checked_before_tokenizing():

@@ -1,14 +1,11 @@
-"""The one byte-budget LRU (prompt_core/lru.py) under the store's tiers and the engine's head cache: which entry goes
+"""The one byte-budget LRU (prompt_core/lru.py) under the store's tiers: which entry goes
 first, that the budget always holds, what an entry bigger than the budget does, and what pins change."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from prompt_core.lru import ByteLRU
-from server.engine.head_cache import CachedHead, HeadCache
 
 
 @dataclass
@@ -78,20 +75,3 @@ def test_a_refused_match_is_a_miss_and_does_not_refresh():
     assert lru.get("a", accept=lambda v: v.tag == "z") is None and lru.misses == 1
     lru.put("c", Blob(50))                        # a was not refreshed by the refused get: a goes
     assert list(lru) == ["b", "c"]
-
-
-def test_head_cache_on_the_shared_lru():
-    def head(ids, n=4):
-        return CachedHead(ids=tuple(ids), virt=(-1,) * len(ids), kv=torch.zeros(n, dtype=torch.float32))
-
-    cache = HeadCache(budget_bytes=32)            # two 16-byte heads
-    cache.put(("t", 2), head([1, 2]))
-    assert cache.get(("t", 2), [1, 2, 9], [-1, -1, -1]) is not None     # the row starts with the head
-    assert cache.get(("t", 2), [1, 3, 9], [-1, -1, -1]) is None         # a different token: a miss
-    cache.put(("u", 2), head([5, 6]))
-    cache.put(("v", 2), head([7, 8]))                                   # evicts t, the least recent
-    assert cache.get(("t", 2), [1, 2], [-1, -1]) is None
-    cache.put(("w", 2), head([1, 1], n=100))                            # bigger than the budget: not cached
-    cache.discard(("u", 2))
-    assert cache.stats() == {"hits": 1, "misses": 2, "evictions": 1, "resident_bytes": 16, "entries": 1}
-    assert cache.budget == 32

@@ -218,19 +218,19 @@ def test_a_500_does_not_drop_the_kept_alive_connection(server, monkeypatch):
 
 def test_engine_exception_fails_one_request_and_its_batch_completes(server, acme, monkeypatch):
     runner = server.runtime.engine.engine.runner
-    real_prefill = runner.prefill
+    real_run = runner.run
     batches: list[list[str]] = []
 
-    def prefill(seqs, tensors):
-        texts = [s.request.text for s in seqs]
+    def run_step(batch):
+        texts = [item.seq.request.text for item in batch]
         batches.append(texts)
         if FAILING in texts:
             raise RuntimeError("injected fault")
-        return real_prefill(seqs, tensors)
+        return real_run(batch)
 
     reference = {x: generate(acme, "qa", x, 6).json()["text"] for x in INPUTS}
     ref_cls = acme.post("/v1/tasks/cls/classify", json={"input": "alpha"}).json()
-    monkeypatch.setattr(runner, "prefill", prefill)
+    monkeypatch.setattr(runner, "run", run_step)
     for attempt in range(4):  # the co-batching depends on timing: a blocker makes the rest queue up together
         batches.clear()
         first = threading.Event()
@@ -256,7 +256,7 @@ def test_engine_exception_fails_one_request_and_its_batch_completes(server, acme
         if any(FAILING in b and len(b) > 1 for b in batches):
             break
     else:
-        pytest.fail(f"the failing request never shared a prefill batch with others: {batches}")
+        pytest.fail(f"the failing request never shared a step with others: {batches}")
     assert server.runtime.engine.ready
     server.wait_idle()
 
