@@ -85,4 +85,4 @@ def test_profile_runs_from_the_cli_and_renders(tmp_path):
     top = prof["ops"][0]["name"]                  # the operator with the most self time (aten::, mkldnn::, ...)
     assert "::" in top and 0 < prof["ops_self_ms"] < prof["step_ms"]
     page = "\n".join(profile_section({"profile": prof, "config": {"virtual_tokens": 4}}))
-    assert "public API only" in page and f"| {top} |" in page and "**Prefill** (4 requests in 1 engine" in page
+    assert "public API only" in page and f"| {top} |" in page and "**Prefill** (4 requests over 1 engine" in page

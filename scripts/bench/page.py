@@ -272,8 +272,8 @@ def public_profile(pr: dict, intro: str) -> list[str]:
          f"of the {pr['steps']} profiled steps only decoded (median {pr['step_ms_p50']:.0f} ms); percentages are of "
          "the steps' wall time."]
     L += op_tables(pr)
-    L.append(f"\n**Prefill** ({pf['rows']} requests in {pf['steps']} engine step(s), each also decoding every "
-             f"row): {pf['wall_ms']:.0f} ms.\n")
+    L.append(f"\n**Prefill** ({pf['rows']} requests over {pf['steps']} engine step(s), which also decode the rows "
+             f"already running): {pf['wall_ms']:.0f} ms.\n")
     L.append("| op (self time) | ms | % |\n|---|---|---|")
     L += [f"| {d['name']} | {d['self_ms']:.1f} | {d['pct']:.1f} |" for d in pf["ops"][:8]]
     L.append("")

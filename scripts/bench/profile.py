@@ -86,7 +86,7 @@ def report(res: dict) -> None:
         print(f"    {d['name']:<40}{d['self_ms']:>9.2f} ms {d['pct']:>6.1f}%  x{d['calls']}{device}")
     print(f"  ops' self time {res['ops_self_ms']:.1f} ms/step of {res['step_ms']:.0f} ms wall; the rest is Python, "
           f"dispatch and time other processes held the CPU")
-    print(f"\n  prefill: {pf['rows']} requests in {pf['steps']} step(s), each with a decode of every row: "
+    print(f"\n  prefill: {pf['rows']} requests over {pf['steps']} step(s), which also decode the rows already running: "
           f"{pf['wall_ms']:.0f} ms")
     for d in pf["ops"]:
         print(f"    {d['name']:<40}{d['self_ms']:>9.1f} ms {d['pct']:>6.1f}%")
