@@ -66,6 +66,16 @@ class InvariantLinear(nn.Module):
             return out if self.bias is None else out + self.bias
         return tiled(self.packed, self.bias, x, self.tiling)
 
+    def __deepcopy__(self, memo):
+        """A copy is a plain nn.Linear with copied weights (the prepacked layout is a serving-time form of them that
+        torch cannot copy; a copy is made to change dtype or device, where it no longer applies)."""
+        import copy
+
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = copy.deepcopy(self.weight, memo)
+        plain.bias = copy.deepcopy(self.bias, memo) if self.bias is not None else None
+        return plain
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tile={self.tiling.tile}, pad={self.tiling.pad}"
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Fairness benchmark (not CI): does a tenant flooding the server starve a light tenant?
 
 Two tenants share one server. The light tenant sends a steady trickle of small generate requests, first on an idle
@@ -13,8 +12,8 @@ prints the light tenant's latency percentiles in both phases and the ratio of it
 - light sent as the flooder: the same trickle with the heavy tenant's key, i.e. first-come first-served without
   tenant separation, for contrast.
 
-    python scripts/bench_fairness.py                      # starts `python -m server` itself on a free port
-    python scripts/bench_fairness.py --url http://host:8000 --heavy-key K1 --light-key K2
+    python -m scripts.bench_fairness                      # starts `python -m server` itself on a free port
+    python -m scripts.bench_fairness --url http://host:8000 --heavy-key K1 --light-key K2
 
 Heavy requests are queued beyond the batch size on purpose (see --heavy-concurrency and --max-batch-size), so the
 scheduler has to choose whom to admit: that choice is what this measures.
@@ -33,9 +32,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from common import ServerProcess, pct  # noqa: E402
+from scripts.common import ServerProcess, pct
 
 HEAVY_KEY = "bench-heavy-key-0123456789"
 CAPPED_KEY = "bench-capped-key-0123456789"  # the same flood, from a tenant capped below the batch size

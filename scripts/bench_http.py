@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Async HTTP load generator for a running `python -m server` (issue 6): closed loop and open loop.
 
     .venv/bin/python -m server --store /tmp/bench-store &              # in another shell; wait for /ready
-    .venv/bin/python scripts/bench_http.py                             # both modes, the standard workload
-    .venv/bin/python scripts/bench_http.py --mode open --rate 2 --requests 64 --stream
-    .venv/bin/python scripts/bench_http.py --quick --json /tmp/http.json
+    .venv/bin/python -m scripts.bench_http                             # both modes, the standard workload
+    .venv/bin/python -m scripts.bench_http --mode open --rate 2 --requests 64 --stream
+    .venv/bin/python -m scripts.bench_http --quick --json /tmp/http.json
 
 Setup: `--tasks` tasks cycling through hard, prompt tuning, P-tuning and prefix tuning are created once (skipped when
 `<task-prefix><i>` already exists): hard prompts with a JSON body, soft prompts as multipart uploads of PEFT adapter
@@ -40,26 +39,24 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-from common import command_line, load_avg, pct  # noqa: E402
+from scripts.bench.inputs import CLASSIFY_LABELS, CLASSIFY_TEXTS, TEXTS
+from scripts.common import command_line, load_avg, pct
 
 # ------------------------------------------------------------------------------------------------------------ setup
 
 def build_tasks(n: int, T: int, prefix: str, model: str) -> list[tuple[str, dict | None, bytes | None]]:
     """(task_id, hard JSON body or None, adapter zip or None) per task."""
-    import bench_engine as B
-
     from prompt_core.fingerprint import fingerprint
     from prompt_core.model import load_model
     from prompt_core.spec import PromptKind, PromptTensors
     from prompt_store.peft_io import export_peft
+    from scripts.bench.environment import warnings_off
+    from scripts.bench.workload import make_tasks
 
-    with B.warnings_off():
+    with warnings_off():
         loaded = load_model(None if model == "default" else model, "cpu", "float32")
     fp = fingerprint(loaded.model)
-    tasks = B.make_tasks(loaded, n, T, seed=1)
+    tasks = make_tasks(loaded, n, T, seed=1)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, t in enumerate(tasks):
@@ -104,10 +101,9 @@ async def ensure_tasks(client: httpx.AsyncClient, args) -> list[str]:
 async def ensure_classify_task(client: httpx.AsyncClient, args) -> str:
     tid = f"{args.task_prefix}cls"
     if (await client.get(f"/v1/tasks/{tid}")).status_code == 404:
-        import bench_engine as B
         r = await client.post("/v1/tasks", json={"task_id": tid, "kind": "hard", "task_type": "classify",
                                                  "template": "Review: {input}\nSentiment:",
-                                                 "labels": B.CLASSIFY_LABELS})
+                                                 "labels": CLASSIFY_LABELS})
         if r.status_code != 201:
             raise SystemExit(f"creating {tid} failed: {r.status_code} {r.text[:300]}")
     return tid
@@ -177,8 +173,7 @@ async def one_generate(client: httpx.AsyncClient, task: str, text: str, args, st
 
 
 def workload(ids: list[str], n: int, seed: int = 0):
-    import bench_engine as B
-    return [(ids[j % len(ids)], B.TEXTS[j % len(B.TEXTS)]) for j in range(n)]
+    return [(ids[j % len(ids)], TEXTS[j % len(TEXTS)]) for j in range(n)]
 
 
 async def closed_loop(client, ids, args) -> dict:
@@ -214,7 +209,6 @@ async def open_loop(client, ids, args) -> dict:
 
 
 async def classify_run(client, args) -> dict:
-    import bench_engine as B
     tid = await ensure_classify_task(client, args)
     st = Stats("classify")
     sem = asyncio.Semaphore(args.concurrency)
@@ -234,7 +228,7 @@ async def classify_run(client, args) -> dict:
             st.ok += 1
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(B.CLASSIFY_TEXTS[i % len(B.CLASSIFY_TEXTS)]) for i in range(args.classify)))
+    await asyncio.gather(*(one(CLASSIFY_TEXTS[i % len(CLASSIFY_TEXTS)]) for i in range(args.classify)))
     return st.summary(time.perf_counter() - t0, args.classify)
 
 

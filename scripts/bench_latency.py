@@ -1,10 +1,9 @@
-#!/usr/bin/env python
 """Decode speed at the batch sizes a service mostly runs: the batch sweep, every system measured in one run.
 
-    python scripts/bench_latency.py --threads 1                      # engine, HF generate, bandwidth bound
-    python scripts/bench_latency.py --threads 1 --http               # + the HTTP server (a subprocess)
-    python scripts/bench_latency.py --threads 1 --variants bfloat16,int8,int4   # + the lower-precision settings
-    python scripts/bench_latency.py --threads 1 --llama-bench BUILD/bin/llama-batched-bench \
+    python -m scripts.bench_latency --threads 1                      # engine, HF generate, bandwidth bound
+    python -m scripts.bench_latency --threads 1 --http               # + the HTTP server (a subprocess)
+    python -m scripts.bench_latency --threads 1 --variants bfloat16,int8,int4   # + the lower-precision settings
+    python -m scripts.bench_latency --threads 1 --llama-bench BUILD/bin/llama-batched-bench \
         --gguf /tmp/smollm2-f32.gguf [--gguf-q4 SmolLM2-135M-Instruct.Q4_1.gguf]      # + llama.cpp
 
 Per batch size B (default 1, 16, 64): B requests of `--prompt-tokens` random-text tokens each generate
@@ -44,18 +43,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from bench_engine import copy_bandwidth, env_info, git_info  # noqa: E402
-from common import ServerProcess, load_avg  # noqa: E402
-
-from prompt_core.model import LoadedModel, cpu_has_native_bf16, load_model  # noqa: E402
-from prompt_core.spec import PromptKind, PromptSpec  # noqa: E402
-from server.engine.config import EngineConfig, SchedulerConfig  # noqa: E402
-from server.engine.engine import LLMEngine  # noqa: E402
-from server.engine.request import EngineRequest, PromptRef, SamplingParams  # noqa: E402
+from prompt_core.model import LoadedModel, cpu_has_native_bf16, load_model
+from prompt_core.spec import PromptKind, PromptSpec
+from scripts.bench.baselines import copy_bandwidth
+from scripts.bench.environment import env_info, git_info
+from scripts.common import ServerProcess, load_avg
+from server.engine.config import EngineConfig, SchedulerConfig
+from server.engine.engine import LLMEngine
+from server.engine.request import EngineRequest, PromptRef, SamplingParams
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars watch the quiet river "
          "flow past old stone bridges and green fields").split()

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Constrained decoding cost on the default model: grammar compile time, mask time per step, and tokens/s of a
 batch of constrained rows against the same batch unconstrained.
 
-    python scripts/bench_outputs.py --threads 1            # 32 rows x 32 tokens, ~1-2 min on one CPU thread
-    python scripts/bench_outputs.py --rows 32 --tokens 64 --json out.json
+    python -m scripts.bench_outputs --threads 1            # 32 rows x 32 tokens, ~1-2 min on one CPU thread
+    python -m scripts.bench_outputs --rows 32 --tokens 64 --json out.json
 
 Both batches run the same prompts greedily; each row of the constrained batch has one of four JSON schemas. To
 compare like with like, every row runs to its max_new_tokens: each schema needs a string of 1000+ characters, and
@@ -15,11 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:

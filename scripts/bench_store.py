@@ -1,7 +1,7 @@
 """Prompt-store benchmark (not CI): start-up cost with 10,000 tasks vs an empty store, and tier-cache throughput
 cycling 1,000 distinct tasks vs 8, measured in one run.
 
-    .venv/bin/python scripts/bench_store.py [--tasks 10000] [--device cpu|cuda] [--keep DIR]
+    .venv/bin/python -m scripts.bench_store [--tasks 10000] [--device cpu|cuda] [--keep DIR]
 
 Why: the store must scale with metadata only (start-up time and RSS), and serving many distinct prompts must not fall
 off a cliff (SGLang measured TTFT x160 cycling 16 adapters through 8 slots). The goal is a 1,000-vs-8 ratio >= 0.8.
@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from scripts.common import REPO
 
 FP = {"architecture": "LlamaForCausalLM", "hidden_size": 576, "num_layers": 30, "num_heads": 9, "num_kv_heads": 3,
       "head_dim": 64, "vocab_size": 49152, "embedding_sha256": "0" * 64}

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Serving while training (issue 14): the latency of a light open-loop load with no job, then while a fine-tuning
 job trains on the same resident model, then how fast the job trains on its own.
 
-    .venv/bin/python scripts/bench_train_serving.py                        # default model, emotion example
-    .venv/bin/python scripts/bench_train_serving.py --rate 1 --requests 40 --training-share 0 --json out.json
+    .venv/bin/python -m scripts.bench_train_serving                        # default model, emotion example
+    .venv/bin/python -m scripts.bench_train_serving --rate 1 --requests 40 --training-share 0 --json out.json
 
 It starts the server in-process (create_app + uvicorn on loopback), makes a hard generate task, uploads
 training/examples/emotion/train.jsonl and sends Poisson arrivals at `--rate` requests/s of a short greedy generate
@@ -28,14 +27,9 @@ from pathlib import Path
 import httpx
 import uvicorn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from common import pct  # noqa: E402 - the one percentile definition of every report
-
-from server.config import Settings  # noqa: E402
-from server.main import create_app  # noqa: E402
+from scripts.common import REPO, pct  # pct: the one percentile definition of every report
+from server.config import Settings
+from server.main import create_app
 
 TEXTS = ["What is the capital of France?", "Name a primary colour.", "How many legs has a spider?",
          "What do bees make?", "Which planet is red?", "What is two plus two?"]
@@ -100,7 +94,7 @@ def main(argv=None) -> int:
             c.post("/v1/tasks", json={"task_id": "bench-qa", "kind": "hard",
                                       "template": "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n"}
                    ).raise_for_status()
-            data = (ROOT / "training/examples/emotion/train.jsonl").read_bytes()
+            data = (REPO / "training/examples/emotion/train.jsonl").read_bytes()
             fid = c.post("/v1/files", data={"purpose": "fine-tune"},
                          files={"file": ("emotion.jsonl", data)}).json()["id"]
             asyncio.run(open_loop(url, 4 * a.rate, 8, a.max_new_tokens, 99))  # warm-up

@@ -2,7 +2,7 @@
 p50/p95/p99 is the same statistic; a free loopback port; the load average as reports print it; the command line
 a report records; an auth file; a prompt artifact zipped for upload; and `python -m server` in a subprocess.
 
-Scripts import it as `common` (they put scripts/ on sys.path); the tests as `scripts.common`.
+Scripts and tests alike import it as `scripts.common` (scripts run as `python -m scripts.NAME`).
 """
 
 from __future__ import annotations
@@ -45,9 +45,17 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def invocation() -> str:
+    """How this process was started, as run from the repository root: `-m scripts.x --flag ...`, or
+    `scripts/x.py --flag ...` for a file run by its path (recorded in reports)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    head = f"-m {spec.name}" if spec is not None else os.path.relpath(sys.argv[0], REPO)
+    return " ".join([head] + sys.argv[1:])
+
+
 def command_line() -> str:
-    """How this script was run, from the repository root: `python scripts/x.py --flag ...` (recorded in reports)."""
-    return "python " + " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:])
+    """The whole command a report records: `python -m scripts.x --flag ...`."""
+    return "python " + invocation()
 
 
 def write_auth_file(path: Path, tenants: dict[str, str]) -> Path:

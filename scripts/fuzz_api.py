@@ -1,8 +1,8 @@
 """Fuzz every endpoint of a live promptserve with schemathesis (hypothesis) from its own /openapi.json.
 
-    python scripts/fuzz_api.py                       # starts `python -m server` on loopback, ~1,500 requests
-    python scripts/fuzz_api.py --examples 60         # more per operation and mode
-    python scripts/fuzz_api.py --url http://127.0.0.1:8000 --key KEY   # an already running server
+    python -m scripts.fuzz_api                       # starts `python -m server` on loopback, ~1,500 requests
+    python -m scripts.fuzz_api --examples 60         # more per operation and mode
+    python -m scripts.fuzz_api --url http://127.0.0.1:8000 --key KEY   # an already running server
 
 For every operation in the spec it generates requests in two modes (positive: bodies the schema accepts; negative:
 bodies and parameters that break it) and, for operations with a task in the path, a third round aimed at real tasks
@@ -31,9 +31,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from common import ServerProcess, artifact_zip, write_auth_file  # noqa: E402
+from scripts.common import ServerProcess, artifact_zip, write_auth_file
 
 KEY = "fuzz-key-0123456789abcdef"
 TASKS = {"task_id": ["fz-qa", "fz-cls", "fz-soft"], "model": ["fz-qa", "fz-cls", "fz-soft"]}

@@ -1,8 +1,8 @@
 """Soak test: many concurrent clients on mixed tasks and endpoints against a loopback promptserve, with memory watch.
 
-    python scripts/soak.py                          # 200 clients, 5 minutes, starts `python -m server` itself
-    python scripts/soak.py --duration 60 --clients 50
-    python scripts/soak.py --url http://127.0.0.1:8000 --key KEY --pid 1234   # a running server (loopback only)
+    python -m scripts.soak                          # 200 clients, 5 minutes, starts `python -m server` itself
+    python -m scripts.soak --duration 60 --clients 50
+    python -m scripts.soak --url http://127.0.0.1:8000 --key KEY --pid 1234   # a running server (loopback only)
 
 It creates a hard generate task, a hard classify task, a prompt-tuning task and a prefix-tuning task (both with
 labels), then runs N asyncio clients (httpx), spread over four tenants, each looping over a random mix of: native
@@ -38,9 +38,7 @@ from urllib.parse import urlparse
 import httpx
 import psutil
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-from common import ServerProcess, artifact_zip, pct, write_auth_file  # noqa: E402
+from scripts.common import ServerProcess, artifact_zip, pct, write_auth_file
 
 TENANTS = ["t0", "t1", "t2", "t3"]
 KEYS = {t: f"soak-{t}-key-0123456789abcdef" for t in TENANTS}

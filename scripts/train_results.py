@@ -1,7 +1,7 @@
 """Regenerate the results table in docs/training.md: every method and the zero-shot hard prompt on the two example
 data sets, on the default model, through `python -m training` exactly as a user runs it.
 
-    .venv/bin/python scripts/train_results.py [--tasks emotion,people] [--methods prompt-tuning,p-tuning,...]
+    .venv/bin/python -m scripts.train_results [--tasks emotion,people] [--methods prompt-tuning,p-tuning,...]
 
 Runs go to ~/.cache/promptserve/train-results/<task>/<method>/ ($PROMPTSERVE_RESULTS overrides); each soft prompt is
 trained on train.jsonl (with the held-out split carried off it for early stopping) and scored once on test.jsonl; the

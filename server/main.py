@@ -96,7 +96,7 @@ def open_runtime(rt: Runtime) -> None:
                   "store_and_engine_s": t2 - t1, "check_s": time.monotonic() - t2,
                   "since": rt.launched_at if rt.launched_at is not None else t0}
     from server.batches.service import open_batches
-    from server.fine_tuning import open_fine_tuning
+    from server.training_service import open_fine_tuning
 
     open_fine_tuning(rt)
     open_batches(rt)

@@ -4,25 +4,17 @@ decode-speed issue compares (nothing here is timed)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from prompt_core.quantize import quantize_linears
 from tests.engine.test_architectures import build
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def bench_latency():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "scripts" / "bench_latency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from scripts import bench_latency
+    return bench_latency
 
 
 def every_tensor(model) -> dict[int, int]:

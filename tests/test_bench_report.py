@@ -4,27 +4,21 @@ next regeneration."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
 from pathlib import Path
 
+from scripts import bench_report as B
+from scripts.bench import decode_page
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench_report():
-    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "scripts" / "bench_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_benchmarks_page_is_what_bench_report_renders_from_its_stored_runs():
-    B = bench_report()
     page = (ROOT / "docs" / "benchmarks.md").read_text()
-    command = re.search(r"Rendered \(with the extra runs below\) by `(python scripts/bench_report\.py [^`]+)`", page)
-    argv = shlex.split(command.group(1))[2:]
+    command = re.search(r"Rendered \(with the extra runs below\) by `(python -m scripts\.bench_report [^`]+)`", page)
+    argv = shlex.split(command.group(1))[3:]
     opts = {flag: [v for f, v in zip(argv, argv[1:]) if f == flag] for flag in set(argv[::2])}
     res = json.loads((ROOT / opts["--from-json"][0]).read_text())
     res["render_command"] = command.group(1)
@@ -41,12 +35,11 @@ def test_the_benchmarks_page_is_what_bench_report_renders_from_its_stored_runs()
 
 
 def test_decode_goals_one_row_per_goal_and_per_batch_goals_share_one():
-    B = bench_report()
     run = {"args": {"dtype": "float32"}, "weight_bytes": 500e6, "read_bytes_per_s": 25e9, "bound_tokens_per_s": 50.0,
            "goals": [{"name": "batch 1 vs bandwidth bound", "ratio": 0.4, "target": 0.5},
                      {"name": "HTTP vs in-process, batch 1", "ratio": 1.0, "target": 0.9},
                      {"name": "HTTP vs in-process, batch 64", "ratio": 0.8, "target": 0.9}]}
-    assert B.decode_goals(run) == [
+    assert decode_page.decode_goals(run) == [
         ("batch 1 vs bandwidth bound", 0.5, "0.40",
          "not met: read bandwidth 25.0 GB/s (one pass over 512 MiB) / 500 MB of float32 weights = 50.0 tokens/s"),
         ("HTTP vs in-process, batch 1 / 64", 0.9, "1.00 / 0.80", "not met"),  # met only when every batch is

@@ -33,7 +33,7 @@ class Runtime:
     loaded: LoadedModel | None = None
     store: PromptStore | None = None
     engine: AsyncEngine | None = None
-    files: object = None      # training.files.FileStore, once started (server/fine_tuning.py)
+    files: object = None      # training.files.FileStore, once started (server/training_service.py)
     jobs: object = None       # training.jobs.JobStore
     runner: object = None     # training.jobs.JobRunner, when this process trains
     batches: object = None    # server.batches.BatchStore, once started (server/batches/service.py)

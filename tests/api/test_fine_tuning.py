@@ -517,7 +517,7 @@ class _Engine:
 def test_gate_trains_when_idle_and_within_its_share_when_busy():
     import threading
 
-    from server.fine_tuning import ServingGate
+    from server.training_service import ServingGate
 
     engine, stop = _Engine(), threading.Event()
     gate = ServingGate(engine, share=0.0, window_s=0.5, poll_s=0.001)

@@ -1,22 +1,13 @@
 """The CI-sized fuzz: scripts/fuzz_api.py's schemathesis run (positive, negative and aimed at real tasks) over every
 operation in the live /openapi.json, with a bearer key. No 5xx, no response that breaks the schema or the error shape,
-no dropped connection. The full run (1,000+ requests) is `python scripts/fuzz_api.py`; see docs/reliability.md.
+no dropped connection. The full run (1,000+ requests) is `python -m scripts.fuzz_api`; see docs/reliability.md.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+from scripts import fuzz_api
 
-from .conftest import ACME, REPO, live_server
-
-
-def load_fuzzer():
-    spec = importlib.util.spec_from_file_location("fuzz_api", REPO / "scripts" / "fuzz_api.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fuzz_api"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from .conftest import ACME, live_server
 
 
 def fine_tuning(label: str) -> bool:
@@ -25,11 +16,10 @@ def fine_tuning(label: str) -> bool:
 
 
 def test_fuzz_every_operation_no_5xx_no_schema_violation(tmp_path):
-    fuzz = load_fuzzer()
     with live_server(tmp_path, max_new_tokens=64, max_input_tokens=256) as server:
-        fuzz.seed_tasks(server.url, ACME)
-        report = fuzz.run_fuzz(server.url, ACME, examples=5, seed=0, time_budget_s=100, request_timeout_s=120,
-                               only=lambda label: not fine_tuning(label))
+        fuzz_api.seed_tasks(server.url, ACME)
+        report = fuzz_api.run_fuzz(server.url, ACME, examples=5, seed=0, time_budget_s=100, request_timeout_s=120,
+                                   only=lambda label: not fine_tuning(label))
         server.wait_idle(timeout_s=60)
     print(report.summary())
     assert report.server_errors == 0 and report.schema_violations == 0 and report.count("transport") == 0, \
@@ -43,9 +33,8 @@ def test_fuzz_every_operation_no_5xx_no_schema_violation(tmp_path):
 def test_fuzz_files_and_fine_tuning_operations(tmp_path):
     """The files, fine-tuning and batch routes on their own budget (they take no model time: ids that do not exist
     are 404s, bodies that do not validate 422s)."""
-    fuzz = load_fuzzer()
     with live_server(tmp_path, training_runner=False, batch_runner=False) as server:
-        report = fuzz.run_fuzz(server.url, ACME, examples=4, seed=0, time_budget_s=60, request_timeout_s=60,
+        report = fuzz_api.run_fuzz(server.url, ACME, examples=4, seed=0, time_budget_s=60, request_timeout_s=60,
                                only=fine_tuning)
     print(report.summary())
     assert report.server_errors == 0 and report.schema_violations == 0 and report.count("transport") == 0, \

@@ -18,15 +18,17 @@ Files (each one job):
     store.py     JobStore: records, events, claiming under a lease (fcntl lock shared by processes)
     method.py    what a request means: the method with defaults, the TrainConfig, checks before queuing
     actions.py   what the API does: create_job, cancel_job, publish_task (a finished job's prompt becomes a task)
-    runner.py    JobRunner, RunnerConfig, Gate: the thread that claims and trains jobs
-    control.py   the training loop's hooks for one job (gate, cancel, checkpoints, events, ETA)
+    runner.py    JobRunner: the thread that claims and trains jobs, renews their leases, records outcomes
+    control.py   JobControl, the training loop's hooks for one job (gate, cancel, checkpoints, events, ETA), and
+                 what a runner hands it: RunnerConfig, Gate, RunnerSignals (stop, cancelled, lost; the runner owns
+                 them, the control only reads them, so neither file imports the other's internals)
 This file is the index: import from `training.jobs`.
 """
 
 from __future__ import annotations
 
 from .actions import cancel_job, create_job, publish_task
-from .control import JobCancelled, JobControl
+from .control import Gate, JobCancelled, JobControl, RunnerConfig, RunnerSignals
 from .method import continued_method, describe, normalize_method, train_config, validate_job
 from .records import (
     ACTIVE,
@@ -42,12 +44,13 @@ from .records import (
     metric_name,
     new_id,
 )
-from .runner import Gate, JobRunner, RunnerConfig
+from .runner import JobRunner
 from .store import JobStore, orphaned
 
 __all__ = [
     "ACTIVE", "API_METHODS", "EVENTS_NAME", "HYPER", "INIT_NAME", "JOB_NAME", "RUN_DIR", "TERMINAL",
     "Gate", "JobCancelled", "JobControl", "JobNotFound", "JobRecord", "JobRunner", "JobStore", "RunnerConfig",
+    "RunnerSignals",
     "cancel_job", "continued_method", "create_job", "describe", "metric_name", "new_id", "normalize_method",
     "orphaned", "publish_task", "train_config", "validate_job",
 ]

@@ -12,38 +12,20 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import CHECKPOINT_DIR, STATE
+from ..config import TrainConfig
 from ..loop import train
 from ..search import search
-from .control import JobCancelled, JobControl
+from .control import Gate, JobCancelled, JobControl, RunnerConfig, RunnerSignals
 from .method import train_config
 from .records import JobRecord, metric_name
 from .store import JobStore
 
 log = logging.getLogger("training.jobs")
-
-
-@dataclass
-class RunnerConfig:
-    lease_s: float = 60.0            # a runner that stops renewing for this long loses its job to another
-    checkpoint_every_s: float = 30.0  # at most this much training is redone after a crash (plus epoch ends)
-    poll_s: float = 0.5              # how often an idle runner looks for queued jobs
-    event_every_s: float = 2.0       # step events at most this often (every epoch and the first step always)
-    micro_batch: int | None = None   # rows per forward/backward within a step; the gate is asked between them
-
-
-class Gate:
-    """When a step may run. The default never waits; the server's gate yields to serving."""
-
-    def wait(self, stop: threading.Event) -> None:
-        return None
-
-    def done(self, seconds: float) -> None:
-        return None
 
 
 class JobRunner:
@@ -58,10 +40,8 @@ class JobRunner:
         self.config = config or RunnerConfig()
         self.on_progress = on_progress
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._stop = threading.Event()
+        self.signals = RunnerSignals()  # read by each job's control at its steps
         self._wake = threading.Event()
-        self._cancel: set[str] = set()
-        self._lost: set[str] = set()
         self._thread: threading.Thread | None = None
         self.current: str | None = None
 
@@ -71,7 +51,7 @@ class JobRunner:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Checkpoint the running job at its next step and hand it back to the queue."""
-        self._stop.set()
+        self.signals.stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -80,14 +60,14 @@ class JobRunner:
         self._wake.set()
 
     def cancel(self, job_id: str) -> None:
-        self._cancel.add(job_id)
+        self.signals.cancelled.add(job_id)
 
     def _loop(self) -> None:
         try:  # below the server's threads where the OS allows it: serving first
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         except (AttributeError, OSError):
             pass
-        while not self._stop.is_set():
+        while not self.signals.stop.is_set():
             try:
                 rec = self.jobs.claim(self.owner, self.config.lease_s, self._mine)
             except Exception:  # a bad record must not stop the runner
@@ -120,55 +100,32 @@ class JobRunner:
             except Exception:  # a failed renewal is retried; the lease outlives several
                 log.exception("renewing the lease of %s failed", job_id)
             if lost:
-                self._lost.add(job_id)
+                self.signals.lost.add(job_id)
                 return
 
     def run_job(self, rec: JobRecord) -> None:
+        """Train one claimed job to its end: succeeded (published), paused (the runner stops), cancelled, lost to
+        another runner, or failed; the lease is renewed meanwhile."""
         self.current = rec.id
-        job_dir = self.jobs.job_dir(rec.id)
         renewed = threading.Event()
         threading.Thread(target=self._renew, args=(rec.id, renewed), name="lease", daemon=True).start()
         try:
-            cfg = train_config(rec, job_dir, device=str(self.lm.device), dtype=None)
-            cfg.resume = (cfg.out / CHECKPOINT_DIR / STATE).is_file()
-            if rec.attempts == 1 and not cfg.resume:
-                lr = f"lr {cfg.lr:g}" if cfg.lr is not None else f"time budget {cfg.time_budget_s:g} s"
-                self.jobs.event(rec.id, f"training {cfg.method} ({cfg.task}): {cfg.epochs} epochs, {lr}, "
-                                        f"batch {cfg.batch_size}, seed {cfg.seed}")
-            control = JobControl(self, rec, cfg)
+            cfg = self._start(rec)
+            control = JobControl(self.jobs, rec, cfg, config=self.config, gate=self.gate, signals=self.signals,
+                                 on_progress=self.on_progress)
             if cfg.method == "auto":
-                def candidate(row: dict) -> None:
-                    if not any(e.get("data", {}).get("candidate") == row["name"] for e in self.jobs.events(rec.id)):
-                        self.jobs.event(rec.id, f"candidate {row['name']}: held-out {metric_name(cfg.task)} "
-                                                f"{row['score']:.1f} at epoch {row['best_epoch']} "
-                                                f"({row['seconds']:.0f} s)",
-                                        type_="metrics", data={"candidate": row["name"], **row})
-                result = search(cfg, lm=self.lm, quiet=True, control=control, on_candidate=candidate)
+                result = search(cfg, lm=self.lm, quiet=True, control=control,
+                                on_candidate=partial(self._candidate, rec.id, cfg.task))
             else:
                 result = train(cfg, lm=self.lm, quiet=True, control=control)
-            if not result.get("finished"):
+            if result.get("finished"):
+                self._succeeded(rec, cfg, result, control.tokens_per_step)
+            else:
                 self.jobs.release(rec.id, self.owner)
                 self.jobs.event(rec.id, f"paused at step {result.get('stopped_at_step')} (runner stopping); "
                                         "resumes from its checkpoint")
-                return
-            task = self.publish(rec, cfg.out)
-            metric = metric_name(cfg.task)
-            score = result.get("best_score")
-
-            def done(r: JobRecord) -> None:
-                r.status, r.finished_at, r.estimated_finish = "succeeded", int(time.time()), None
-                r.fine_tuned_model, r.result = getattr(task, "id", rec.task_id), result
-                r.trained_tokens = max(r.trained_tokens, int(control.tokens_per_step * r.step))
-                r.lease_owner, r.lease_until = None, 0.0
-            self.jobs.update(rec.id, done)
-            won = f"{result['winner']} won the search; " if result.get("winner") else ""
-            seconds = result.get("search_seconds") or result.get("train_seconds")
-            self.jobs.event(rec.id, f"succeeded: {rec.task_id} ({won}best held-out {metric} {score:.1f} at epoch "
-                                    f"{result.get('best_epoch')}, {seconds} s)",
-                            data={metric: score, "best_epoch": result.get("best_epoch"),
-                                  "winner": result.get("winner")})
         except JobCancelled:
-            if rec.id in self._lost:
+            if rec.id in self.signals.lost:
                 self.jobs.event(rec.id, f"runner {self.owner} lost its lease and stopped", level="warn")
                 return
             self._finish(rec.id, "cancelled", None)
@@ -181,8 +138,42 @@ class JobRunner:
         finally:
             renewed.set()
             self.current = None
-            self._cancel.discard(rec.id)
-            self._lost.discard(rec.id)
+            self.signals.forget(rec.id)
+
+    def _start(self, rec: JobRecord) -> TrainConfig:
+        """The job's TrainConfig, resuming from its checkpoint when there is one; a first start says so."""
+        cfg = train_config(rec, self.jobs.job_dir(rec.id), device=str(self.lm.device), dtype=None)
+        cfg.resume = (cfg.out / CHECKPOINT_DIR / STATE).is_file()
+        if rec.attempts == 1 and not cfg.resume:
+            lr = f"lr {cfg.lr:g}" if cfg.lr is not None else f"time budget {cfg.time_budget_s:g} s"
+            self.jobs.event(rec.id, f"training {cfg.method} ({cfg.task}): {cfg.epochs} epochs, {lr}, "
+                                    f"batch {cfg.batch_size}, seed {cfg.seed}")
+        return cfg
+
+    def _candidate(self, job_id: str, task: str, row: dict) -> None:
+        """`--method auto`: one event per finished candidate (once, also when a resumed search reports it again)."""
+        if not any(e.get("data", {}).get("candidate") == row["name"] for e in self.jobs.events(job_id)):
+            self.jobs.event(job_id, f"candidate {row['name']}: held-out {metric_name(task)} {row['score']:.1f} at "
+                                    f"epoch {row['best_epoch']} ({row['seconds']:.0f} s)",
+                            type_="metrics", data={"candidate": row["name"], **row})
+
+    def _succeeded(self, rec: JobRecord, cfg: TrainConfig, result: dict, tokens_per_step: float) -> None:
+        """Publish the trained prompt as the job's task, then record the outcome."""
+        task = self.publish(rec, cfg.out)
+        metric = metric_name(cfg.task)
+        score = result.get("best_score")
+
+        def done(r: JobRecord) -> None:
+            r.status, r.finished_at, r.estimated_finish = "succeeded", int(time.time()), None
+            r.fine_tuned_model, r.result = getattr(task, "id", rec.task_id), result
+            r.trained_tokens = max(r.trained_tokens, int(tokens_per_step * r.step))
+            r.lease_owner, r.lease_until = None, 0.0
+        self.jobs.update(rec.id, done)
+        won = f"{result['winner']} won the search; " if result.get("winner") else ""
+        seconds = result.get("search_seconds") or result.get("train_seconds")
+        self.jobs.event(rec.id, f"succeeded: {rec.task_id} ({won}best held-out {metric} {score:.1f} at epoch "
+                                f"{result.get('best_epoch')}, {seconds} s)",
+                        data={metric: score, "best_epoch": result.get("best_epoch"), "winner": result.get("winner")})
 
     def _finish(self, job_id: str, status: str, error: dict | None) -> None:
         def change(r: JobRecord) -> None:

@@ -1,6 +1,6 @@
 """Fine-tuning jobs (OpenAI's /v1/fine_tuning/jobs): create, list, retrieve, cancel, events, checkpoints.
 
-A job trains a task prompt on the server's resident frozen model (server/fine_tuning.py, training/jobs/); its
+A job trains a task prompt on the server's resident frozen model (server/training_service.py, training/jobs/); its
 `fine_tuned_model` is a task id of the tenant, usable on every endpoint as soon as the job succeeds. Another
 tenant's job is a 404; an admin sees every job.
 """

@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from training.files import FileLimits, FileStore
 from training.jobs import Gate, JobRunner, JobStore, RunnerConfig, publish_task
 
-log = logging.getLogger("server.fine_tuning")
+log = logging.getLogger("server.fine_tuning")  # the name operators filter on, kept from before the rename
 
 WINDOW_S = 10.0
 
