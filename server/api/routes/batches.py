@@ -19,9 +19,9 @@ from server.batches.service import cancel_batch, create_batch
 
 from ..deps import RuntimeDep, TenantDep
 from ..errors import ApiError
+from ..pagination import page as paginate
 from ..schemas import Batch, BatchCreate, BatchError, BatchErrors, BatchList, BatchRequestCounts, ErrorResponse
 from .files import file_store
-from .fine_tuning import _page
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -68,7 +68,7 @@ async def create(body: BatchCreate, principal: TenantDep, rt: RuntimeDep) -> Bat
 def list_batches(principal: TenantDep, rt: RuntimeDep, after: Annotated[str | None, Query(max_length=64)] = None,
                  limit: Annotated[int, Query(ge=1, le=100)] = 20) -> BatchList:
     """Newest first; `after` is the last id of the previous page. An admin sees every tenant's batches."""
-    page, more = _page(batch_store(rt).list(principal.tenant, principal.admin), after, limit)
+    page, more = paginate(batch_store(rt).list(principal.tenant, principal.admin), after, limit)
     data = [batch_object(r) for r in page]
     return BatchList(data=data, has_more=more, first_id=data[0].id if data else None,
                      last_id=data[-1].id if data else None)

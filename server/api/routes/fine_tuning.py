@@ -19,6 +19,7 @@ from training.jobs import API_METHODS, TERMINAL, JobRecord, JobStore, cancel_job
 from ..access import find_visible
 from ..deps import RuntimeDep, TenantDep
 from ..errors import ApiError
+from ..pagination import page as paginate
 from ..schemas import (
     Checkpoint,
     CheckpointList,
@@ -60,16 +61,6 @@ def job_object(rec: JobRecord) -> Job:
                estimated_finish=rec.estimated_finish if rec.status == "running" else None,
                error=JobError(**rec.error) if rec.error else None, user_provided_suffix=rec.suffix,
                metadata=rec.metadata, step=rec.step, total_steps=rec.total_steps, result=rec.result)
-
-
-def _page(items: list, after: str | None, limit: int) -> tuple[list, bool]:
-    """Items newest first; `after` is the id of the last item of the previous page."""
-    if after is not None:
-        ids = [x.id if hasattr(x, "id") else x["id"] for x in items]
-        if after not in ids:
-            raise ApiError(404, "not_found", f"no item {after!r} to list after")
-        items = items[ids.index(after) + 1:]
-    return items[:limit], len(items) > limit
 
 
 def _method_from_legacy(body: JobCreate, kind: str = "prompt_tuning") -> dict | None:
@@ -124,7 +115,7 @@ async def create(body: JobCreate, principal: TenantDep, rt: RuntimeDep) -> Job:
 @router.get("", response_model=JobList, responses=ERRORS)
 def list_jobs(principal: TenantDep, rt: RuntimeDep, after: After = None, limit: Limit = 20) -> JobList:
     """Newest first; an admin sees every tenant's jobs."""
-    page, more = _page(job_store(rt).list(principal.tenant, principal.admin), after, limit)
+    page, more = paginate(job_store(rt).list(principal.tenant, principal.admin), after, limit)
     return JobList(data=[job_object(r) for r in page], has_more=more)
 
 
@@ -155,7 +146,7 @@ def events(job_id: JobId, principal: TenantDep, rt: RuntimeDep, after: After = N
     """Newest first: progress (step, training loss, ETA), each epoch's held-out metric, state changes."""
     jobs = job_store(rt)
     jobs.get(job_id, principal.tenant, principal.admin)
-    page, more = _page(list(reversed(jobs.events(job_id))), after, limit)
+    page, more = paginate(list(reversed(jobs.events(job_id))), after, limit)
     return JobEventList(data=[JobEvent(**e) for e in page], has_more=more)
 
 
@@ -164,7 +155,7 @@ def checkpoints(job_id: JobId, principal: TenantDep, rt: RuntimeDep, after: Afte
                 ) -> CheckpointList:
     """One per epoch end, newest first, with the training loss and held-out metric at that step."""
     rec = job_store(rt).get(job_id, principal.tenant, principal.admin)
-    page, more = _page(list(reversed(rec.checkpoints)), after, limit)
+    page, more = paginate(list(reversed(rec.checkpoints)), after, limit)
     data = [Checkpoint(**c) for c in page]
     return CheckpointList(data=data, has_more=more, first_id=data[0].id if data else None,
                           last_id=data[-1].id if data else None)
