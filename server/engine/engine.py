@@ -96,6 +96,11 @@ class LLMEngine:
         self.processor.eos_ids = sorted(self._eos_ids)
 
     @property
+    def compiled(self):
+        """The compiled step, or None: steps run eagerly (no compiled step with the paged cache yet)."""
+        return self.runner.compiled
+
+    @property
     def batch_invariant(self) -> bool:
         """Whether every request's tokens and log-probabilities are bit-identical whatever else is batched."""
         return not self.invariance_gaps
