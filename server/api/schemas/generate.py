@@ -6,7 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
+from server.engine.request import RequestOutput, SamplingParams
+
 from .common import MAX_BATCH_INPUTS, MAX_STOP, Input, LogitBias, Penalty, ResponseFormat, StopStr, Strict
+from .sampling import NATIVE, Asked
 
 
 class SamplingFields(Strict):
@@ -24,6 +27,15 @@ class SamplingFields(Strict):
     min_tokens: int = Field(0, ge=0, description="no end-of-sequence token, and no stop string, before this many "
                                                  "tokens (at most max_new_tokens)")
     ignore_eos: bool = Field(False, description="an end-of-sequence token does not end the text (fixed length)")
+
+    def to_sampling(self, task: dict, cap: int | None) -> SamplingParams:
+        """These fields over the task's generation defaults (`task`) and the native route's (greedy, 64 tokens, at
+        most `cap`: the server's --max-new-tokens)."""
+        return Asked(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                     top_k=self.top_k, seed=self.seed, stop=self.stop, logit_bias=self.logit_bias,
+                     presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                     response_format=self.response_format, min_tokens=self.min_tokens,
+                     ignore_eos=self.ignore_eos).over(task, NATIVE, cap)
 
 
 class GenerateRequest(SamplingFields):
@@ -43,6 +55,12 @@ class GenerateResponse(BaseModel):
     finish_reason: Literal["stop", "length", "cancelled", "error"]
     usage: Usage
 
+    @classmethod
+    def of(cls, id: str, task: str, out: RequestOutput) -> "GenerateResponse":
+        """The answer (or a stream's `done` event) for a finished output of task version `task`."""
+        return cls(id=id, task=task, text=out.text, finish_reason=out.finish_reason,
+                   usage=Usage(prompt_tokens=out.prompt_tokens, completion_tokens=out.completion_tokens))
+
 
 class TokenEvent(BaseModel):
     """`event: token` of a generate stream."""
@@ -58,3 +76,9 @@ class ClassifyRequest(Strict):
 class ClassifyResult(BaseModel):
     label: str
     scores: dict[str, float]
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> "ClassifyResult":
+        """Each label's probability, and the most likely label (the first of equals)."""
+        scores = dict(zip(out.labels or [], out.label_probs or []))
+        return cls(label=max(scores, key=scores.get), scores=scores)

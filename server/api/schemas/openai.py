@@ -3,9 +3,12 @@ work unchanged; vLLM's extensions are understood rather than silently ignored.""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from server.engine.request import InvalidRequest, SamplingParams
 
 from .common import (
     MAX_BATCH_INPUTS,
@@ -20,6 +23,7 @@ from .common import (
     ResponseFormat,
     StopStr,
 )
+from .sampling import CHAT, COMPLETIONS, Asked
 
 
 class StreamOptions(BaseModel):
@@ -62,6 +66,36 @@ class OpenAIBase(BaseModel):
                              f"choice)")
         return v
 
+    def output_format(self) -> ResponseFormat | None:
+        """response_format, or vLLM's guided_json / guided_regex / guided_choice: at most one of them."""
+        given = [k for k in ("response_format", "guided_json", "guided_regex", "guided_choice")
+                 if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise InvalidRequest(f"give at most one output constraint; found {given}")
+        if self.guided_json is not None:
+            schema = self.guided_json
+            if isinstance(schema, str):
+                try:
+                    schema = json.loads(schema)
+                except (ValueError, RecursionError) as e:
+                    why = e if isinstance(e, ValueError) else "nested too deeply"
+                    raise InvalidRequest(f"guided_json is not JSON: {why}") from None
+                if not isinstance(schema, dict):
+                    raise InvalidRequest("guided_json must be a JSON schema object")
+            return ResponseFormat(type="json_schema", json_schema={"schema": schema})
+        if self.guided_regex is not None:
+            return ResponseFormat(type="regex", regex=self.guided_regex)
+        if self.guided_choice is not None:
+            return ResponseFormat(type="choice", choice=self.guided_choice)
+        return self.response_format
+
+    def asked(self, max_new_tokens: int | None) -> Asked:
+        """The sampling fields every OpenAI route passes on (top_k is not OpenAI's: the task's, else none)."""
+        return Asked(max_new_tokens=max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed,
+                     stop=self.stop, logit_bias=self.logit_bias, presence_penalty=self.presence_penalty,
+                     frequency_penalty=self.frequency_penalty, response_format=self.output_format(),
+                     min_tokens=self.min_tokens, ignore_eos=self.ignore_eos)
+
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_INPUT_CHARS)]
@@ -79,6 +113,11 @@ class CompletionRequest(OpenAIBase):
     logprobs: int | None = Field(None, ge=0, description="each token's log-probability and the N most likely "
                                                          "alternatives (at most --max-logprobs)")
     best_of: int | None = Field(None, ge=1, description="not supported beyond n: only null or n")
+
+    def to_sampling(self, task: dict, cap: int | None) -> SamplingParams:
+        """Over the task's generation defaults and OpenAI's (16 tokens, temperature 1); max_tokens 0 (echo: score
+        the prompt) computes one token that nobody sees."""
+        return self.asked(1 if self.max_tokens == 0 else self.max_tokens).over(task, COMPLETIONS, cap)
 
     @model_validator(mode="after")
     def _best_of(self) -> "CompletionRequest":
@@ -125,6 +164,10 @@ class ChatCompletionRequest(OpenAIBase):
     logprobs: bool | None = Field(None, description="each generated token's log-probability")
     top_logprobs: int | None = Field(None, ge=0, description="with logprobs: the N most likely alternatives per "
                                                              "token (at most --max-logprobs)")
+
+    def to_sampling(self, task: dict, cap: int | None) -> SamplingParams:
+        """Over the task's generation defaults and the chat route's (64 tokens, temperature 1)."""
+        return self.asked(self.max_completion_tokens or self.max_tokens).over(task, CHAT, cap)
 
 
 class CompletionUsage(BaseModel):
