@@ -105,7 +105,7 @@ def open_runtime(rt: Runtime) -> None:
 def check_generation(engine, generation: dict) -> None:
     """A task version's generation defaults, on upload: its response_format must compile with the serving
     tokenizer (a 422 naming the problem otherwise; the compiled grammar stays cached for the task's requests)."""
-    from server.api.serving import constraint_of
+    from server.api.schemas.sampling import constraint_of
 
     constraint = constraint_of(generation.get("response_format"))
     if constraint is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -21,6 +21,11 @@ from server.metrics import Metrics
 
 from .errors import ApiError, unauthorized
 from .limits import TenantLimiter, WorkInFlight
+
+if TYPE_CHECKING:
+    from server.batches import BatchStore
+    from training.files import FileStore
+    from training.jobs import JobStore
 
 
 @dataclass
@@ -82,9 +87,26 @@ def get_engine(rt: RuntimeDep) -> AsyncEngine:
 
 
 def get_store(rt: RuntimeDep) -> PromptStore:
-    if rt.store is None:
-        raise ApiError(503, "unavailable", "the prompt store is not open", {"Retry-After": "1"})
-    return rt.store
+    return _opened(rt.store, "the prompt store")
+
+
+def file_store(rt: Runtime) -> FileStore:
+    """Called in a route's body (after its own checks), not as a dependency: 503 until the runtime has opened it."""
+    return _opened(rt.files, "the file store")
+
+
+def job_store(rt: Runtime) -> JobStore:
+    return _opened(rt.jobs, "the job store")
+
+
+def batch_store(rt: Runtime) -> BatchStore:
+    return _opened(rt.batches, "the batch store")
+
+
+def _opened(part, what: str):
+    if part is None:
+        raise ApiError(503, "unavailable", f"{what} is not open", {"Retry-After": "1"})
+    return part
 
 
 TenantDep = Annotated[Principal, Depends(get_principal)]

@@ -2,6 +2,7 @@
 
 Routes raise domain errors (the store's StoreError subclasses, the engine's EngineError subclasses, ApiError for
 what the HTTP layer itself refuses); the handlers below pick the status. Nothing else builds an error response.
+`documented(...)` is what a route declares of them in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from prompt_store.errors import (
-    StoreError,
-)
+from prompt_store.errors import StoreError
 from server.engine.request import EngineError, EngineOverloaded, EngineStopped, InputTooLong, InvalidRequest
+
+from .schemas import ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,11 @@ class ApiError(Exception):
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready; its engine requests were cancelled."""
+
+
+def documented(*statuses: int) -> dict[int, dict]:
+    """A route's `responses=`: the one error shape for each status it may answer (in the order given)."""
+    return {status: {"model": ErrorResponse} for status in statuses}
 
 
 def unauthorized(message: str) -> ApiError:

@@ -27,7 +27,7 @@ def principal_of(rec: BatchRecord) -> Principal:
 def open_batches(rt) -> None:
     """Called once the model, store, engine and file store are up: the batch store, and the runner (if enabled)."""
     from server.api.access import find_visible
-    from server.api.routes.openai import BASE_MODEL_ID
+    from server.api.openai_format import BASE_MODEL_ID
 
     s = rt.settings
     rt.batches = BatchStore(s.store)

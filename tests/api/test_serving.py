@@ -1,5 +1,5 @@
 """The one streaming helper: after the headers, a failure is one in-band error event in the one error shape (a
-domain error's message, never an unexpected one's), and the job always lets go of its admission."""
+domain error's message, never an unexpected one's), and the engine call always lets go of its admission."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import asyncio
 import pytest
 
 from server.api.errors import ApiError
-from server.api.serving import event_stream
+from server.api.sse import event_stream, sse
 from server.engine.request import InvalidRequest
 
 
-class FakeJob:
+class FakeCall:
     closed = 0
 
     def close(self) -> None:
@@ -26,8 +26,8 @@ async def body(exc: Exception | None):
     yield b"data: 2\n\n"
 
 
-def collect(job: FakeJob, exc: Exception | None) -> list[bytes]:
-    response = event_stream(job, body(exc), lambda err: repr(err).encode())
+def collect(call: FakeCall, exc: Exception | None, error_event: str | None) -> list[bytes]:
+    response = event_stream(call, body(exc), error_event)
 
     async def run():
         return [chunk async for chunk in response.body_iterator]
@@ -41,9 +41,17 @@ def collect(job: FakeJob, exc: Exception | None) -> list[bytes]:
      {"error": {"type": "engine_error", "message": "the request failed in the engine"}}),
     (RuntimeError("secret detail"), {"error": {"type": "internal", "message": "internal error"}}),
 ])
-def test_event_stream_reports_failures_in_band_and_always_closes_the_job(exc, error):
-    job = FakeJob()
-    chunks = collect(job, exc)
+@pytest.mark.parametrize("error_event", [None, "error"])
+def test_event_stream_reports_failures_in_band_and_always_closes_the_call(exc, error, error_event):
+    call = FakeCall()
+    chunks = collect(call, exc, error_event)
     assert chunks[0] == b"data: 1\n\n"
-    assert chunks[1:] == ([b"data: 2\n\n"] if error is None else [repr(error).encode()])
-    assert job.closed == 1
+    assert chunks[1:] == ([b"data: 2\n\n"] if error is None else [sse(error, error_event)])
+    assert call.closed == 1
+
+
+def test_one_framer_for_both_stream_kinds():
+    """Native events are named; OpenAI's are bare data lines, with [DONE] as text. JSON is compact either way."""
+    assert sse({"index": 0, "text": "a b"}, "token") == b'event: token\ndata: {"index":0,"text":"a b"}\n\n'
+    assert sse({"choices": []}) == b'data: {"choices":[]}\n\n'
+    assert sse("[DONE]") == b"data: [DONE]\n\n"

@@ -14,25 +14,18 @@ from fastapi import APIRouter, Path, Query
 from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import InvalidPrompt
-from server.batches import TERMINAL, BatchRecord, BatchStore
+from server.batches import TERMINAL, BatchRecord
 from server.batches.service import cancel_batch, create_batch
 
-from ..deps import RuntimeDep, TenantDep
-from ..errors import ApiError
+from ..deps import RuntimeDep, TenantDep, batch_store, file_store
+from ..errors import ApiError, documented
 from ..pagination import page as paginate
-from ..schemas import Batch, BatchCreate, BatchError, BatchErrors, BatchList, BatchRequestCounts, ErrorResponse
-from .files import file_store
+from ..schemas import Batch, BatchCreate, BatchError, BatchErrors, BatchList, BatchRequestCounts
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
 BatchId = Annotated[str, Path(description="a batch id (batch_...)", max_length=64)]
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 422, 429)}
-
-
-def batch_store(rt) -> BatchStore:
-    if rt.batches is None:
-        raise ApiError(503, "unavailable", "the batch store is not open", {"Retry-After": "1"})
-    return rt.batches
+ERRORS = documented(401, 404, 409, 413, 422, 429)
 
 
 def batch_object(rec: BatchRecord) -> Batch:

@@ -16,28 +16,22 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from training.files import FileNotFound, FileRecord, FileStore
+from training.files import FileNotFound, FileRecord
 
 from ..body_limit import limited
-from ..deps import RuntimeDep, TenantDep
-from ..errors import ApiError
-from ..schemas import ErrorResponse, FileDeleted, FileList, FileObject
+from ..deps import RuntimeDep, TenantDep, file_store
+from ..errors import ApiError, documented
+from ..schemas import FileDeleted, FileList, FileObject
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
 FileId = Annotated[str, Path(description="a file id (file-...)", max_length=64)]
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 429)}
+ERRORS = documented(401, 404, 413, 422, 429)
 _UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
     "properties": {"file": {"type": "string", "format": "binary",
                             "description": "JSONL, one example (fine-tune) or one request (batch) a line"},
                    "purpose": {"type": "string", "enum": ["fine-tune", "batch"]}}}}}}
-
-
-def file_store(rt) -> FileStore:
-    if rt.files is None:
-        raise ApiError(503, "unavailable", "the file store is not open", {"Retry-After": "1"})
-    return rt.files
 
 
 def file_object(rec: FileRecord) -> FileObject:

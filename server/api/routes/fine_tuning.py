@@ -14,16 +14,15 @@ from starlette.concurrency import run_in_threadpool
 
 from prompt_store.errors import InvalidPrompt
 from training.config import DEFAULT_LR
-from training.jobs import API_METHODS, TERMINAL, JobRecord, JobStore, cancel_job, create_job
+from training.jobs import API_METHODS, TERMINAL, JobRecord, cancel_job, create_job
 
 from ..access import find_visible
-from ..deps import RuntimeDep, TenantDep
-from ..errors import ApiError
+from ..deps import RuntimeDep, TenantDep, file_store, get_store, job_store
+from ..errors import ApiError, documented
 from ..pagination import page as paginate
 from ..schemas import (
     Checkpoint,
     CheckpointList,
-    ErrorResponse,
     Job,
     JobCreate,
     JobError,
@@ -31,20 +30,13 @@ from ..schemas import (
     JobEventList,
     JobList,
 )
-from .files import file_store
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 JobId = Annotated[str, Path(description="a job id (ftjob-...)", max_length=64)]
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 422, 429)}
+ERRORS = documented(401, 404, 409, 422, 429)
 Limit = Annotated[int, Query(ge=1, le=1000)]
 After = Annotated[str | None, Query(max_length=64)]
-
-
-def job_store(rt) -> JobStore:
-    if rt.jobs is None:
-        raise ApiError(503, "unavailable", "the job store is not open", {"Retry-After": "1"})
-    return rt.jobs
 
 
 def job_object(rec: JobRecord) -> Job:
@@ -82,10 +74,9 @@ def _method_from_legacy(body: JobCreate, kind: str = "prompt_tuning") -> dict | 
 
 def _continued_task(rt, principal, ref: str) -> dict:
     """`model` naming a task the caller may use: the job continues its prompt (404 if not visible)."""
-    if rt.store is None:
-        raise ApiError(503, "unavailable", "the prompt store is not open", {"Retry-After": "1"})
-    record = find_visible(rt.store, principal, ref)
-    tensors = rt.store.host_tensors(record) if record.kind != "hard" else None
+    store = get_store(rt)
+    record = find_visible(store, principal, ref)
+    tensors = store.host_tensors(record) if record.kind != "hard" else None
     t = {} if tensors is None else {k: v.detach().float().cpu().contiguous()
                                     for k, v in (("virtual", tensors.virtual), ("prefix", tensors.prefix))
                                     if v is not None}

@@ -7,7 +7,8 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import RuntimeDep
-from ..schemas import ErrorResponse, Health, Readiness
+from ..errors import documented
+from ..schemas import Health, Readiness
 
 router = APIRouter(tags=["operations"])
 
@@ -38,7 +39,7 @@ def ready(rt: RuntimeDep) -> Response:
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},
-                                                            500: {"model": ErrorResponse}})
+                                                            **documented(500)})
 def metrics(rt: RuntimeDep) -> Response:
     """Prometheus text format."""
     return Response(generate_latest(rt.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -20,19 +20,21 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from prompt_core.spec import PromptKind, PromptSpec
+from prompt_store.store import PromptStore, TaskRecord
+from server.auth import Principal
 
 from ..access import find_visible, list_visible, store_tenant, task_public
 from ..body_limit import limited
 from ..deps import RuntimeDep, StoreDep, TenantDep
-from ..errors import ApiError
-from ..schemas import ErrorResponse, HardTaskCreate, TaskList, TaskMetadata, TaskPublic
-from .openai import BASE_MODEL_ID
+from ..errors import ApiError, documented
+from ..openai_format import BASE_MODEL_ID
+from ..schemas import HardTaskCreate, TaskList, TaskMetadata, TaskPublic
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
 TaskRef = Annotated[str, Path(description="a task id, or id@version", max_length=270)]
 TaskId = Annotated[str, Path(description="a task id", max_length=260)]
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 413, 422, 429)}
+ERRORS = documented(401, 403, 404, 413, 422, 429)
 MAX_FORM_TEXT = 1 << 20  # task_id and metadata parts
 
 _UPLOAD_BODY = {
@@ -69,49 +71,59 @@ async def create_task(request: Request, principal: TenantDep, store: StoreDep, r
     """Upload a soft prompt (multipart: task_id, adapter archive, optional metadata JSON) or create a hard prompt
     (JSON body). An existing id gets a new version."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    tenant = store_tenant(principal)
     if ctype == "application/json":
-        raw = await limited(request, rt.settings.max_upload_bytes).body()
-        try:
-            body = HardTaskCreate.model_validate_json(raw)
-        except ValidationError as e:
-            raise _validation_error(e, ("body",)) from None
-        _check_free(rt, body.task_id)
-        meta = body.model_dump(exclude={"task_id", "kind"}, exclude_none=True, by_alias=True)
-        record = await run_in_threadpool(store.create, body.task_id, tenant, spec=PromptSpec(kind=PromptKind.HARD),
-                                         metadata=meta, admin=principal.admin)
+        record = await _hard_prompt(request, principal, store, rt)
     elif ctype == "multipart/form-data":
-        form = await limited(request, rt.settings.max_upload_bytes).form(max_files=1, max_fields=2,
-                                                                            max_part_size=MAX_FORM_TEXT)
-        try:
-            task_id, adapter, meta = form.get("task_id"), form.get("adapter"), form.get("metadata")
-            errors = []
-            if not isinstance(task_id, str) or not task_id:
-                errors.append({"type": "missing", "loc": ("body", "task_id"), "msg": "a text field is required"})
-            if not isinstance(adapter, UploadFile):
-                errors.append({"type": "missing", "loc": ("body", "adapter"),
-                               "msg": "a file (.zip or .tar.gz) is required"})
-            if meta is not None and not isinstance(meta, str):
-                errors.append({"type": "string_type", "loc": ("body", "metadata"), "msg": "must be JSON text"})
-            if errors:
-                raise RequestValidationError(errors)
-            try:
-                metadata = TaskMetadata.model_validate_json(meta) if meta else TaskMetadata()
-            except ValidationError as e:
-                raise _validation_error(e, ("body", "metadata")) from None
-            _check_free(rt, task_id)
-            data = await adapter.read()
-            record = await run_in_threadpool(store.create_from_archive, task_id, tenant, data,
-                                             filename=adapter.filename or "", metadata=metadata.model_dump(
-                                                 exclude_none=True, by_alias=True), admin=principal.admin)
-        finally:
-            await form.close()
+        record = await _uploaded(request, principal, store, rt)
     else:
         raise ApiError(415, "unsupported_media_type",
                        f"expected multipart/form-data (an adapter archive) or application/json (a hard prompt), "
                        f"found {ctype or 'no content type'!r}")
     response.headers["Location"] = f"/v1/tasks/{record.id}@{record.version}"
     return task_public(record)
+
+
+async def _hard_prompt(request: Request, principal: Principal, store: PromptStore, rt) -> TaskRecord:
+    """A JSON body (HardTaskCreate): a hard prompt, no tensors."""
+    raw = await limited(request, rt.settings.max_upload_bytes).body()
+    try:
+        body = HardTaskCreate.model_validate_json(raw)
+    except ValidationError as e:
+        raise _validation_error(e, ("body",)) from None
+    _check_free(rt, body.task_id)
+    meta = body.model_dump(exclude={"task_id", "kind"}, exclude_none=True, by_alias=True)
+    return await run_in_threadpool(store.create, body.task_id, store_tenant(principal),
+                                   spec=PromptSpec(kind=PromptKind.HARD), metadata=meta, admin=principal.admin)
+
+
+async def _uploaded(request: Request, principal: Principal, store: PromptStore, rt) -> TaskRecord:
+    """A multipart upload: task_id, the adapter archive, optional metadata JSON (TaskMetadata)."""
+    form = await limited(request, rt.settings.max_upload_bytes).form(max_files=1, max_fields=2,
+                                                                        max_part_size=MAX_FORM_TEXT)
+    try:
+        task_id, adapter, meta = form.get("task_id"), form.get("adapter"), form.get("metadata")
+        errors = []
+        if not isinstance(task_id, str) or not task_id:
+            errors.append({"type": "missing", "loc": ("body", "task_id"), "msg": "a text field is required"})
+        if not isinstance(adapter, UploadFile):
+            errors.append({"type": "missing", "loc": ("body", "adapter"),
+                           "msg": "a file (.zip or .tar.gz) is required"})
+        if meta is not None and not isinstance(meta, str):
+            errors.append({"type": "string_type", "loc": ("body", "metadata"), "msg": "must be JSON text"})
+        if errors:
+            raise RequestValidationError(errors)
+        try:
+            metadata = TaskMetadata.model_validate_json(meta) if meta else TaskMetadata()
+        except ValidationError as e:
+            raise _validation_error(e, ("body", "metadata")) from None
+        _check_free(rt, task_id)
+        data = await adapter.read()
+        return await run_in_threadpool(store.create_from_archive, task_id, store_tenant(principal), data,
+                                       filename=adapter.filename or "",
+                                       metadata=metadata.model_dump(exclude_none=True, by_alias=True),
+                                       admin=principal.admin)
+    finally:
+        await form.close()
 
 
 @router.get("", response_model=TaskList, responses=ERRORS)
