@@ -65,14 +65,15 @@ class PromptStore:
 
     def __init__(self, root: Path | str, fingerprint: ModelFingerprint | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 config: StoreConfig | None = None, poll: bool = False) -> None:
+                 config: StoreConfig | None = None, poll: bool = False,
+                 check_generation: Callable[[dict], None] | None = None) -> None:
         t0 = time.perf_counter()
         self.root = Path(root)
         self.fingerprint = fingerprint
         self._fp_dict = fingerprint.to_dict() if fingerprint is not None else None
         self.config = config or StoreConfig()
         # the server's check of a new version's generation defaults (its response_format compiles), before publish
-        self.check_generation: Callable[[dict], None] | None = None
+        self.check_generation = check_generation
         self._lock = threading.RLock()
         self.disk = StoreDisk(self.root, self._lock, self.config.fsync)
         self.tasks_dir, self.staging_dir = self.disk.tasks_dir, self.disk.staging_dir

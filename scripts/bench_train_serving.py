@@ -119,7 +119,7 @@ def main(argv=None) -> int:
             print("idle    ", out["idle"], flush=True)
             c.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
             out["p95_ratio"] = round(out["training"]["p95_ms"] / out["alone"]["p95_ms"], 2)
-            out["gate_waited_s"] = round(rt.runner.gate.waited_s, 1)
+            out["gate_waited_s"] = round(rt.job_runner.gate.waited_s, 1)
             print("p95 ratio", out["p95_ratio"], flush=True)
     finally:
         server.should_exit = True  # the lifespan stops the runner (checkpoint) and the engine

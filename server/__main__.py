@@ -55,10 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m server: {e}", file=sys.stderr)
         return 2
     from prompt_core.arch import UnsupportedModel
-    from server.main import open_runtime
 
     try:  # before uvicorn, so a model we cannot serve is one line of ours and exit status 3, not a traceback
-        open_runtime(app.state.runtime)
+        app.state.runtime.open()
     except UnsupportedModel as e:
         print(f"python -m server: cannot serve model {settings.model!r}: {e}", file=sys.stderr)
         return 3

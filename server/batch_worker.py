@@ -25,12 +25,11 @@ from server.config import Settings
 
 def run_worker(settings: Settings, stop: threading.Event | None = None) -> None:
     """Run batches until `stop` is set (or SIGTERM/SIGINT in the main thread)."""
-    from server.main import create_app, open_runtime
+    from server.main import create_app
 
     settings = settings.model_copy(update={"batch_runner": True, "training_runner": False})
-    app = create_app(settings)
-    rt = app.state.runtime
-    open_runtime(rt)
+    rt = create_app(settings).state.runtime  # the app: the batch's lines run through it in-process
+    rt.open()
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -13,12 +13,16 @@ import logging
 import threading
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from training.files import FileLimits, FileStore
 from training.jobs import Gate, JobRunner, JobStore, RunnerConfig, publish_task
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
 
 log = logging.getLogger("server.fine_tuning")  # the name operators filter on, kept from before the rename
 
@@ -84,28 +88,29 @@ class TrainingCollector(Collector):
         yield rate
 
 
-def open_fine_tuning(rt) -> None:
-    """Called once the model, store and engine are up: the file and job stores, and the runner (if enabled)."""
+def open_fine_tuning(rt: Runtime) -> tuple[FileStore, JobStore, JobRunner | None]:
+    """Called by Runtime.open once the model, store and engine are up: the file and job stores (their metrics
+    registered), and the job runner thread, started, if this process trains (else None)."""
     s = rt.settings
-    rt.files = FileStore(s.store, FileLimits(max_file_bytes=s.max_file_bytes,
-                                             max_tenant_bytes=s.max_file_bytes_per_tenant))
-    rt.jobs = JobStore(s.store)
-    rt.training_stats = {"tokens": 0.0, "tokens_per_s": 0.0}
-    rt.metrics.registry.register(TrainingCollector(rt.jobs, rt.training_stats))
+    files = FileStore(s.store, FileLimits(max_file_bytes=s.max_file_bytes,
+                                          max_tenant_bytes=s.max_file_bytes_per_tenant))
+    jobs = JobStore(s.store)
+    rt.metrics.registry.register(TrainingCollector(jobs, rt.training_stats))
     if not s.training_runner:
-        return
+        return files, jobs, None
     if rt.loaded.quantization != "none":
         log.warning("--quantize %s: quantized layers have no gradient, so this server does not train; fine-tuning "
                     "jobs wait for a training worker (python -m training.worker)", rt.loaded.quantization)
-        return
+        return files, jobs, None
 
     def progress(_rec, info: dict) -> None:
         rt.training_stats["tokens"] += info["tokens"]
         rt.training_stats["tokens_per_s"] = info["tokens"] / max(info["step_seconds"], 1e-9)
 
     gate = ServingGate(lambda: rt.engine, s.training_share)
-    rt.runner = JobRunner(rt.jobs, rt.loaded, lambda rec, out: publish_task(rt.store, rec, out), gate=gate,
-                          base_model=rt.store.fingerprint.embedding_sha256,
-                          config=RunnerConfig(checkpoint_every_s=s.training_checkpoint_s,
-                                              micro_batch=s.training_micro_batch or None), on_progress=progress)
-    rt.runner.start()
+    runner = JobRunner(jobs, rt.loaded, lambda rec, out: publish_task(rt.store, rec, out), gate=gate,
+                       base_model=rt.store.fingerprint.embedding_sha256,
+                       config=RunnerConfig(checkpoint_every_s=s.training_checkpoint_s,
+                                           micro_batch=s.training_micro_batch or None), on_progress=progress)
+    runner.start()
+    return files, jobs, runner

@@ -1,55 +1,26 @@
-"""What routes receive: the caller's tenant, the engine, the store and the server's runtime state.
-
-`Runtime` is created by `server.main.create_app` and filled in by its lifespan; routes never reach for globals.
+"""What routes receive, as dependency aliases: `RuntimeDep` (the server's runtime, server/runtime.py), `TenantDep`
+(the caller), `EngineDep` and `StoreDep` (503 while they are not running); and the guards a route calls for the
+stores that open later (files, jobs, batches). Routes never reach for globals.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from prompt_core.model import LoadedModel
 from prompt_store.store import PromptStore
-from server.auth import BATCH_CALLER, OPEN_TENANT, KeyRing, Principal
-from server.config import Settings
+from server.auth import BATCH_CALLER, OPEN_TENANT, Principal
 from server.engine.async_engine import AsyncEngine
-from server.metrics import Metrics
+from server.runtime import Runtime
 
 from .errors import ApiError, unauthorized
-from .limits import TenantLimiter, WorkInFlight
 
 if TYPE_CHECKING:
     from server.batches import BatchStore
     from training.files import FileStore
     from training.jobs import JobStore
-
-
-@dataclass
-class Runtime:
-    """Everything one server instance holds; `draining` is set on SIGTERM so new work is refused at once."""
-    settings: Settings
-    keyring: KeyRing
-    metrics: Metrics
-    limiter: TenantLimiter
-    loaded: LoadedModel | None = None
-    store: PromptStore | None = None
-    engine: AsyncEngine | None = None
-    files: object = None      # training.files.FileStore, once started (server/training_service.py)
-    jobs: object = None       # training.jobs.JobStore
-    runner: object = None     # training.jobs.JobRunner, when this process trains
-    batches: object = None    # server.batches.BatchStore, once started (server/batches/service.py)
-    batch_runner: object = None  # server.batches.BatchRunner, when this process runs batches
-    app: object = None        # the ASGI app itself: a batch's lines run through it in-process
-    work: WorkInFlight = field(default_factory=WorkInFlight)
-    training_stats: dict = field(default_factory=dict)
-    draining: bool = False
-    started_at: float = field(default_factory=time.time)
-    launched_at: float | None = None    # time.monotonic() at process start (python -m server), else None
-    startup: dict = field(default_factory=dict)  # seconds per start-up phase, for the ready log
 
 
 def get_runtime(request: Request) -> Runtime:

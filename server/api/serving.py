@@ -20,8 +20,8 @@ from starlette.concurrency import run_in_threadpool
 from server.auth import Principal
 from server.engine.async_engine import AsyncEngine, RequestStream
 from server.engine.request import EngineRequest, Mode, PromptRef, RequestOutput, SamplingParams
+from server.runtime import Runtime
 
-from .deps import Runtime
 from .errors import ApiError, ClientGone
 from .limits import Admission
 

@@ -23,8 +23,8 @@ The routes are server/api/routes/batches.py; `python -m server.batch_worker` run
 from __future__ import annotations
 
 from .records import ACTIVE, ENDPOINTS, STATUSES, TERMINAL, BatchNotFound, BatchRecord, parse_window
-from .runner import BatchRunner, RunnerConfig
+from .runner import BatchRunner, BatchRunnerConfig
 from .store import BatchStore
 
 __all__ = ["ACTIVE", "ENDPOINTS", "STATUSES", "TERMINAL", "BatchNotFound", "BatchRecord", "BatchRunner",
-           "BatchStore", "RunnerConfig", "parse_window"]
+           "BatchStore", "BatchRunnerConfig", "parse_window"]

@@ -33,7 +33,7 @@ log = logging.getLogger("server.batches")
 
 
 @dataclass
-class RunnerConfig:
+class BatchRunnerConfig:
     max_in_flight: int = 16      # batch lines in flight in this process, all batches together
     max_batches: int = 4         # batches run at once
     lease_s: float = 60.0        # a runner that stops renewing for this long loses its batches to another
@@ -51,13 +51,13 @@ class BatchRunner:
     concurrency in the server, so the tenant's own interactive calls keep room)."""
 
     def __init__(self, store: BatchStore, files: FileStore, executor_for: Callable, visible_for: Callable,
-                 gate: Gate | None = None, config: RunnerConfig | None = None, base_model: str | None = None,
+                 gate: Gate | None = None, config: BatchRunnerConfig | None = None, base_model: str | None = None,
                  cap_for: Callable[[BatchRecord], int] | None = None,
                  on_line: Callable[[str], None] | None = None):
         self.store, self.files = store, files
         self.executor_for, self.visible_for = executor_for, visible_for
         self.gate = gate or Gate()
-        self.config = config or RunnerConfig()
+        self.config = config or BatchRunnerConfig()
         self.base_model = base_model
         self.cap_for = cap_for or (lambda rec: self.config.max_in_flight)
         self.on_line = on_line or (lambda outcome: None)

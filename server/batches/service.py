@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from prompt_store.errors import InvalidPrompt, QuotaExceeded, StoreError
 from server.auth import Principal
@@ -13,8 +14,11 @@ from training.files import FileStore, new_file_id
 from .executor import InProcess
 from .gate import IdleCapacity
 from .records import ENDPOINTS, TERMINAL, BatchRecord, new_batch_id, parse_window
-from .runner import BatchRunner, RunnerConfig
+from .runner import BatchRunner, BatchRunnerConfig
 from .store import BatchStore
+
+if TYPE_CHECKING:
+    from server.runtime import Runtime
 
 log = logging.getLogger("server.batches")
 
@@ -24,16 +28,16 @@ def principal_of(rec: BatchRecord) -> Principal:
     return Principal(tenant=rec.tenant, admin=rec.admin, open=rec.open, batch=rec.id)
 
 
-def open_batches(rt) -> None:
-    """Called once the model, store, engine and file store are up: the batch store, and the runner (if enabled)."""
+def open_batches(rt: Runtime) -> tuple[BatchStore, BatchRunner | None]:
+    """Called by Runtime.open once the model, store, engine and file store are up: the batch store, and the batch
+    runner thread, started, if this process runs batches (else None)."""
     from server.api.access import find_visible
     from server.api.openai_format import BASE_MODEL_ID
 
     s = rt.settings
-    rt.batches = BatchStore(s.store)
-    rt.metrics.batch_counts = rt.batches.counts
+    batches = BatchStore(s.store)
     if not s.batch_runner:
-        return
+        return batches, None
 
     def visible_for(rec: BatchRecord):
         principal = principal_of(rec)
@@ -51,12 +55,14 @@ def open_batches(rt) -> None:
     def cap_for(rec: BatchRecord) -> int:  # half the tenant's concurrency: its interactive calls keep room
         return min(s.batch_max_in_flight, max(1, rt.limiter.limits(rec.tenant)[0] // 2))
 
-    rt.batch_runner = BatchRunner(
-        rt.batches, rt.files, executor_for=lambda rec: InProcess(rt.app, principal_of(rec)), visible_for=visible_for,
+    runner = BatchRunner(
+        batches, rt.files, executor_for=lambda rec: InProcess(rt.app, principal_of(rec)), visible_for=visible_for,
         gate=IdleCapacity(rt.work, lambda: rt.engine, s.batch_share, s.max_batch_size),
-        config=RunnerConfig(max_in_flight=s.batch_max_in_flight), base_model=rt.store.fingerprint.embedding_sha256,
-        cap_for=cap_for, on_line=lambda outcome: rt.metrics.batch_requests.labels(outcome).inc())
-    rt.batch_runner.start()
+        config=BatchRunnerConfig(max_in_flight=s.batch_max_in_flight),
+        base_model=rt.store.fingerprint.embedding_sha256, cap_for=cap_for,
+        on_line=lambda outcome: rt.metrics.batch_requests.labels(outcome).inc())
+    runner.start()
+    return batches, runner
 
 
 def create_batch(batches: BatchStore, files: FileStore, principal: Principal, *, input_file_id: str, endpoint: str,

@@ -72,7 +72,7 @@ def test_quantized_server_answers_as_the_quantized_engine_alone(served):
 
 def test_quantized_server_leaves_fine_tuning_to_a_worker(served):
     server, _ = served
-    assert server.runtime.runner is None
+    assert server.runtime.job_runner is None
     rows = [{"input": t, "label": lab} for t, lab in (("great", "positive"), ("awful", "negative"))]
     with server.client() as c:
         f = c.post("/v1/files", data={"purpose": "fine-tune"},

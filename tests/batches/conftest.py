@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from server.auth import Principal
-from server.batches import BatchRunner, BatchStore, RunnerConfig
+from server.batches import BatchRunner, BatchRunnerConfig, BatchStore
 from server.batches.executor import Answer
 from server.batches.service import create_batch
 from training.files import FileLimits, FileStore
@@ -70,7 +70,7 @@ class Rig:
     def runner(self, stub: Stub, **config) -> BatchRunner:
         cfg = {"max_in_flight": 8, "fsync": False, "poll_s": 0.05, "sync_s": 0.1, "tick_s": 0.01, **config}
         r = BatchRunner(self.batches, self.files, executor_for=lambda rec: stub,
-                        visible_for=lambda rec: (lambda kind, ref: None), config=RunnerConfig(**cfg),
+                        visible_for=lambda rec: (lambda kind, ref: None), config=BatchRunnerConfig(**cfg),
                         on_line=lambda outcome: self.outcomes.update([outcome]))
         self.runners.append(r)
         return r

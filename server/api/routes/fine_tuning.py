@@ -98,8 +98,8 @@ async def create(body: JobCreate, principal: TenantDep, rt: RuntimeDep) -> Job:
         suffix=body.suffix, seed=body.seed, method=_method_from_legacy(body, base["kind"] if base else "prompt_tuning"),
         max_active=rt.settings.max_jobs_per_tenant, metadata=body.metadata, continue_from=base,
         base_model=rt.store.fingerprint.embedding_sha256 if rt.store is not None else None)
-    if rt.runner is not None:
-        rt.runner.wake()
+    if rt.job_runner is not None:
+        rt.job_runner.wake()
     return job_object(rec)
 
 
@@ -126,8 +126,8 @@ def cancel(job_id: JobId, principal: TenantDep, rt: RuntimeDep) -> Job:
         rec = cancel_job(jobs, job_id, principal.tenant, principal.admin)
     except InvalidPrompt as e:  # it finished between the check and the change
         raise ApiError(409, "conflict", str(e)) from None
-    if rt.runner is not None:
-        rt.runner.cancel(job_id)
+    if rt.job_runner is not None:
+        rt.job_runner.cancel(job_id)
     return job_object(rec)
 
 

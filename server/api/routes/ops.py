@@ -29,12 +29,7 @@ def ready(rt: RuntimeDep) -> Response:
     elif not rt.engine.ready:
         body, status = Readiness(status="not_ready", detail="the engine loop is not running"), 503
     else:
-        lm, engine = rt.loaded, rt.engine.engine
-        body, status = Readiness(status="ready", model=rt.settings.model, device=lm.device.type,
-                                 dtype=str(lm.dtype).removeprefix("torch."), quantization=lm.quantization,
-                                 compiled=engine.runner.compiled is not None,
-                                 batch_invariant=engine.batch_invariant, kv_cache_bytes=engine.cache.bytes(),
-                                 kv_block_size=engine.blocks.block_size), 200
+        body, status = Readiness(status="ready", **rt.ready_info()), 200
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status)
 
 
