@@ -117,7 +117,7 @@ class TenantLimiter:
 
 class WorkInFlight:
     """Engine requests in flight in this process by priority, so batch work can see whether interactive traffic is
-    present (server/batches/gate.py). Counted by `serving.Job`, from every event loop that runs routes."""
+    present (server/batches/gate.py). Counted by `serving.EngineCall`, from every event loop that runs routes."""
 
     def __init__(self):
         self._lock = threading.Lock()

@@ -1,7 +1,7 @@
 """When a batch line may start: from idle capacity, and within `--batch-share` while interactive traffic is present.
 
 Interactive work is what the engine runs for network requests; batch work is what batch lines submit (both counted
-by `server.api.serving.Job` in `Runtime.work`). The rule, checked before every line starts:
+by `server.api.serving.EngineCall` in `Runtime.work`). The rule, checked before every line starts:
 
 - no interactive request in flight for `quiet_s` (1 s): batch lines run up to `--batch-max-in-flight` (the runner's
   own bound). (Without the quiet second, lines started in each short gap of a steady light load were preempted by
