@@ -143,8 +143,12 @@ class Runtime:
         from server.batches.service import open_batches
         from server.training_service import open_fine_tuning
 
-        self.files, self.jobs, self.job_runner = open_fine_tuning(self)
-        self.batches, self.batch_runner = open_batches(self)
+        self.files, self.jobs, self.job_runner = open_fine_tuning(
+            s, loaded=self.loaded, store=self.store, metrics=self.metrics, stats=self.training_stats,
+            engine=lambda: self.engine)
+        self.batches, self.batch_runner = open_batches(
+            s, store=self.store, files=self.files, app=self.app, work=self.work, limiter=self.limiter,
+            metrics=self.metrics, engine=lambda: self.engine)
         self.metrics.batch_counts = self.batches.counts
 
     def log_ready(self) -> None:

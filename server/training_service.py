@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -22,7 +22,11 @@ from training.files import FileLimits, FileStore
 from training.jobs import Gate, JobRunner, JobStore, RunnerConfig, publish_task
 
 if TYPE_CHECKING:
-    from server.runtime import Runtime
+    from prompt_core.model import LoadedModel
+    from prompt_store.store import PromptStore
+    from server.config import Settings
+    from server.engine.async_engine import AsyncEngine
+    from server.metrics import Metrics
 
 log = logging.getLogger("server.fine_tuning")  # the name operators filter on, kept from before the rename
 
@@ -88,28 +92,30 @@ class TrainingCollector(Collector):
         yield rate
 
 
-def open_fine_tuning(rt: Runtime) -> tuple[FileStore, JobStore, JobRunner | None]:
+def open_fine_tuning(settings: Settings, *, loaded: LoadedModel, store: PromptStore, metrics: Metrics, stats: dict,
+                     engine: Callable[[], AsyncEngine | None]) -> tuple[FileStore, JobStore, JobRunner | None]:
     """Called by Runtime.open once the model, store and engine are up: the file and job stores (their metrics
-    registered), and the job runner thread, started, if this process trains (else None)."""
-    s = rt.settings
+    registered; `stats` is where training throughput is counted), and the job runner thread, started, if this
+    process trains (else None). It trains on `loaded`, gated by `engine`'s load, and publishes to `store`."""
+    s = settings
     files = FileStore(s.store, FileLimits(max_file_bytes=s.max_file_bytes,
                                           max_tenant_bytes=s.max_file_bytes_per_tenant))
     jobs = JobStore(s.store)
-    rt.metrics.registry.register(TrainingCollector(jobs, rt.training_stats))
+    metrics.registry.register(TrainingCollector(jobs, stats))
     if not s.training_runner:
         return files, jobs, None
-    if rt.loaded.quantization != "none":
+    if loaded.quantization != "none":
         log.warning("--quantize %s: quantized layers have no gradient, so this server does not train; fine-tuning "
-                    "jobs wait for a training worker (python -m training.worker)", rt.loaded.quantization)
+                    "jobs wait for a training worker (python -m training.worker)", loaded.quantization)
         return files, jobs, None
 
     def progress(_rec, info: dict) -> None:
-        rt.training_stats["tokens"] += info["tokens"]
-        rt.training_stats["tokens_per_s"] = info["tokens"] / max(info["step_seconds"], 1e-9)
+        stats["tokens"] += info["tokens"]
+        stats["tokens_per_s"] = info["tokens"] / max(info["step_seconds"], 1e-9)
 
-    gate = ServingGate(lambda: rt.engine, s.training_share)
-    runner = JobRunner(jobs, rt.loaded, lambda rec, out: publish_task(rt.store, rec, out), gate=gate,
-                       base_model=rt.store.fingerprint.embedding_sha256,
+    gate = ServingGate(engine, s.training_share)
+    runner = JobRunner(jobs, loaded, lambda rec, out: publish_task(store, rec, out), gate=gate,
+                       base_model=store.fingerprint.embedding_sha256,
                        config=RunnerConfig(checkpoint_every_s=s.training_checkpoint_s,
                                            micro_batch=s.training_micro_batch or None), on_progress=progress)
     runner.start()

@@ -19,6 +19,7 @@ from server.engine.request import PromptRef, RequestOutput, TokenLogprob
 from .access import find_visible, prompt_ref
 from .errors import ApiError
 from .schemas import (
+    BASE_MODEL_ID,
     MAX_BATCH_INPUTS,
     AssistantMessage,
     ChatChoice,
@@ -41,7 +42,6 @@ from .schemas import (
 from .serving import EngineCall, check_output
 from .sse import sse
 
-BASE_MODEL_ID = "default"     # the bare model's name on these routes (--serve-base-model)
 BASE_MODEL_OWNER = "promptserve"  # the server owns it, not a tenant
 BASE_PROMPT = PromptRef(key=BASE_MODEL_ID, spec=PromptSpec(PromptKind.HARD, 0, INPUT_SLOT))
 

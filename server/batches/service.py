@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from prompt_store.errors import InvalidPrompt, QuotaExceeded, StoreError
 from server.auth import Principal
@@ -18,7 +18,13 @@ from .runner import BatchRunner, BatchRunnerConfig
 from .store import BatchStore
 
 if TYPE_CHECKING:
-    from server.runtime import Runtime
+    from starlette.types import ASGIApp
+
+    from prompt_store.store import PromptStore
+    from server.api.limits import TenantLimiter, WorkInFlight
+    from server.config import Settings
+    from server.engine.async_engine import AsyncEngine
+    from server.metrics import Metrics
 
 log = logging.getLogger("server.batches")
 
@@ -28,13 +34,15 @@ def principal_of(rec: BatchRecord) -> Principal:
     return Principal(tenant=rec.tenant, admin=rec.admin, open=rec.open, batch=rec.id)
 
 
-def open_batches(rt: Runtime) -> tuple[BatchStore, BatchRunner | None]:
+def open_batches(settings: Settings, *, store: PromptStore, files: FileStore, app: ASGIApp, work: WorkInFlight,
+                 limiter: TenantLimiter, metrics: Metrics, engine: Callable[[], AsyncEngine | None]
+                 ) -> tuple[BatchStore, BatchRunner | None]:
     """Called by Runtime.open once the model, store, engine and file store are up: the batch store, and the batch
-    runner thread, started, if this process runs batches (else None)."""
+    runner thread, started, if this process runs batches (else None). Its lines run through `app` in-process."""
     from server.api.access import find_visible
-    from server.api.openai_format import BASE_MODEL_ID
+    from server.api.schemas import BASE_MODEL_ID
 
-    s = rt.settings
+    s = settings
     batches = BatchStore(s.store)
     if not s.batch_runner:
         return batches, None
@@ -46,21 +54,20 @@ def open_batches(rt: Runtime) -> tuple[BatchStore, BatchRunner | None]:
             if kind == "model" and ref == BASE_MODEL_ID and s.serve_base_model:
                 return None
             try:
-                find_visible(rt.store, principal, ref)
+                find_visible(store, principal, ref)
             except StoreError as e:
                 return str(e)
             return None
         return visible
 
     def cap_for(rec: BatchRecord) -> int:  # half the tenant's concurrency: its interactive calls keep room
-        return min(s.batch_max_in_flight, max(1, rt.limiter.limits(rec.tenant)[0] // 2))
+        return min(s.batch_max_in_flight, max(1, limiter.limits(rec.tenant)[0] // 2))
 
     runner = BatchRunner(
-        batches, rt.files, executor_for=lambda rec: InProcess(rt.app, principal_of(rec)), visible_for=visible_for,
-        gate=IdleCapacity(rt.work, lambda: rt.engine, s.batch_share, s.max_batch_size),
-        config=BatchRunnerConfig(max_in_flight=s.batch_max_in_flight),
-        base_model=rt.store.fingerprint.embedding_sha256, cap_for=cap_for,
-        on_line=lambda outcome: rt.metrics.batch_requests.labels(outcome).inc())
+        batches, files, executor_for=lambda rec: InProcess(app, principal_of(rec)), visible_for=visible_for,
+        gate=IdleCapacity(work, engine, s.batch_share, s.max_batch_size),
+        config=BatchRunnerConfig(max_in_flight=s.batch_max_in_flight), base_model=store.fingerprint.embedding_sha256,
+        cap_for=cap_for, on_line=lambda outcome: metrics.batch_requests.labels(outcome).inc())
     runner.start()
     return batches, runner
 

@@ -27,8 +27,7 @@ from ..access import find_visible, list_visible, store_tenant, task_public
 from ..body_limit import limited
 from ..deps import RuntimeDep, StoreDep, TenantDep
 from ..errors import ApiError, documented
-from ..openai_format import BASE_MODEL_ID
-from ..schemas import HardTaskCreate, TaskList, TaskMetadata, TaskPublic
+from ..schemas import BASE_MODEL_ID, HardTaskCreate, TaskList, TaskMetadata, TaskPublic
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 

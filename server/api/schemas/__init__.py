@@ -63,6 +63,7 @@ from .generate import (
     Usage,
 )
 from .openai import (
+    BASE_MODEL_ID,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -105,7 +106,8 @@ from .tasks import (
 )
 
 __all__ = [
-    "AssistantMessage", "Batch", "BatchCreate", "BatchError", "BatchErrors", "BatchList", "BatchRequestCounts",
+    "AssistantMessage", "BASE_MODEL_ID", "Batch", "BatchCreate", "BatchError", "BatchErrors", "BatchList",
+    "BatchRequestCounts",
     "ChatChoice", "ChatChunkChoice", "ChatCompletionChunk", "ChatCompletionRequest",
     "ChatCompletionResponse", "ChatDelta", "ChatLogprobs", "ChatMessage", "ChatTokenLogprob", "Checkpoint",
     "CheckpointList", "ClassifyRequest", "ClassifyResult", "CompletionChoice", "CompletionLogprobs",

@@ -25,6 +25,8 @@ from .common import (
 )
 from .sampling import CHAT, COMPLETIONS, Asked
 
+BASE_MODEL_ID = "default"     # `model` naming the bare model, no task prompt (--serve-base-model)
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
