@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from prompt_core import forward as forward_mod
-from prompt_core.arch import UnsupportedModel, attn_implementation, kv_geometry, mask_layout
+from prompt_core.arch import attn_implementation, kv_geometry, mask_layout
 from prompt_core.fingerprint import fingerprint
 from prompt_core.layout import plan_row
 from prompt_core.model import LoadedModel, freeze
@@ -37,7 +37,6 @@ from prompt_core.spec import PromptKind, PromptSpec, make_labels
 from prompt_store.errors import InvalidPrompt
 from prompt_store.peft_io import import_peft
 from server.engine.request import EngineRequest, PromptRef
-from server.engine.self_check import self_check
 from tests.helpers import greedy, new_engine, prompt_ref, random_prompt, run, tokenizer
 from training import objective
 
@@ -234,26 +233,6 @@ def test_peft_adapter_equals_peft_forward(arch, method, tmp_path):
     finally:
         peft_model.unload() if hasattr(peft_model, "unload") else None
         loaded.model.__dict__.pop("peft_config", None)
-
-
-def test_start_up_check_passes(arch):
-    name, loaded = arch
-    assert self_check(new_engine(loaded), max_tokens=64) < 1e-4
-
-
-@pytest.mark.parametrize("name, break_it", [
-    ("gemma2-window-softcap",
-     lambda engine, mp: mp.setattr(forward_mod, "output_logits", lambda config, logits: logits)),
-    ("mistral-window", lambda engine, mp: mp.setattr(engine.runner, "windows", [0] * len(engine.runner.windows))),
-    ("gemma3-interleaved",
-     lambda engine, mp: mp.setattr(engine.runner, "windows", [WINDOW] * len(engine.runner.windows))),
-])
-def test_start_up_check_refuses_what_the_engine_gets_wrong(name, break_it, monkeypatch):
-    """Skip the softcapping, forget a window, or window every layer of an interleaved model: the check sees it."""
-    engine = new_engine(build(name))
-    break_it(engine, monkeypatch)
-    with pytest.raises(UnsupportedModel, match="differ from the model's own forward"):
-        self_check(engine, max_tokens=64)
 
 
 @pytest.mark.parametrize("kind", [PromptKind.PROMPT_TUNING, PromptKind.PREFIX_TUNING])

@@ -127,46 +127,6 @@ def test_sampled_constrained_rows_validate_and_reproduce_with_a_seed():
         jsonschema.validate(json.loads(o.text), CITY)
 
 
-def test_schemas_the_library_refuses_name_the_problem():
-    engine = new_engine(default_model())
-    with pytest.raises(InvalidRequest, match="Unsupported type"):
-        engine.grammars.compile(C.json_schema({"type": "wat"}))
-    with pytest.raises(InvalidRequest, match="nope"):
-        engine.grammars.compile(C.json_schema({"type": "object", "properties": {"a": {"$ref": "#/nope"}}}))
-    with pytest.raises(InvalidRequest, match="parenthesis"):
-        engine.grammars.compile(C.regex("(ab"))
-    # keywords the library would accept but not enforce are refused, naming where they are
-    tags = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"},
-                                                      "uniqueItems": True}}}
-    with pytest.raises(InvalidRequest, match="'uniqueItems' at properties/tags"):
-        engine.grammars.compile(C.json_schema(tags))
-    with pytest.raises(InvalidRequest, match="'not' at anyOf/1"):
-        engine.grammars.compile(C.json_schema({"anyOf": [{"type": "string"}, {"not": {"type": "null"}}]}))
-    with pytest.raises(InvalidRequest, match="'allOf'"):
-        engine.grammars.compile(C.json_schema({"allOf": [PERSON, {"required": ["name"]}]}))
-    named_not = {"type": "object", "properties": {"not": {"type": "boolean"}}, "required": ["not"]}
-    engine.grammars.compile(C.json_schema(named_not))  # a property called "not" is no keyword
-    with pytest.raises(InvalidRequest):
-        C.choice([])
-    deep = {"type": "string"}
-    for _ in range(5000):  # deeper than Python's recursion limit: refused without recursing
-        deep = {"type": "array", "items": deep}
-    with pytest.raises(InvalidRequest, match="nests deeper than 64"):
-        C.json_schema(deep)
-    # a refused constraint is refused when the request is made, before it is queued
-    ref = prompt_ref("chat@1", CHAT, None)
-    with pytest.raises(InvalidRequest, match="regex"):
-        engine.make_sequence(EngineRequest("r", ref, "x", sampling=SamplingParams(constraint=C.regex("[z-a]"))))
-    assert not engine.has_work()
-
-
-def test_compiled_grammars_are_shared():
-    engine = new_engine(default_model())
-    a = engine.grammars.compile(C.json_schema(dict(PERSON)))
-    b = engine.grammars.compile(C.json_schema(json.loads(json.dumps(PERSON))))
-    assert a is b and engine.grammars.compiles == 1
-
-
 # ---- logit_bias and penalties
 
 def _seq(output_ids, **sampling):
