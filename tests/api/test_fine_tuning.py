@@ -1,9 +1,11 @@
-"""Files and fine-tuning jobs through the official `openai` client, on a live server holding a tiny random Llama
-(so a job trains in seconds on two shared cores); one test trains on the default model and a shipped example.
+"""Fine-tuning jobs (/v1/fine_tuning/jobs) through the official `openai` client, on a live server holding a tiny
+random Llama (so a job trains in seconds on two shared cores); one test trains on the default model and a shipped
+example.
 
-What matters here: every accepted data format, line-numbered refusals, limits and quotas, tenant isolation, a job
-whose `fine_tuned_model` serves at once on every endpoint with the same prompt the CLI trains from the same data,
-seed and settings, events and checkpoints, and cancellation.
+What matters here: line-numbered refusals before queuing, quotas, tenant isolation of files and jobs, a job whose
+`fine_tuned_model` serves at once on every endpoint with the same prompt the CLI trains from the same data, seed and
+settings, events and checkpoints, cancellation, and a training worker for a server that does not train. Files are
+test_files.py's; the runner across processes (kill -9, SIGTERM) is tests/training/jobs/test_runner.py's.
 """
 
 from __future__ import annotations
@@ -16,36 +18,18 @@ import openai
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from prompt_core.model import ensure_default_model_dir
 from server.config import Settings
+from tests.training.jobs.helpers import CLASSIFY, GENERATE, jsonl, save_tiny_llama, wait_job
 from training.config import TrainConfig
 from training.loop import train
 
 from .conftest import ACME, ADMIN, GLOBEX, LiveServer, assert_error, write_auth_file
 
-TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
-
-CLASSIFY = [{"input": f"{w} {i}", "label": lab} for i in range(6)
-            for w, lab in (("sunny warm", "good"), ("rainy cold", "bad"), ("storm dark", "bad"),
-                           ("bright day", "good"))]
-GENERATE = [{"prompt": f"{n} is {a}", "completion": f" {n} | {a}"} for n in ("Ann", "Bob", "Eve", "Max")
-            for a in (20, 31, 45, 52)]
-
-
-def jsonl(rows) -> bytes:
-    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(module_tmp) -> Path:
-    path = module_tmp / "tiny-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(ensure_default_model_dir()).save_pretrained(path)
-    return path
+    return save_tiny_llama(module_tmp / "tiny-llama")
 
 
 def tiny_settings(tmp: Path, tiny_dir: Path, **overrides) -> Settings:
@@ -67,79 +51,6 @@ def server(module_tmp, tiny_dir):
 
 def oai(server, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
-
-
-def wait_job(client: openai.OpenAI, job_id: str, states=("succeeded", "failed", "cancelled"), timeout_s=300):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        job = client.fine_tuning.jobs.retrieve(job_id)
-        if job.status in states:
-            return job
-        assert time.monotonic() < deadline, f"job still {job.status} after {timeout_s} s"
-        time.sleep(0.2)
-
-
-# ---------------------------------------------------------------- files
-
-@pytest.mark.parametrize("rows, tasks", [
-    (CLASSIFY[:4], ["classify"]),
-    ([{"input": "a", "output": "b"}, {"input": "c", "output": "d"}], ["generate"]),
-    (GENERATE[:3], ["classify", "generate"]),
-    ([{"messages": [{"role": "system", "content": "Be short."}, {"role": "user", "content": "hi"},
-                    {"role": "assistant", "content": "hello"}]}], ["classify", "generate"]),
-])
-def test_upload_accepts_every_format(server, rows, tasks):
-    client = oai(server, ACME)
-    f = client.files.create(file=("train.jsonl", jsonl(rows)), purpose="fine-tune")
-    assert f.id.startswith("file-") and f.object == "file" and f.purpose == "fine-tune"
-    assert f.bytes == len(jsonl(rows)) and f.filename == "train.jsonl"
-    extra = f.model_extra
-    assert extra["lines"] == len(rows) and extra["tasks"] == tasks
-    assert client.files.retrieve(f.id).id == f.id
-    assert client.files.content(f.id).content == jsonl(rows)
-    assert f.id in [x.id for x in client.files.list()]
-    assert client.files.delete(f.id).deleted
-    with pytest.raises(openai.NotFoundError):
-        client.files.retrieve(f.id)
-
-
-@pytest.mark.parametrize("rows, message", [
-    ([CLASSIFY[0], "", '{"input": "x", "label": "good"'], "train.jsonl:3: not valid JSON"),
-    ([CLASSIFY[0], {"input": "x"}], "train.jsonl:2: missing field 'output'"),
-    ([{"prompt": "x"}], "train.jsonl:1: missing field 'completion'"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}], "train.jsonl:1: 'messages' has no assistant message"),
-    ([{"text": "x"}], "train.jsonl:1: no known fields"),
-    ([CLASSIFY[0], {"input": "x", "output": "y"}], "train.jsonl:2: a generate line, but line 1 is classify"),
-    (["   "], "train.jsonl: no examples"),
-])
-def test_malformed_file_is_a_line_numbered_422(server, rows, message):
-    with server.client(ACME) as c:
-        before = c.get("/v1/files").json()["data"]
-        r = c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("train.jsonl", jsonl(rows))})
-        err = assert_error(r, 422, "invalid_request")
-        assert err["message"].startswith(message), err
-        assert c.get("/v1/files").json()["data"] == before  # nothing stored
-
-
-def test_upload_limits_and_quota(server):
-    with server.client(GLOBEX) as c:
-        r = c.post("/v1/files", data={"purpose": "assistants"}, files={"file": ("t.jsonl", jsonl(CLASSIFY))})
-        assert "purpose" in assert_error(r, 422, "invalid_request")["message"]
-        big = jsonl([{"input": "x" * 1000, "label": "a"}] * 25)   # > max_file_bytes (20,000)
-        assert_error(c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("b.jsonl", big)}), 413)
-        ok = jsonl([{"input": "x" * 1000, "label": "a"}] * 18)    # ~18 kB each; the tenant may store 60 kB
-        ids = [c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)}).json()["id"]
-               for _ in range(3)]
-        err = assert_error(c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)}),
-                           429, "quota_exceeded")
-        assert "delete some files" in err["message"]
-        with server.client(ACME) as other:  # the quota is per tenant
-            r = other.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)})
-            assert r.status_code == 200
-            other.delete(f"/v1/files/{r.json()['id']}")
-        for i in ids:
-            assert c.delete(f"/v1/files/{i}").status_code == 200
-        assert c.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("f.jsonl", ok)}).status_code == 200
 
 
 # ---------------------------------------------------------------- jobs
@@ -415,133 +326,6 @@ def test_default_model_on_the_shipped_example_scores_as_the_cli(module_tmp):
         assert torch.allclose(stored.virtual.cpu(), cli["tensors"]["virtual"], atol=1e-4)
     assert served == pytest.approx(cli_test["accuracy"])
     assert job.model_extra["result"]["best_score"] == cli["result"]["best_score"]
-
-
-# ---------------------------------------------------------------- durability
-
-def test_kill_9_mid_job_resumes_from_its_checkpoint(module_tmp, tiny_dir):
-    """The server dies mid-job (SIGKILL, no chance to clean up); a new server on the same store resumes the job from
-    its last checkpoint, and the prompt equals an uninterrupted run's: nothing lost, nothing trained twice."""
-    from scripts.common import ServerProcess
-
-    store = module_tmp / "kill-store"
-    args = ("--model", str(tiny_dir), "--dtype", "float32", "--threads", "1", "--training-checkpoint-s", "0.2")
-    method = {"type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {
-        "n_epochs": 30, "batch_size": 2, "num_virtual_tokens": 4, "patience": 1000}}}
-    first = ServerProcess(store, *args)
-    try:
-        client = openai.OpenAI(base_url=first.url + "/v1", api_key="none", max_retries=0)
-        f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model="default", training_file=f.id, seed=3, method=method)
-        deadline = time.monotonic() + 120
-        while client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] < 20:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-    finally:
-        first.close()  # SIGKILL
-    killed = json.loads((store / "fine_tuning" / job.id / "job.json").read_text())
-    assert killed["status"] == "running" and killed["step"] < killed["total_steps"]
-
-    second = ServerProcess(store, *args)
-    try:
-        client = openai.OpenAI(base_url=second.url + "/v1", api_key="none", max_retries=0)
-        done = wait_job(client, job.id)
-        assert done.status == "succeeded", done.error
-        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=200)]
-        assert any(m.startswith("resuming (attempt 2)") for m in messages)
-        resumed_log = (store / "fine_tuning" / job.id / "run" / "log.jsonl").read_text().splitlines()
-    finally:
-        second.close()
-    served = load_file(str(next((store / "tasks" / done.fine_tuned_model).glob("v*/prompt.safetensors"))))
-
-    from transformers import AutoModelForCausalLM
-
-    from prompt_core.model import LoadedModel, freeze
-    lm = LoadedModel(model=freeze(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32,
-                                                                       attn_implementation="sdpa")),
-                     tokenizer=AutoTokenizer.from_pretrained(tiny_dir), source="tiny", device=torch.device("cpu"),
-                     dtype=torch.float32)
-    from prompt_core.spec import make_labels
-    data = module_tmp / "kill-data.jsonl"
-    data.write_bytes(jsonl(CLASSIFY))
-    whole = train(TrainConfig(method="prompt-tuning", task="classify", data=data, out=module_tmp / "kill-cli",
-                              labels=make_labels(["bad", "good"]), epochs=30, batch_size=2, virtual_tokens=4,
-                              patience=1000, seed=3, device="cpu"), lm=lm, quiet=True)
-    reference = load_file(str(module_tmp / "kill-cli" / "prompt.safetensors"))
-    assert torch.allclose(served["virtual"], reference["virtual"], atol=1e-5)
-    assert done.model_extra["result"]["best_score"] == whole["best_score"]
-    # the steps after the last checkpoint were trained again, but the log holds each step's final record
-    steps = [json.loads(x)["step"] for x in resumed_log if '"type": "step"' in x]
-    assert steps[-1] == killed["total_steps"] and len(set(steps)) == killed["total_steps"]
-
-
-def test_sigterm_checkpoints_the_running_job_and_requeues_it(module_tmp, tiny_dir):
-    import signal
-
-    from scripts.common import ServerProcess
-
-    store = module_tmp / "term-store"
-    proc = ServerProcess(store, "--model", str(tiny_dir), "--threads", "1", "--shutdown-grace-s", "1")
-    try:
-        client = openai.OpenAI(base_url=proc.url + "/v1", api_key="none", max_retries=0)
-        f = client.files.create(file=("t.jsonl", jsonl(CLASSIFY)), purpose="fine-tune")
-        job = client.fine_tuning.jobs.create(model="default", training_file=f.id, method={
-            "type": "prompt_tuning", "prompt_tuning": {"hyperparameters": {"n_epochs": 500, "patience": 500,
-                                                                           "batch_size": 1}}})
-        deadline = time.monotonic() + 60
-        while client.fine_tuning.jobs.retrieve(job.id).model_extra["step"] < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        proc.wait_for(r"training\.jobs: ftjob-\S+: step \d+/\d+: training loss", 30)  # progress in the log
-        proc.proc.send_signal(signal.SIGTERM)
-        assert proc.proc.wait(timeout=60) == 0
-    finally:
-        proc.close()
-    rec = json.loads((store / "fine_tuning" / job.id / "job.json").read_text())
-    state = json.loads((store / "fine_tuning" / job.id / "run" / "checkpoint" / "state.json").read_text())
-    assert rec["status"] == "queued" and rec["lease_owner"] is None  # any runner may take it on from here
-    assert state["state"]["global_step"] >= rec["step"] >= 5
-    events = (store / "fine_tuning" / job.id / "events.jsonl").read_text()
-    assert "paused at step" in events
-
-
-# ---------------------------------------------------------------- serving first
-
-class _Engine:
-    ready = True
-
-    def __init__(self):
-        self.in_flight = 0
-
-
-def test_gate_trains_when_idle_and_within_its_share_when_busy():
-    import threading
-
-    from server.training_service import ServingGate
-
-    engine, stop = _Engine(), threading.Event()
-    gate = ServingGate(engine, share=0.0, window_s=0.5, poll_s=0.001)
-    t0 = time.monotonic()
-    gate.wait(stop)                       # idle: no wait
-    assert time.monotonic() - t0 < 0.05
-    engine.in_flight = 1                  # busy, share 0: waits for the engine to be idle
-    threading.Timer(0.3, lambda: setattr(engine, "in_flight", 0)).start()
-    t0 = time.monotonic()
-    gate.wait(stop)
-    assert time.monotonic() - t0 >= 0.25
-
-    gate = ServingGate(engine, share=0.5, window_s=0.5, poll_s=0.001)
-    engine.in_flight = 1                  # busy, share 0.5 of 0.5 s: steps run until they used 0.25 s of the window
-    gate.wait(stop)
-    gate.done(0.3)
-    t0 = time.monotonic()
-    gate.wait(stop)                       # over its share: waits until the step leaves the window
-    assert 0.3 <= time.monotonic() - t0 < 1.0
-    stop.set()
-    gate.done(10.0)
-    t0 = time.monotonic()
-    gate.wait(stop)                       # stopping never blocks
-    assert time.monotonic() - t0 < 0.05
 
 
 def test_a_worker_trains_jobs_of_a_server_that_does_not(module_tmp, tiny_dir):
