@@ -90,6 +90,10 @@ def tiled(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, tili
     rows = x.reshape(-1, shape[-1])                                          # [M, K]
     if not rows.is_contiguous():
         rows = rows.contiguous()
+    M = rows.shape[0]
+    if 1 < M <= tiling.tile or (M == 1 and tiling.pad == 1):                 # one tile: the common case
+        out = packed_linear(packed, bias, rows)
+        return out.reshape(*shape[:-1], out.shape[-1])
     outs = []
     for start in range(0, rows.shape[0], tiling.tile):
         part = rows[start:start + tiling.tile]

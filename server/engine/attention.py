@@ -26,7 +26,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -136,6 +136,23 @@ class PagedStep:
     groups: list[GroupStep]
     layer_group: list[int]       # group of each layer
     block_size: int
+    _args: dict = field(default_factory=dict)   # kernel arguments, built once per step and layout
+
+    def kernel_args(self, group: int, q: torch.Tensor, out: torch.Tensor, B: int, Hkv: int, scale: float,
+                    softcap: float) -> tuple:
+        """The dimensions struct and the metadata pointers, the same for every layer of a group in this step."""
+        key = (group, q.shape, q.stride(), Hkv, scale, softcap)
+        args = self._args.get(key)
+        if args is None:
+            T, Hq, D = q.shape
+            g = self.groups[group]
+            dims = _Dims(T, Hq, Hkv, D, B, g.block_table.shape[1], q.stride(0), q.stride(1), out.stride(0),
+                         out.stride(1), g.window, scale, softcap)
+            m = self.queries
+            ptrs = tuple(ctypes.c_void_p(t.data_ptr()) for t in (m.seq, m.slot, m.pos, m.ctx_end, m.seg_start,
+                                                                  g.block_table))
+            args = self._args[key] = (ctypes.byref(dims), ptrs, dims)
+        return args
 
 
 _STEP: contextvars.ContextVar[PagedStep | None] = contextvars.ContextVar("paged_step", default=None)
@@ -167,17 +184,14 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
     NB, Hkv, _, B = keys.shape
     if Hq % Hkv:
         raise UnsupportedModel(f"{Hq} query heads cannot share {Hkv} key/value heads evenly")
-    group = step.groups[step.layer_group[layer]]
+    gi = step.layer_group[layer]
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     if q.dtype not in kernel_dtypes(q.device):
-        return reference_attend(q, keys, values, group, step.queries, scale, softcap)[None]
-    dims = _Dims(T, Hq, Hkv, D, B, group.block_table.shape[1], q.stride(0), q.stride(1), out.stride(0),
-                 out.stride(1), group.window, scale, float(softcap or 0.0))
+        return reference_attend(q, keys, values, step.groups[gi], step.queries, scale, softcap)[None]
+    dims, meta, _ = step.kernel_args(gi, q, out, B, Hkv, scale, float(softcap or 0.0))
     fn = kernel().paged_attention_bf16 if q.dtype == torch.bfloat16 else kernel().paged_attention_f32
-    m = step.queries
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    fn(ctypes.byref(dims), ptr(q), ptr(keys), ptr(values), ptr(out), ptr(m.seq), ptr(m.slot), ptr(m.pos),
-       ptr(m.ctx_end), ptr(m.seg_start), ptr(group.block_table))
+    ptr = ctypes.c_void_p
+    fn(dims, ptr(q.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), ptr(out.data_ptr()), *meta)
     return out[None]                                                    # [1, T, Hq, D]
 
 
