@@ -197,28 +197,35 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
 
 def reference_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: GroupStep, m: QueryMeta,
                      scale: float, softcap: float | None) -> torch.Tensor:
-    """The kernel's semantics in plain torch, one query at a time (devices and dtypes the kernel does not cover,
-    and the tests' reference). q [T, Hq, D] -> [T, Hq, D]."""
+    """The kernel's semantics in plain torch, one scheduled sequence at a time: its blocks gathered into one run of
+    keys, and SDPA (or softmax, with softcapping) under the visibility mask. For devices and dtypes the kernel does
+    not cover (not batch-invariant: its rounding depends on the gathered lengths), and the tests' reference.
+    q [T, Hq, D] -> [T, Hq, D]."""
     T, Hq, D = q.shape
     _, Hkv, _, B = keys.shape
     out = torch.empty_like(q)
-    for t in range(T):
-        seq, me, pos, ce, ss = (int(x[t]) for x in (m.seq, m.slot, m.pos, m.ctx_end, m.seg_start))
-        s = torch.arange(me + 1, device=q.device)
-        vis = (s < ce) | (s >= ss)
+    acc = torch.promote_types(q.dtype, torch.float32)                            # at least fp32
+    seqs = m.seq.long()
+    for s in torch.unique(seqs).tolist():
+        rows = (seqs == s).nonzero()[:, 0]                                       # this sequence's queries
+        me, pos = m.slot[rows].long(), m.pos[rows].long()
+        ce, ss = m.ctx_end[rows].long(), m.seg_start[rows].long()
+        n = int(me.max()) + 1
+        slots = torch.arange(n, device=q.device)                                 # [S]
+        blocks = group.block_table[s].long().clamp(min=0)[slots // B]
+        k = keys[blocks, :, :, slots % B].transpose(0, 1).to(acc)                # [Hkv, S, D]
+        v = values[blocks, :, slots % B, :].transpose(0, 1).to(acc)
+        vis = (slots[None] < ce[:, None]) | ((slots[None] >= ss[:, None]) & (slots[None] <= me[:, None]))
         if group.window:
-            key_pos = torch.where(s < ce, s, pos - (me - s))
-            vis &= key_pos > pos - group.window
-        s = s[vis]
-        blocks = group.block_table[seq].long()[s // B]
-        k = keys[blocks, :, :, s % B].float()                            # [S, Hkv, D]
-        v = values[blocks, :, s % B, :].float()                          # [S, Hkv, D]
-        rep = Hq // Hkv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # [S, Hq, D]
-        w = torch.einsum("hd,shd->hs", q[t].float(), k) * scale                  # [Hq, S]
+            key_pos = torch.where(slots[None] < ce[:, None], slots[None], pos[:, None] - (me[:, None] - slots[None]))
+            vis &= key_pos > pos[:, None] - group.window                         # [Tq, S]
+        qs = q[rows].transpose(0, 1).to(acc)                                     # [Hq, Tq, D]
+        k, v = k.repeat_interleave(Hq // Hkv, 0), v.repeat_interleave(Hq // Hkv, 0)
+        w = (qs @ k.transpose(1, 2)) * scale                                     # [Hq, Tq, S]
         if softcap:
             w = torch.tanh(w / softcap) * softcap
-        out[t] = torch.einsum("hs,shd->hd", w.softmax(-1), v).to(q.dtype)
+        w = w.masked_fill(~vis[None], float("-inf")).softmax(-1)
+        out[rows] = (w @ v).transpose(0, 1).to(q.dtype)
     return out
 
 
