@@ -34,8 +34,11 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-TILES = (128, 64, 32, 16, 8)   # tried largest first
+TILES = (1024, 512, 256, 128, 64, 32, 16, 8)   # tried largest first (a prefill chunk up to 1024 rows in one call)
+HEAD_TILE = 128                # layers wider than WIDE (LM heads) stop here: they see few rows, and are slow to probe
+WIDE = 8192
 PADS = (1, 2)                  # rows a one-row tile is padded to
+DENSE = 130                    # every row count up to this is probed; beyond it every 8th and the edges
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,10 @@ def tiled(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, tili
     rows = x.reshape(-1, shape[-1])                                          # [M, K]
     if not rows.is_contiguous():
         rows = rows.contiguous()
+    M = rows.shape[0]
+    if 1 < M <= tiling.tile or (M == 1 and tiling.pad == 1):                 # one tile: the common case
+        out = packed_linear(packed, bias, rows)
+        return out.reshape(*shape[:-1], out.shape[-1])
     outs = []
     for start in range(0, rows.shape[0], tiling.tile):
         part = rows[start:start + tiling.tile]
@@ -101,10 +108,19 @@ def tiled(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor, tili
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
+def probe_rows(tile: int) -> list[int]:
+    """Row counts probed for a tile: all up to DENSE, then every 8th and the ones around each power of two."""
+    ms = set(range(2, min(tile, DENSE) + 1)) | set(range(DENSE, tile + 1, 8)) | {tile - 1, tile}
+    ms |= {p + d for p in (2 ** k for k in range(8, 11)) for d in (-1, 0, 1)}
+    return sorted(m for m in ms if 2 <= m <= tile)
+
+
 @torch.inference_mode()
 def calibrate(weight: torch.Tensor, bias: torch.Tensor | None, tiles=TILES, pads=PADS) -> Tiling | None:
-    """The largest tile (and the padding) at which every row count up to the tile gives each row exactly the
-    result it gets alone; None if none does."""
+    """The largest tile (and the padding) at which every probed row count up to the tile gives each row exactly
+    the result it gets alone; None if none does."""
+    if weight.shape[0] > WIDE:
+        tiles = tuple(t for t in tiles if t <= HEAD_TILE)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(max(tiles), weight.shape[1], generator=g) * weight.float().std().clamp(min=1e-3) * 30
@@ -113,7 +129,7 @@ def calibrate(weight: torch.Tensor, bias: torch.Tensor | None, tiles=TILES, pads
         alone = torch.cat([tiled(packed, bias, x[i:i + 1], Tiling(1, pad)) for i in range(x.shape[0])])
         for tile in tiles:
             t = Tiling(tile, pad)
-            if all(torch.equal(tiled(packed, bias, x[:m], t), alone[:m]) for m in range(2, tile + 1)):
+            if all(torch.equal(tiled(packed, bias, x[:m], t), alone[:m]) for m in probe_rows(tile)):
                 return t
     return None
 
@@ -153,7 +169,7 @@ def _key(weight: torch.Tensor, has_bias: bool) -> str:
     except OSError:
         pass
     blob = f"{torch.__version__}|{torch.backends.mkldnn.is_available()}|{cpu}|{tuple(weight.shape)}|{weight.dtype}|" \
-           f"{has_bias}|{torch.get_num_threads()}"
+           f"{has_bias}|{torch.get_num_threads()}|{TILES}|{PADS}|{DENSE}|{HEAD_TILE}"
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

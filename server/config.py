@@ -42,9 +42,9 @@ class Settings(BaseSettings):
         "none", description="CPU only: int8 (int8 weights and activations, fastest from ~8 rows up) or int4 "
                             "(4-bit weights, fastest at batch 1); none serves the weights in --dtype. A quantized "
                             "server does not train: fine-tuning jobs wait for a training worker")
-    compile: bool = Field(False, description="compile the decode step at start-up (torch.compile; about a minute for "
-                                             "the default model on 2 cores): about twice the tokens/s at batch 1 on a "
-                                             "CPU; not with --quantize")
+    compile: bool = Field(False, description="not available with the paged key/value cache: the server refuses it "
+                                             "(the compiled decode step of the slot cache is gone; see "
+                                             "docs/benchmarks.md)")
     attn_implementation: str = Field("auto", description="auto (sdpa, or eager where the model needs it, e.g. "
                                                          "attention softcapping), sdpa or eager")
     self_check: bool = Field(True, description="at start, compare the engine's batched logits with the model's own "

@@ -26,7 +26,7 @@ import os
 import platform
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -136,6 +136,23 @@ class PagedStep:
     groups: list[GroupStep]
     layer_group: list[int]       # group of each layer
     block_size: int
+    _args: dict = field(default_factory=dict)   # kernel arguments, built once per step and layout
+
+    def kernel_args(self, group: int, q: torch.Tensor, out: torch.Tensor, B: int, Hkv: int, scale: float,
+                    softcap: float) -> tuple:
+        """The dimensions struct and the metadata pointers, the same for every layer of a group in this step."""
+        key = (group, q.shape, q.stride(), Hkv, scale, softcap)
+        args = self._args.get(key)
+        if args is None:
+            T, Hq, D = q.shape
+            g = self.groups[group]
+            dims = _Dims(T, Hq, Hkv, D, B, g.block_table.shape[1], q.stride(0), q.stride(1), out.stride(0),
+                         out.stride(1), g.window, scale, softcap)
+            m = self.queries
+            ptrs = tuple(ctypes.c_void_p(t.data_ptr()) for t in (m.seq, m.slot, m.pos, m.ctx_end, m.seg_start,
+                                                                  g.block_table))
+            args = self._args[key] = (ctypes.byref(dims), ptrs, dims)
+        return args
 
 
 _STEP: contextvars.ContextVar[PagedStep | None] = contextvars.ContextVar("paged_step", default=None)
@@ -167,44 +184,48 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
     NB, Hkv, _, B = keys.shape
     if Hq % Hkv:
         raise UnsupportedModel(f"{Hq} query heads cannot share {Hkv} key/value heads evenly")
-    group = step.groups[step.layer_group[layer]]
+    gi = step.layer_group[layer]
     out = torch.empty(T, Hq, D, dtype=q.dtype, device=q.device)
     if q.dtype not in kernel_dtypes(q.device):
-        return reference_attend(q, keys, values, group, step.queries, scale, softcap)[None]
-    dims = _Dims(T, Hq, Hkv, D, B, group.block_table.shape[1], q.stride(0), q.stride(1), out.stride(0),
-                 out.stride(1), group.window, scale, float(softcap or 0.0))
+        return reference_attend(q, keys, values, step.groups[gi], step.queries, scale, softcap)[None]
+    dims, meta, _ = step.kernel_args(gi, q, out, B, Hkv, scale, float(softcap or 0.0))
     fn = kernel().paged_attention_bf16 if q.dtype == torch.bfloat16 else kernel().paged_attention_f32
-    m = step.queries
-    ptr = lambda t: ctypes.c_void_p(t.data_ptr())  # noqa: E731
-    fn(ctypes.byref(dims), ptr(q), ptr(keys), ptr(values), ptr(out), ptr(m.seq), ptr(m.slot), ptr(m.pos),
-       ptr(m.ctx_end), ptr(m.seg_start), ptr(group.block_table))
+    ptr = ctypes.c_void_p
+    fn(dims, ptr(q.data_ptr()), ptr(keys.data_ptr()), ptr(values.data_ptr()), ptr(out.data_ptr()), *meta)
     return out[None]                                                    # [1, T, Hq, D]
 
 
 def reference_attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, group: GroupStep, m: QueryMeta,
                      scale: float, softcap: float | None) -> torch.Tensor:
-    """The kernel's semantics in plain torch, one query at a time (devices and dtypes the kernel does not cover,
-    and the tests' reference). q [T, Hq, D] -> [T, Hq, D]."""
+    """The kernel's semantics in plain torch, one scheduled sequence at a time: its blocks gathered into one run of
+    keys, and SDPA (or softmax, with softcapping) under the visibility mask. For devices and dtypes the kernel does
+    not cover (not batch-invariant: its rounding depends on the gathered lengths), and the tests' reference.
+    q [T, Hq, D] -> [T, Hq, D]."""
     T, Hq, D = q.shape
     _, Hkv, _, B = keys.shape
     out = torch.empty_like(q)
-    for t in range(T):
-        seq, me, pos, ce, ss = (int(x[t]) for x in (m.seq, m.slot, m.pos, m.ctx_end, m.seg_start))
-        s = torch.arange(me + 1, device=q.device)
-        vis = (s < ce) | (s >= ss)
+    acc = torch.promote_types(q.dtype, torch.float32)                            # at least fp32
+    seqs = m.seq.long()
+    for s in torch.unique(seqs).tolist():
+        rows = (seqs == s).nonzero()[:, 0]                                       # this sequence's queries
+        me, pos = m.slot[rows].long(), m.pos[rows].long()
+        ce, ss = m.ctx_end[rows].long(), m.seg_start[rows].long()
+        n = int(me.max()) + 1
+        slots = torch.arange(n, device=q.device)                                 # [S]
+        blocks = group.block_table[s].long().clamp(min=0)[slots // B]
+        k = keys[blocks, :, :, slots % B].transpose(0, 1).to(acc)                # [Hkv, S, D]
+        v = values[blocks, :, slots % B, :].transpose(0, 1).to(acc)
+        vis = (slots[None] < ce[:, None]) | ((slots[None] >= ss[:, None]) & (slots[None] <= me[:, None]))
         if group.window:
-            key_pos = torch.where(s < ce, s, pos - (me - s))
-            vis &= key_pos > pos - group.window
-        s = s[vis]
-        blocks = group.block_table[seq].long()[s // B]
-        k = keys[blocks, :, :, s % B].float()                            # [S, Hkv, D]
-        v = values[blocks, :, s % B, :].float()                          # [S, Hkv, D]
-        rep = Hq // Hkv
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # [S, Hq, D]
-        w = torch.einsum("hd,shd->hs", q[t].float(), k) * scale                  # [Hq, S]
+            key_pos = torch.where(slots[None] < ce[:, None], slots[None], pos[:, None] - (me[:, None] - slots[None]))
+            vis &= key_pos > pos[:, None] - group.window                         # [Tq, S]
+        qs = q[rows].transpose(0, 1).to(acc)                                     # [Hq, Tq, D]
+        k, v = k.repeat_interleave(Hq // Hkv, 0), v.repeat_interleave(Hq // Hkv, 0)
+        w = (qs @ k.transpose(1, 2)) * scale                                     # [Hq, Tq, S]
         if softcap:
             w = torch.tanh(w / softcap) * softcap
-        out[t] = torch.einsum("hs,shd->hd", w.softmax(-1), v).to(q.dtype)
+        w = w.masked_fill(~vis[None], float("-inf")).softmax(-1)
+        out[rows] = (w @ v).transpose(0, 1).to(q.dtype)
     return out
 
 

@@ -231,8 +231,9 @@ class Scheduler:
         out.preempted.append((seq, reason))
 
     def _preempt_for_rows(self) -> list[tuple[Sequence, str]]:
-        """When the batch is full: one row per starved tenant (waiting, nothing running) from the tenant most over
-        its share, and batch rows for waiting interactive requests."""
+        """When the batch is full: batch rows give way to waiting interactive requests, and a waiting tenant below
+        its weighted share of rows takes rows, one per waiting request, from the tenant most over its share (so a
+        light tenant behind another's burst runs at once instead of after it)."""
         out = Schedule()
         if not self.config.preempt or len(self.running) < self.config.max_batch_size:
             return []
@@ -242,18 +243,22 @@ class Scheduler:
         rows: dict[str, int] = {}
         for s in self.running:
             rows[s.tenant] = rows.get(s.tenant, 0) + 1
-        starved = [t for t, q in self.waiting.items() if q and t not in rows and q[0] not in
-                   [p for p, _ in out.preempted]]
-        share = self.config.max_batch_size / (len(rows) + len(starved)) if starved else 0
-        for _ in starved:
-            if not rows:
-                break
-            tenant = max(rows, key=rows.get)
-            if rows[tenant] <= max(share, 1):
-                break
-            victim = next(s for s in reversed(self.running) if s.tenant == tenant)
-            self._preempt(victim, "fairness", out)
-            rows[tenant] -= 1
+        active = set(rows) | {t for t, q in self.waiting.items() if q}
+        total = sum(self._weight(t) for t in active)
+        share = {t: self.config.max_batch_size * self._weight(t) / total for t in active}
+        taken = {p for p, _ in out.preempted}
+        for tenant in sorted(active, key=lambda t: rows.get(t, 0) / share[t]):
+            queue = [s for s in self.waiting.get(tenant, ()) if s not in taken]
+            while queue and rows.get(tenant, 0) + 1 <= max(share[tenant], 1):
+                over = [t for t in rows if t != tenant and rows[t] > share[t]]
+                if not over:
+                    break
+                donor = max(over, key=lambda t: rows[t] / share[t])
+                victim = next(s for s in reversed(self.running) if s.tenant == donor)
+                self._preempt(victim, "fairness", out)
+                rows[donor] -= 1
+                rows[tenant] = rows.get(tenant, 0) + 1   # the row it frees goes to this tenant at admission
+                queue.pop(0)
         return out.preempted
 
     def charge_output(self, seq: Sequence, tokens: int = 1) -> None:

@@ -88,8 +88,8 @@ class LiveServer:
 @contextmanager
 def live_server(tmp: Path, *, auth: bool = True, tenants: dict | None = None, **overrides) -> Iterator[LiveServer]:
     tmp.mkdir(parents=True, exist_ok=True)
-    settings = Settings(store=tmp / "store", model="default", device="cpu", dtype="float32",
-                        auth_file=write_auth_file(tmp / "auth.json", tenants) if auth else None, **overrides)
+    settings = Settings(**{"store": tmp / "store", "model": "default", "device": "cpu", "dtype": "float32",
+                           "auth_file": write_auth_file(tmp / "auth.json", tenants) if auth else None, **overrides})
     server = LiveServer(settings).start()
     try:
         yield server

@@ -168,8 +168,12 @@ def test_a_starved_tenant_preempts_the_tenant_over_its_share():
     victim = out.preempted[0][0]
     assert victim.status is Status.WAITING and s.waiting["heavy"][0] is victim
     assert victim.cost_tokens == 12 and victim.computed == 0  # resumes with its prompt and its two tokens
-    # at its share (2 of 4 for two tenants) nobody is preempted again
+    # a second light request takes a second row (its share is 2 of 4 for two tenants); at its share, no more
     s.add(seq(1, "light"))
+    out = s.schedule()
+    assert [(q.request_id, r) for q, r in out.preempted] == [("heavy2", "fairness")]
+    assert [q.request_id for q in out.admitted] == ["light1"]
+    s.add(seq(2, "light"))
     assert s.schedule().preempted == []
 
 

@@ -1,0 +1,83 @@
+"""What batch invariance costs: decode tokens/s at batch 1, 16 and 64 for invariant bf16 (the default), bf16 with
+--no-batch-invariant (torch's own matmul shapes) and invariant fp32, on the engine in-process, in one run.
+
+    python -m scripts.bench_invariance [--threads 1] [--batches 1,16,64] [--new 64]
+
+Each setting loads its own copy of the default model (the invariant form replaces its linear layers). A batch is
+n requests of ~30 prompt tokens, 64 new tokens each (ignore_eos); tokens/s counts decode steps only (once every row
+decodes), median over the steps. Results are appended to docs/benchmarks/invariance.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from scripts.common import REPO, command_line, load_avg
+
+SETTINGS = {"bf16 invariant": ("bfloat16", True), "bf16 not invariant": ("bfloat16", False),
+            "fp32 invariant": ("float32", True)}
+
+
+def decode_rate(engine, n: int, new: int) -> float:
+    from prompt_core.spec import PromptKind, PromptSpec
+    from server.engine.request import EngineRequest, PromptRef, SamplingParams
+
+    ref = PromptRef("bench@1", PromptSpec(PromptKind.HARD, 0, "{input}"))
+    for i in range(n):
+        engine.add_request(EngineRequest(f"r{n}-{i}-{time.monotonic()}", ref,
+                                         f"Request {i}: write a long and careful story about the sea and a ship.",
+                                         sampling=SamplingParams(max_new_tokens=new, temperature=0.0,
+                                                                 ignore_eos=True)))
+    steps = []
+    while engine.has_work():
+        prefilling = any(s.prefilling for s in engine.scheduler.running) or engine.scheduler.num_waiting
+        t = time.perf_counter()
+        engine.step()
+        rows = engine.scheduler.num_running
+        if not prefilling and rows == n:
+            steps.append(time.perf_counter() - t)
+    return n / statistics.median(steps)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batches", default="1,16,64")
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "invariance.json")
+    args = p.parse_args()
+    import torch
+
+    from prompt_core.model import load_model
+    from server.engine.config import EngineConfig, SchedulerConfig
+    from server.engine.engine import LLMEngine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batches = [int(b) for b in args.batches.split(",")]
+    res = {"when": time.strftime("%Y-%m-%d %H:%M"), "command": command_line(), "load_avg_start": load_avg(),
+           "threads": torch.get_num_threads(), "tokens_per_s": {}}
+    for name, (dtype, invariant) in SETTINGS.items():
+        engine = LLMEngine(load_model(dtype=dtype, serving=True),
+                           EngineConfig(scheduler=SchedulerConfig(max_batch_size=max(batches)),
+                                        batch_invariant=invariant))
+        assert engine.batch_invariant == invariant, engine.invariance_gaps
+        decode_rate(engine, 2, 8)   # warm-up
+        res["tokens_per_s"][name] = {str(n): round(decode_rate(engine, n, args.new), 1) for n in batches}
+        print(name, res["tokens_per_s"][name], flush=True)
+    res["load_avg_end"] = load_avg()
+    base = res["tokens_per_s"]["bf16 not invariant"]
+    res["invariant_over_not"] = {n: round(res["tokens_per_s"]["bf16 invariant"][n] / base[n], 3) for n in base}
+    print("invariant bf16 / not invariant bf16:", res["invariant_over_not"])
+    runs = json.loads(args.out.read_text()) if args.out.is_file() else []
+    runs.insert(0, res)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(runs, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
