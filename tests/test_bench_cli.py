@@ -17,7 +17,7 @@ from scripts.bench.page import profile as profile_section
 from scripts.bench.workload import StepTimer, make_requests, make_tasks, run_engine
 from server.engine.config import EngineConfig, SchedulerConfig
 from server.engine.engine import LLMEngine
-from tests.engine.test_architectures import build, saved
+from tests.server.engine.test_architectures import build, saved
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIS = sorted(p.stem for p in (ROOT / "scripts").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())

@@ -8,7 +8,7 @@ import argparse
 import pytest
 
 from prompt_core.quantize import quantize_linears
-from tests.engine.test_architectures import build
+from tests.server.engine.test_architectures import build
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_weight_bytes_counts_a_tied_head_once_and_an_untied_embedding_not_at_all
     also the LM head."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from tests.engine.test_architectures import LLAMA_LIKE
+    from tests.server.engine.test_architectures import LLAMA_LIKE
     tied = AutoModelForCausalLM.from_config(LlamaConfig(tie_word_embeddings=True, **LLAMA_LIKE))
     assert bench_latency.weight_bytes(tied) == sum(every_tensor(tied).values())      # the shared matrix once
     untied = build("llama").model

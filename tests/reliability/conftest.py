@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from scripts.common import ServerProcess  # noqa: F401  (re-exported for the tests)
-from tests.api.conftest import (  # noqa: F401
+from tests.server.api.conftest import (  # noqa: F401
     ACME,
     ADMIN,
     GLOBEX,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from tests.api.batching import jsonl, line, save_tiny_model, stable
+from tests.server.api.batching import jsonl, line, save_tiny_model, stable
 
 from .conftest import ServerProcess
 

@@ -1,6 +1,6 @@
 """Security rules, each tested for its behaviour (not by reading the code):
 
-- tenant isolation: what tests/api/test_tenants.py does not already cover — delete, pinned versions (`id@1`),
+- tenant isolation: what tests/server/api/test_tenants.py does not already cover — delete, pinned versions (`id@1`),
   streams and lists on the OpenAI endpoints, and that every 404 for another tenant's private task is byte-for-byte
   the 404 of a task that does not exist (no existence oracle in status or message);
 - keys: a sha256-stored key works, the stored digest itself does not, near-misses do not, every request compares

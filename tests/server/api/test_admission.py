@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.api.conftest import ACME, GLOBEX, hard_task, live_server
+from tests.server.api.conftest import ACME, GLOBEX, hard_task, live_server
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Through HTTP, on models other than Llama: a server started on a sliding-window, softcapped model (Gemma2, eager
 attention) and on a multi-query model (Falcon), with a PEFT adapter uploaded through the API, answers concurrent
 requests of different lengths with exactly the greedy text and label probabilities the in-process engine gives each
-request alone (which tests/engine/test_architectures.py proves equal to the model's own forward)."""
+request alone (which tests/server/engine/test_architectures.py proves equal to the model's own forward)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from prompt_core.spec import PromptKind, PromptSpec, make_labels
 from prompt_store.peft_io import import_peft
 from server.config import Settings
 from server.engine.request import EngineRequest, PromptRef
-from tests.engine.test_architectures import saved
 from tests.helpers import greedy, new_engine, run
+from tests.server.engine.test_architectures import saved
 
 from .conftest import LiveServer
 

@@ -298,7 +298,7 @@ def test_default_model_on_the_shipped_example_scores_as_the_cli(module_tmp):
 
     from .conftest import live_server
 
-    root = Path(__file__).resolve().parents[2] / "training" / "examples" / "emotion"
+    root = Path(__file__).resolve().parents[3] / "training" / "examples" / "emotion"
     train_bytes = b"".join(root.joinpath("train.jsonl").read_bytes().splitlines(keepends=True)[:24])
     test_rows = [json.loads(x) for x in root.joinpath("test.jsonl").read_text().splitlines() if x.strip()]
     template, labels = "Sentence: {input}\nEmotion:", ["joy", "anger", "fear", "sadness"]

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.api.conftest import ACME, live_server
+from tests.server.api.conftest import ACME, live_server
 
 QUESTIONS = ["Why is the sky blue?", "Write a haiku about rain.", "What is 17 times 3?", "Name a large animal.",
              "Describe a forest at night.", "How do planes fly?", "Give me a tip for sleeping well.",

@@ -27,7 +27,7 @@ from server.engine.config import EngineConfig, SchedulerConfig
 
 from .conftest import ACME, assert_error, hard_task, live_server, sse_events, write_auth_file
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,"
 
 

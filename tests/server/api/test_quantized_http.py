@@ -15,8 +15,8 @@ from prompt_core.model import load_model
 from prompt_core.spec import PromptKind, PromptSpec, make_labels
 from server.config import Settings
 from server.engine.request import EngineRequest, PromptRef
-from tests.engine.test_architectures import saved
 from tests.helpers import greedy, new_engine, run
+from tests.server.engine.test_architectures import saved
 
 from .conftest import LiveServer
 

@@ -1,6 +1,6 @@
 """Output constraints (server/engine/constraints.py): the builders from the wire shapes (pure Python), what the
 grammar library refuses named in the request's own 422, and compiled grammars shared per constraint. How masks
-apply in a batched step is tests/engine/test_outputs.py's (the logits processors)."""
+apply in a batched step is test_logits_processors.py's."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from server.engine import constraints as C
 from server.engine.request import EngineRequest, InvalidRequest, SamplingParams
-from tests.engine.test_outputs import CHAT, PERSON
 from tests.helpers import default_model, new_engine, prompt_ref
+from tests.server.engine.test_logits_processors import CHAT, PERSON
 
 
 def test_builders_keep_what_the_output_follows_and_refuse_empty_shapes():

@@ -17,8 +17,8 @@ from prompt_core.spec import PromptKind, PromptSpec
 from server.engine import constraints as C
 from server.engine.logits_processors import LogitsProcessor
 from server.engine.request import EngineRequest, InvalidRequest, SamplingParams, Sequence, Status
-from tests.engine.test_batching import check_same
 from tests.helpers import default_model, greedy, new_engine, prompt_ref, random_prompt, run
+from tests.server.engine.test_batching import check_same
 
 CHAT = PromptSpec(PromptKind.HARD, 0, "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n")
 

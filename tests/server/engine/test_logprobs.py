@@ -312,7 +312,7 @@ def test_bad_logprob_requests_are_refused():
 def test_logprobs_follow_the_models_own_output_path(name):
     """Final-logit softcapping, logit scales, sliding windows shorter than the input, multi-query caches: echo and
     sampled-token log-probabilities equal the log-softmax of the model's own forward on the request alone."""
-    from tests.engine.test_architectures import build
+    from tests.server.engine.test_architectures import build
 
     loaded = build(name)
     ref = PromptRef("hard@1", PromptSpec(PromptKind.HARD, 0, "{input}"))

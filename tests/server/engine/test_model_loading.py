@@ -15,7 +15,7 @@ from prompt_core.arch import UnsupportedModel, attn_implementation, kv_geometry
 from prompt_core.model import load_model
 from tests.helpers import tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 

@@ -20,8 +20,8 @@ from prompt_core.quantize import (
     quantize_linears,
 )
 from server.engine.self_check import QUANTIZED_TOLERANCE, self_check
-from tests.engine.test_architectures import build, mixed_requests, reference_logits
 from tests.helpers import new_engine, run
+from tests.server.engine.test_architectures import build, mixed_requests, reference_logits
 
 CPU = torch.device("cpu")
 

@@ -8,8 +8,8 @@ import pytest
 from prompt_core import forward as forward_mod
 from prompt_core.arch import UnsupportedModel
 from server.engine.self_check import probe_length, self_check
-from tests.engine.test_architectures import ARCHS, WINDOW, build
 from tests.helpers import new_engine
+from tests.server.engine.test_architectures import ARCHS, WINDOW, build
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))
