@@ -51,8 +51,8 @@ class LLMEngine:
         self.observer = observer
         model = loaded.model
         if self.config.compile_decode:
-            raise UnsupportedModel("--compile is not available with the paged key/value cache (its compiled decode step "
-                                   "was built for the slot cache, which is gone); serve without it")
+            raise UnsupportedModel("--compile is not available with the paged key/value cache (its compiled decode "
+                                   "step was built for the slot cache, which is gone); serve without it")
         logits_size = logits_width(model)
         self.processor = LogitsProcessor(logits_size, on_mask=self._hook("grammar_masked"))
         intercept = attention.install(model)
