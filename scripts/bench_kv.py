@@ -89,7 +89,7 @@ def run_engine(loaded, items, budget_mb: int, max_batch: int) -> dict:
     return {"budget_bytes": engine.cache.bytes(), "per_token_bytes": per_slot, "steps": steps,
             "seconds": round(time.perf_counter() - t0, 1), "max_used_over_held": max(ratios),
             "preempted": {k.removeprefix("preempted_"): v for k, v in st.items() if k.startswith("preempted_")},
-            "longest_row_slots": max(len(t) for t, _ in items), **peak}
+            **peak}
 
 
 def rows_that_fit(items_slots: list[int], budget: int, per_slot: int) -> int:

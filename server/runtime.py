@@ -122,11 +122,7 @@ class Runtime:
                                  config=StoreConfig(max_tasks_per_tenant=s.max_tasks_per_tenant, archive=limits,
                                                     base_model=base_model_name(s.model)),
                                  poll=True, check_generation=partial(check_generation, engine))
-        if engine.compiled is not None:  # compile now, not on the first request
-            compiled = engine.compiled
-            log.info("compiled the decode step in %.1f s", engine.warm_up())
-            self.metrics.decode_compile_seconds.set(compiled.compile_s)
-            self.metrics.decode_eager_steps.set_function(lambda: compiled.eager_steps)
+        log.info("warm-up: the largest step the limits allow took %.1f s", engine.warm_up())
         t2 = time.monotonic()
         if s.self_check:
             from server.engine.self_check import self_check

@@ -106,9 +106,37 @@ class LLMEngine:
         """Whether every request's tokens and log-probabilities are bit-identical whatever else is batched."""
         return not self.invariance_gaps
 
+    @torch.inference_mode()
     def warm_up(self) -> float:
-        """Nothing to compile ahead of the first request in this engine (kept for the server's start-up)."""
-        return 0.0
+        """Run the largest step the limits allow once before serving: a full prefill chunk, then sampling for a full
+        batch with temperature and top-p. The memory their temporaries take is then part of the replica's footprint
+        when it reports ready, not a surprise under the first burst. Returns the seconds it took."""
+        from prompt_core.spec import PromptKind, PromptSpec
+
+        from .request import PromptRef, SamplingParams
+        from .sampler import sample
+
+        t = time.perf_counter()
+        sched = self.config.scheduler
+        n = max(1, min(sched.max_prefill_tokens, self.config.max_input_tokens,
+                       self.blocks.max_slots(0) - 2 * self.blocks.block_size))
+        ref = PromptRef("warm-up", PromptSpec(PromptKind.HARD, 0, "{input}"))
+        seq = self.make_sequence(EngineRequest("warm-up", ref, "x",
+                                               sampling=SamplingParams(max_new_tokens=1, temperature=0.0)))
+        seq.plan.ids, seq.plan.virt = [100 + i % 1000 for i in range(n)], [-1] * n
+        observer, self.observer = self.observer, None  # warm-up work is no one's traffic
+        try:
+            self.add(seq)
+            while self.has_work():
+                self.step()
+        finally:
+            self.observer = observer
+        rows = sched.max_batch_size
+        logits = torch.randn(rows, self.processor.vocab_size, device=self.runner.device)
+        full = lambda v, dt: torch.full((rows,), v, dtype=dt, device=self.runner.device)  # noqa: E731
+        sample(logits, full(1.0, torch.float32), full(0, torch.long), full(0.9, torch.float32), full(1, torch.long),
+               full(0, torch.long))
+        return time.perf_counter() - t
 
     def _kv_refusal(self, slots: int) -> str | None:
         if self.blocks.fits_ever(slots, self.config.scheduler.max_prefill_tokens):

@@ -5,7 +5,7 @@ compared with the model's own forward on that request alone. Whatever the engine
 difference, and the server refuses to start instead of answering wrong.
 
 The probe is longer than the model's smallest attention window, up to `max_tokens` (a window longer than that is
-covered by the test matrix in tests/engine/test_architectures.py, not here)."""
+covered by the test matrix in tests/server/engine/test_architectures.py, not here)."""
 
 from __future__ import annotations
 
