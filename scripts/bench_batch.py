@@ -2,8 +2,8 @@
 """Interactive latency beside a batch (issue 25): p95 time to first token and time per output token of a light
 interactive load with no batch, then while a large batch runs on the same server, then with no batch again.
 
-    .venv/bin/python scripts/bench_batch.py                                   # default model, --batch-share 0.25
-    .venv/bin/python scripts/bench_batch.py --batch-share 0 --requests 20 --json out.json
+    python -m scripts.bench_batch                                   # default model, --batch-share 0.25
+    python -m scripts.bench_batch --batch-share 0 --requests 20 --json out.json
 
 It starts `python -m server` (scripts/common.py ServerProcess), makes a hard generate task, and sends Poisson
 arrivals at `--rate` requests/s of a streamed greedy generate of `--max-new-tokens` (ignore_eos, so every request
@@ -27,10 +27,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from common import ServerProcess, command_line, load_avg, pct  # noqa: E402 - one percentile for every report
+from scripts.common import ServerProcess, command_line, load_avg, pct
 
 TEXTS = ["What is the capital of France?", "Name a primary colour.", "How many legs has a spider?",
          "What do bees make?", "Which planet is red?", "What is two plus two?"]

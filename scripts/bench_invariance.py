@@ -5,7 +5,8 @@
 
 Each setting loads its own copy of the default model (the invariant form replaces its linear layers). A batch is
 n requests of ~30 prompt tokens, 64 new tokens each (ignore_eos); tokens/s counts decode steps only (once every row
-decodes), median over the steps. Results are appended to docs/benchmarks/invariance.json.
+decodes), median over the steps. Results are kept in docs/img/raw/invariance.json
+(newest first), which docs/benchmarks.md renders.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def main() -> None:
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "invariance.json")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "raw" / "invariance.json")
     args = p.parse_args()
     import torch
 

@@ -150,7 +150,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--http", action="store_true", help="the HTTP burst instead of the in-process workloads")
-    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks" / "kv_cache.json")
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "raw" / "kv_cache.json")
     args = p.parse_args()
     res = {"command": command_line(), "load_avg": load_avg(), "when": time.strftime("%Y-%m-%d %H:%M")}
     if args.http:

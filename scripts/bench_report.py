@@ -9,7 +9,9 @@ classify against separate generate calls, and a torch.profiler breakdown of a de
 the markdown with every figure next to its baselines and PASS/FAIL per target (scripts/bench/: sweeps.py measures,
 plots.py and page.py render).
 
-The page opens with the decode-speed sweep of `scripts/bench_latency.py`, rendered from its stored runs
+The page opens with serving speed beside vLLM, the paged cache's memory and what batch invariance costs
+(scripts/bench/front_page.py, from the runs bench_serving, bench_kv and bench_invariance keep in docs/img/raw/), then
+the decode-speed sweep of `scripts/bench_latency.py`, rendered from its stored runs
 (docs/img/raw/latency_sweep*.json, or `--latency-json`; newest first). Text between `<!-- notes:begin -->` and
 `<!-- notes:end -->`, and between `<!-- decode-notes:begin -->` and `<!-- decode-notes:end -->`, in the existing
 docs/benchmarks.md is kept (analysis written by hand). `--http-json` adds a table written by `scripts/bench_http.py
@@ -25,6 +27,7 @@ import os
 import sys
 from pathlib import Path
 
+from scripts.bench import front_page
 from scripts.bench.decode_page import DECODE_NOTES_BEGIN, DECODE_NOTES_END, latency_runs
 from scripts.bench.page import NOTES_BEGIN, NOTES_END, kept, render
 from scripts.bench.plots import plots
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
     if plot and (REPO / plot).exists():  # the newest run's plot (each run writes the same file)
         imgs["latency_plot"] = os.path.relpath(REPO / plot, args.out.parent)
     args.out.write_text(render(res, imgs, kept(old, NOTES_BEGIN, NOTES_END), http, gpu, others, latency,
-                               kept(old, DECODE_NOTES_BEGIN, DECODE_NOTES_END)))
+                               kept(old, DECODE_NOTES_BEGIN, DECODE_NOTES_END), front_page.load(REPO)))
     print(f"\nwrote {args.out} and {written} plots in {args.out.parent / 'img'}")
     return 0
 

@@ -10,7 +10,8 @@ Workloads (`--dataset-name random --ignore-eos`, the default model, bf16 on both
 and the same three on our server spread over 32 tasks of all four kinds (`--lora-modules` gives each request one
 of the task ids as its model, which vLLM cannot serve at all). Start-up to /ready is timed for a cold start (an
 empty cache directory: model conversion, kernel build, calibration) and a warm restart. Results go to
-docs/benchmarks/serving.json (newest first) and `python -m scripts.bench_serving --render` prints the table.
+docs/img/raw/serving.json (newest first), with a plot in docs/img/bench_serving.png; `python -m
+scripts.bench_report --from-json docs/img/raw/report.json` renders them at the top of docs/benchmarks.md.
 
 Setting up the anchor (outside the repository): docs/benchmarks.md, "Serving speed beside vLLM".
 """
@@ -28,9 +29,10 @@ from pathlib import Path
 
 import httpx
 
+from scripts.bench import front_page
 from scripts.common import REPO, ServerProcess, command_line, free_port, load_avg
 
-RESULTS = REPO / "docs" / "benchmarks" / "serving.json"
+RESULTS = REPO / "docs" / "img" / "raw" / "serving.json"
 WORKLOADS = {
     "single": ["--random-input-len", "256", "--random-output-len", "128", "--max-concurrency", "1",
                "--num-prompts", "6"],
@@ -157,33 +159,26 @@ def run(args) -> dict:
     return res
 
 
-def ratio(a, b) -> str:
-    return f"{a / b:.2f}" if a and b else "-"
+def plot(run: dict, path: Path) -> None:
+    """Output tokens/s per workload: vLLM-CPU, ours, ours over 32 tasks."""
+    import matplotlib
 
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-def render(runs: list[dict]) -> str:
-    """The table docs/benchmarks.md opens with, newest run first."""
-    out = []
-    for r in runs:
-        out += [f"Run {r['when']} (load {r['load_avg_start']} -> {r['load_avg_end']}); `{r['command']}`", "",
-                "| workload | vLLM-CPU tok/s | ours tok/s | ratio | TTFT mean ms vLLM / ours | TPOT mean ms vLLM / "
-                "ours | P99 TPOT ms vLLM / ours | failed vLLM / ours | ours over 32 tasks tok/s (vs bare) |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for name in WORKLOADS:
-            o, v, t = r["ours"].get(name), r["vllm"].get(name, {}), r["ours_tasks"].get(name, {})
-            if not o:
-                continue
-            f = lambda d, k: f"{d[k]:.1f}" if d.get(k) is not None else "-"  # noqa: E731
-            out.append(f"| {name} | {f(v, 'output_throughput')} | {f(o, 'output_throughput')} | "
-                       f"**{ratio(o['output_throughput'], v.get('output_throughput'))}** | "
-                       f"{f(v, 'mean_ttft_ms')} / {f(o, 'mean_ttft_ms')} | {f(v, 'mean_tpot_ms')} / "
-                       f"{f(o, 'mean_tpot_ms')} | {f(v, 'p99_tpot_ms')} / {f(o, 'p99_tpot_ms')} | "
-                       f"{v.get('failed', '-')} / {o.get('failed')} | {f(t, 'output_throughput')} "
-                       f"({ratio(t.get('output_throughput'), o['output_throughput'])}) |")
-        ready = [f"ours cold {r['ours_ready_cold_s']:.1f} s, warm {r['ours_ready_warm_s']:.1f} s"
-                 if "ours_ready_cold_s" in r else "", f"vLLM {r['vllm_ready_s']:.1f} s" if "vllm_ready_s" in r else ""]
-        out += ["", "Start-up to ready: " + "; ".join(x for x in ready if x) + ".", ""]
-    return "\n".join(out)
+    names = [n for n in WORKLOADS if n in run["ours"]]
+    series = [("vLLM-CPU", run["vllm"]), ("promptserve", run["ours"]), ("promptserve, 32 tasks", run["ours_tasks"])]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for i, (label, data) in enumerate(series):
+        ax.bar([x + 0.27 * (i - 1) for x in range(len(names))],
+               [(data.get(n) or {}).get("output_throughput") or 0 for n in names], 0.27, label=label)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"vllm bench serve, default model, bf16 ({run['when']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -201,7 +196,8 @@ def main() -> None:
         runs.insert(0, run(args))
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(runs, indent=1) + "\n")
-    print(render(runs))
+        plot(runs[0], REPO / "docs" / front_page.SERVING_PLOT)
+    print("\n".join(front_page.serving(runs, plot=False)))
 
 
 if __name__ == "__main__":

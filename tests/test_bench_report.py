@@ -10,7 +10,7 @@ import shlex
 from pathlib import Path
 
 from scripts import bench_report as B
-from scripts.bench import decode_page
+from scripts.bench import decode_page, front_page
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_the_benchmarks_page_is_what_bench_report_renders_from_its_stored_runs()
     rendered = B.render(res, imgs, B.kept(page, B.NOTES_BEGIN, B.NOTES_END),
                         json.loads((ROOT / opts["--http-json"][0]).read_text()), None,
                         [json.loads((ROOT / p).read_text()) for p in opts["--engine-json"]], latency,
-                        B.kept(page, B.DECODE_NOTES_BEGIN, B.DECODE_NOTES_END))
+                        B.kept(page, B.DECODE_NOTES_BEGIN, B.DECODE_NOTES_END), front_page.load(ROOT))
     assert rendered == page
 
 

@@ -5,6 +5,7 @@ no torch: `bench_report --from-json` re-renders stored runs anywhere."""
 from __future__ import annotations
 
 from .decode_page import decode_sweep
+from .front_page import sections as front_sections
 
 NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
 
@@ -31,9 +32,10 @@ def standard_table(add, r: dict, b: dict) -> None:
 
 
 def render(res: dict, imgs: dict[str, str], notes: str, http: dict | None, gpu_log: str | None,
-           others: list[dict] = (), latency: list[dict] = (), decode_notes: str = "") -> str:
-    """The whole page: the decode-speed sweep (newest run first) when there is one, then this run's sections."""
-    sections = [["# Benchmarks\n"]]
+           others: list[dict] = (), latency: list[dict] = (), decode_notes: str = "", front: dict | None = None) -> str:
+    """The whole page: serving beside vLLM, key/value memory and invariance (front_page.py), the decode-speed
+    sweep (newest run first) when there is one, then this run's sections."""
+    sections = [["# Benchmarks\n"], front_sections(front)]
     if latency:
         sections += [decode_sweep(latency, imgs, decode_notes), ["## Standard workload\n"]]
     sections += [about(res), targets(res, others), standard_workload(res, imgs), other_runs(others),
