@@ -184,7 +184,10 @@ def make_batch_invariant(model: nn.Module, cache_file: Path | None = None) -> li
         except (OSError, ValueError):
             known = {}
     failed: list[str] = []
-    changed = False
+    before = len(known)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    failed += tile_quantized(model, torch.bfloat16 if _has_int4(model) else dtype, known)
+    changed = len(known) != before
     for parent, name, module, weight, transposed, bias_after in list(_linears(model)):
         bias = module.bias
         w = weight.detach().t().contiguous() if transposed else weight
@@ -214,5 +217,72 @@ def make_batch_invariant(model: nn.Module, cache_file: Path | None = None) -> li
     return sorted(set(failed))
 
 
+class TiledQuantized(nn.Module):
+    """A quantized linear layer (prompt_core/quantize.py) run in fixed row tiles: its own kernel, at a tile for
+    which every row gets the bits it gets alone (measured, as for InvariantLinear)."""
+
+    def __init__(self, inner: nn.Module, tiling: Tiling):
+        super().__init__()
+        self.inner, self.tiling = inner, tiling
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1])
+        outs = []
+        for start in range(0, rows.shape[0], self.tiling.tile):
+            part = rows[start:start + self.tiling.tile]
+            if part.shape[0] == 1 and self.tiling.pad > 1:
+                outs.append(self.inner(part.expand(self.tiling.pad, -1).contiguous())[:1])
+            else:
+                outs.append(self.inner(part))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.reshape(*shape[:-1], out.shape[-1])
+
+
+@torch.inference_mode()
+def calibrate_module(module: nn.Module, dtype: torch.dtype, tiles=(128, 64, 32, 16, 8), pads=PADS) -> Tiling | None:
+    """calibrate() for a layer that is its own kernel (quantized): the largest tile at which every probed row count
+    gives each row its bits alone."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(max(tiles), module.in_features, generator=g) * 3).to(dtype)
+    for pad in pads:
+        one = TiledQuantized(module, Tiling(1, pad))
+        alone = torch.cat([one(x[i:i + 1]) for i in range(x.shape[0])])
+        for tile in tiles:
+            t = TiledQuantized(module, Tiling(tile, pad))
+            if all(torch.equal(t(x[:m]), alone[:m]) for m in probe_rows(tile)):
+                return Tiling(tile, pad)
+    return None
+
+
+def tile_quantized(model: nn.Module, dtype: torch.dtype, cache: dict) -> list[str]:
+    """Wrap every quantized linear layer in TiledQuantized where a tiling holds; returns the layers where none does.
+    `cache` maps a layer's shape and kind to its tiling (or None), as make_batch_invariant keeps it."""
+    from .quantize import Int4Linear, Int8Linear
+
+    failed = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, (Int8Linear, Int4Linear)):
+                continue
+            key = f"{type(child).__name__}|{child.in_features}x{child.out_features}|{dtype}|{torch.__version__}|" \
+                  f"{torch.get_num_threads()}"
+            if key not in cache:
+                t = calibrate_module(child, dtype)
+                cache[key] = [t.tile, t.pad] if t else None
+            if cache[key] is None:
+                failed.append(f"{name} {type(child).__name__} {child.in_features}x{child.out_features}")
+            else:
+                setattr(parent, name, TiledQuantized(child, Tiling(*cache[key])))
+    return sorted(set(failed))
+
+
+def _has_int4(model: nn.Module) -> bool:
+    from .quantize import Int4Linear
+
+    return any(isinstance(m, Int4Linear) for m in model.modules())
+
+
 def is_batch_invariant_linear(module: nn.Module) -> bool:
-    return isinstance(module, InvariantLinear)
+    return isinstance(module, (InvariantLinear, TiledQuantized))

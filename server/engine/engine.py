@@ -292,8 +292,6 @@ def batch_invariance(loaded: LoadedModel) -> list[str]:
     gaps = []
     if loaded.dtype not in attention.kernel_dtypes(loaded.device):
         gaps.append(f"attention in {str(loaded.dtype).removeprefix('torch.')} on {loaded.device.type}")
-    if loaded.quantization != "none":
-        return gaps + [f"--quantize {loaded.quantization} layers"]
     if loaded.device.type != "cpu":
         return gaps + [f"linear layers on {loaded.device.type}"]
     return gaps + make_batch_invariant(loaded.model, cache_root() / "invariance.json")

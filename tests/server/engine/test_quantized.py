@@ -19,8 +19,10 @@ from prompt_core.quantize import (
     quantization_of,
     quantize_linears,
 )
+from prompt_core.spec import PromptKind, PromptSpec
+from server.engine.request import EngineRequest, SamplingParams
 from server.engine.self_check import QUANTIZED_TOLERANCE, self_check
-from tests.helpers import new_engine, run
+from tests.helpers import new_engine, prompt_ref, run
 from tests.server.engine.test_architectures import build, mixed_requests, reference_logits
 
 CPU = torch.device("cpu")
@@ -201,3 +203,21 @@ def test_start_up_check_passes_on_a_quantized_model_and_still_catches_a_wrong_wi
     monkeypatch.setattr(engine.runner, "windows", [0] * len(engine.runner.windows))
     with pytest.raises(UnsupportedModel, match="differ from the model's own forward"):
         self_check(engine, max_tokens=32)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_layers_are_batch_invariant_in_their_tiles(mode):
+    """Each quantized layer runs its own kernel in measured row tiles: a request batched with others gets exactly
+    the tokens and log-probabilities it gets alone."""
+    loaded = quantized("mistral-window", mode)
+    engine = new_engine(loaded, max_prefill_tokens=24)
+    assert engine.batch_invariant, engine.invariance_gaps
+    ref = prompt_ref("h@1", PromptSpec(PromptKind.HARD, 0, "{input}"), None)
+    reqs = [EngineRequest(f"r{i}", ref, f"number {i} " * (3 + i), logprobs=1,
+                          sampling=SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True))
+            for i in range(6)]
+    together = run(engine, reqs)
+    for r in reqs:
+        alone = run(new_engine(loaded), [r])[r.request_id]
+        got = together[r.request_id]
+        assert [(x.token, x.logprob) for x in got.logprobs] == [(x.token, x.logprob) for x in alone.logprobs]
