@@ -121,7 +121,10 @@ def calibrate(weight: torch.Tensor, bias: torch.Tensor | None, tiles=TILES, pads
     the result it gets alone; None if none does."""
     if weight.shape[0] > WIDE:
         tiles = tuple(t for t in tiles if t <= HEAD_TILE)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+    except RuntimeError:  # e.g. bf16 on a CPU without AVX-512: oneDNN has no such kernel, so no tiling holds
+        return None
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(max(tiles), weight.shape[1], generator=g) * weight.float().std().clamp(min=1e-3) * 30
          ).to(weight.dtype)

@@ -1,5 +1,7 @@
-"""What batch invariance costs: decode tokens/s at batch 1, 16 and 64 for invariant bf16 (the default), bf16 with
---no-batch-invariant (torch's own matmul shapes) and invariant fp32, on the engine in-process, in one run.
+"""What batch invariance costs: decode tokens/s at batch 1, 16 and 64 for the precision `auto` serves, invariant
+and with --no-batch-invariant (torch's own matmul shapes), and the other precision beside them, on the engine
+in-process, in one run. On a CPU with native bf16 that is bf16 invariant / not and fp32 invariant; elsewhere fp32
+invariant / not and bf16 (which cannot be made invariant without AVX-512).
 
     python -m scripts.bench_invariance [--threads 1] [--batches 1,16,64] [--new 64]
 
@@ -19,8 +21,16 @@ from pathlib import Path
 
 from scripts.common import REPO, command_line, load_avg
 
-SETTINGS = {"bf16 invariant": ("bfloat16", True), "bf16 not invariant": ("bfloat16", False),
-            "fp32 invariant": ("float32", True)}
+
+def settings(native_bf16: bool) -> tuple[dict[str, tuple[str, bool]], str]:
+    """The settings compared, and the dtype `auto` serves: bf16 where the CPU has it natively (invariant, not
+    invariant, and fp32 beside them); elsewhere fp32 invariant and not, and bf16 (which cannot be made invariant
+    there) for reference."""
+    if native_bf16:
+        return {"bf16 invariant": ("bfloat16", True), "bf16 not invariant": ("bfloat16", False),
+                "fp32 invariant": ("float32", True)}, "bf16"
+    return {"fp32 invariant": ("float32", True), "fp32 not invariant": ("float32", False),
+            "bf16 not invariant": ("bfloat16", False)}, "fp32"
 
 
 def decode_rate(engine, n: int, new: int) -> float:
@@ -53,7 +63,7 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from prompt_core.model import load_model
+    from prompt_core.model import cpu_has_native_bf16, load_model
     from server.engine.config import EngineConfig, SchedulerConfig
     from server.engine.engine import LLMEngine
 
@@ -61,8 +71,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     res = {"when": time.strftime("%Y-%m-%d %H:%M"), "command": command_line(), "load_avg_start": load_avg(),
-           "threads": torch.get_num_threads(), "tokens_per_s": {}}
-    for name, (dtype, invariant) in SETTINGS.items():
+           "threads": torch.get_num_threads(), "cpu": torch.backends.cpu.get_cpu_capability(), "tokens_per_s": {}}
+    compared, served = settings(cpu_has_native_bf16())
+    res["served"] = served
+    for name, (dtype, invariant) in compared.items():
         engine = LLMEngine(load_model(dtype=dtype, serving=True),
                            EngineConfig(scheduler=SchedulerConfig(max_batch_size=max(batches)),
                                         batch_invariant=invariant))
@@ -71,9 +83,9 @@ def main() -> None:
         res["tokens_per_s"][name] = {str(n): round(decode_rate(engine, n, args.new), 1) for n in batches}
         print(name, res["tokens_per_s"][name], flush=True)
     res["load_avg_end"] = load_avg()
-    base = res["tokens_per_s"]["bf16 not invariant"]
-    res["invariant_over_not"] = {n: round(res["tokens_per_s"]["bf16 invariant"][n] / base[n], 3) for n in base}
-    print("invariant bf16 / not invariant bf16:", res["invariant_over_not"])
+    base = res["tokens_per_s"][f"{served} not invariant"]
+    res["invariant_over_not"] = {n: round(res["tokens_per_s"][f"{served} invariant"][n] / base[n], 3) for n in base}
+    print(f"invariant {served} / not invariant {served}:", res["invariant_over_not"])
     runs = json.loads(args.out.read_text()) if args.out.is_file() else []
     runs.insert(0, res)
     args.out.parent.mkdir(parents=True, exist_ok=True)

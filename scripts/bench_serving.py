@@ -78,12 +78,12 @@ def bench(vllm: str, url: str, name: str, extra: list[str], out_dir: Path, label
     return {k: data.get(k) for k in KEEP}
 
 
-def start_vllm(vllm: str, port: int) -> tuple[subprocess.Popen, float]:
+def start_vllm(vllm: str, port: int, dtype: str) -> tuple[subprocess.Popen, float]:
     env = {**os.environ, "VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
            "VLLM_CPU_KVCACHE_SPACE": "4"}
     t0 = time.monotonic()
     proc = subprocess.Popen([vllm, "serve", str(model_dir()), "--served-model-name", "default", "--dtype",
-                             "bfloat16", "--max-model-len", "4096", "--port", str(port)], env=env,
+                             dtype, "--max-model-len", "4096", "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_ready(f"http://127.0.0.1:{port}", "/v1/models", 900)
     return proc, time.monotonic() - t0
@@ -116,7 +116,10 @@ def make_tasks(url: str, n: int) -> list[str]:
 
 
 def run(args) -> dict:
+    import torch
+
     res = {"when": time.strftime("%Y-%m-%d %H:%M"), "command": command_line(), "load_avg_start": load_avg(),
+           "cpu": torch.backends.cpu.get_cpu_capability(), "vllm_dtype": args.vllm_dtype,
            "ours": {}, "ours_tasks": {}, "vllm": {}}
     out_dir = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     vproc = None
@@ -143,14 +146,18 @@ def run(args) -> dict:
         if ours is not None:
             ours.close(grace_s=10)
         vurl = args.vllm_url
-        if args.start_vllm:
-            port = free_port()
-            vproc, res["vllm_ready_s"] = start_vllm(args.vllm_bin, port)
-            vurl = f"http://127.0.0.1:{port}"
-        if vurl:
-            for name in args.workloads:
-                res["vllm"][name] = bench(args.vllm_bin, vurl, name, [], out_dir, "vllm")
-                print("vllm", name, res["vllm"][name], flush=True)
+        try:
+            if args.start_vllm:
+                port = free_port()
+                vproc, res["vllm_ready_s"] = start_vllm(args.vllm_bin, port, args.vllm_dtype)
+                vurl = f"http://127.0.0.1:{port}"
+            if vurl:
+                for name in args.workloads:
+                    res["vllm"][name] = bench(args.vllm_bin, vurl, name, [], out_dir, "vllm")
+                    print("vllm", name, res["vllm"][name], flush=True)
+        except RuntimeError as e:  # keep our figures; the table shows '-' where vLLM gave none
+            res["vllm_error"] = str(e)[-2000:]
+            print("vllm failed:", e, flush=True)
     finally:
         if vproc is not None:
             vproc.terminate()
@@ -174,7 +181,8 @@ def plot(run: dict, path: Path) -> None:
                [(data.get(n) or {}).get("output_throughput") or 0 for n in names], 0.27, label=label)
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("output tokens/s")
-    ax.set_title(f"vllm bench serve, default model, bf16 ({run['when']})")
+    ax.set_title(f"vllm bench serve, default model, ours {run.get('ours_ready', {}).get('dtype', '?')}, vLLM "
+                 f"{run.get('vllm_dtype', 'bfloat16')} ({run['when']})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -186,6 +194,7 @@ def main() -> None:
     p.add_argument("--vllm-bin", default=shutil.which("vllm") or "vllm", help="the vllm command (its own venv)")
     p.add_argument("--vllm-url", help="a running vLLM server")
     p.add_argument("--start-vllm", action="store_true", help="start vLLM with the documented settings")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="vLLM's --dtype (the documented setting: bfloat16)")
     p.add_argument("--ours-url", help="a running server of ours (default: start one, cold then warm)")
     p.add_argument("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS))
     p.add_argument("--tasks", type=int, default=32, help="also run the workloads over this many tasks (0: skip)")

@@ -97,13 +97,14 @@ def invariance(runs: list[dict]) -> list[str]:
     batches = list(next(iter(r["tokens_per_s"].values())))
     out = ["## What batch invariance costs (newest run)", "",
            f"`{r['command']}` ({r['when']}, {r['threads']} torch threads, load {r['load_avg_start']} -> "
-           f"{r['load_avg_end']}): decode tokens/s of the engine in-process, one run.", "",
+           f"{r['load_avg_end']}, CPU {r.get('cpu', 'AVX512')}, `auto` serves {r.get('served', 'bf16')} there): "
+           "decode tokens/s of the engine in-process, one run.", "",
            "| setting | " + " | ".join(f"batch {b}" for b in batches) + " |",
            "| --- | " + " | ".join("---" for _ in batches) + " |"]
     for name, row in r["tokens_per_s"].items():
         out.append(f"| {name} | " + " | ".join(f"{row[b]:.1f}" for b in batches) + " |")
-    out.append("| invariant / not, bf16 | " + " | ".join(f"{r['invariant_over_not'][b]:.2f}" for b in batches)
-               + " |")
+    ratios = " | ".join(f"{r['invariant_over_not'][b]:.2f}" for b in batches)
+    out.append(f"| invariant / not, {r.get('served', 'bf16')} | {ratios} |")
     return out + [""]
 
 

@@ -1,0 +1,71 @@
+"""prompt_core/invariant.py: calibrated row tiles give each row the bits it gets alone; what cannot be packed is
+reported instead of crashing the start; the calibration is kept and reused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prompt_core import invariant as inv
+from tests.helpers import tiny_llama
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (every x86 CPU build)")
+
+
+def test_probe_rows_cover_every_small_count_and_the_edges():
+    rows = inv.probe_rows(512)
+    assert rows[:inv.DENSE - 1] == list(range(2, inv.DENSE + 1))
+    assert {255, 256, 257, 511, 512} <= set(rows) and max(rows) == 512 and min(rows) == 2
+    assert inv.probe_rows(8) == list(range(2, 9))
+
+
+@torch.inference_mode()
+def test_calibrated_tiles_give_each_row_its_bits_alone():
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    t = inv.calibrate(w, b, tiles=(64, 16), pads=(1, 2))
+    assert t is not None
+    layer = inv.InvariantLinear(nn.Parameter(w, requires_grad=False), nn.Parameter(b, requires_grad=False), t)
+    x = torch.randn(150, 64, generator=g)                    # more rows than a tile: several tiles and a remainder
+    batched = layer(x)
+    for i in (0, 1, 63, 64, 65, 149):
+        assert torch.equal(batched[i], layer(x[i:i + 1])[0]), i
+    torch.testing.assert_close(batched, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_weight_the_kernel_cannot_pack_is_reported_not_raised(monkeypatch):
+    """bf16 on a CPU without AVX-512: oneDNN refuses to pack the weight. The start goes on, not invariant."""
+    def refuse(*_a, **_k):
+        raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    assert inv.calibrate(torch.randn(16, 8), None) is None
+    model = tiny_llama().model
+    gaps = inv.make_batch_invariant(model)
+    assert gaps and all("float32" in g for g in gaps)
+    assert not any(isinstance(m, inv.InvariantLinear) for m in model.modules())
+
+
+@torch.inference_mode()
+def test_the_model_keeps_its_outputs_and_the_calibration_is_reused(tmp_path, monkeypatch):
+    loaded = tiny_llama()
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    want = loaded.model(ids).logits
+    cache = tmp_path / "invariance.json"
+    assert inv.make_batch_invariant(loaded.model, cache) == []
+    assert cache.is_file()
+    replaced = [m for m in loaded.model.modules() if isinstance(m, inv.InvariantLinear)]
+    assert len(replaced) == sum(1 for m in tiny_llama().model.modules() if type(m) is nn.Linear)
+    torch.testing.assert_close(loaded.model(ids).logits, want, rtol=1e-4, atol=1e-4)
+    plain = copy.deepcopy(replaced[0])                       # a copy (to another dtype or device) is a plain layer
+    assert type(plain) is nn.Linear and torch.equal(plain.weight, replaced[0].weight)
+
+    def no_calibration(*_a, **_k):
+        raise AssertionError("the kept calibration should have been used")
+
+    monkeypatch.setattr(inv, "calibrate", no_calibration)
+    assert inv.make_batch_invariant(tiny_llama().model, cache) == []
