@@ -58,6 +58,19 @@ class _Budget:
     def __init__(self, limits: ArchiveLimits) -> None:
         self.limits, self.total, self.files = limits, 0, 0
 
+    def admit(self, dest: Path, name: str, is_dir: bool, size: int) -> tuple[str, ...] | None:
+        """A member's checked path parts, its header's size within the limits; None for a directory (made here)."""
+        parts = _safe_parts(name)
+        _check_name(parts, is_dir)
+        if is_dir:
+            dest.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+            return None
+        self.add_file()
+        if size > self.limits.max_file_bytes or self.total + size > self.limits.max_total_bytes:
+            raise PayloadTooLarge(f"{name!r}: expected at most {self.limits.max_total_bytes} bytes "
+                                  f"uncompressed in total, found a member of {size}")
+        return parts
+
     def add_file(self) -> None:
         self.files += 1
         if self.files > self.limits.max_files:
@@ -128,15 +141,9 @@ def _extract_zip(data: BinaryIO, dest: Path, limits: ArchiveLimits) -> None:
                 raise InvalidPrompt(f"archive member {info.filename!r} expected a regular file, found {what}")
             if info.flag_bits & 0x1:
                 raise InvalidPrompt(f"archive member {info.filename!r} is encrypted; expected plain files")
-            parts = _safe_parts(info.filename)
-            _check_name(parts, info.is_dir())
-            if info.is_dir():
-                dest.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+            parts = budget.admit(dest, info.filename, info.is_dir(), info.file_size)
+            if parts is None:
                 continue
-            budget.add_file()
-            if info.file_size > limits.max_file_bytes or budget.total + info.file_size > limits.max_total_bytes:
-                raise PayloadTooLarge(f"{info.filename!r}: expected at most {limits.max_total_bytes} bytes "
-                                      f"uncompressed in total, found a member of {info.file_size}")
             with zf.open(info) as src:  # CRC and size are verified while streaming
                 _write_member(dest, parts, src, budget)
 
@@ -157,15 +164,9 @@ def _extract_tar(data: BinaryIO, dest: Path, limits: ArchiveLimits) -> None:
                                     f"{'symbolic' if member.issym() else 'hard'} link")
             if not (member.isreg() or member.isdir()) or member.issparse():
                 raise InvalidPrompt(f"archive member {member.name!r} expected a regular file, found a special file")
-            parts = _safe_parts(member.name)
-            _check_name(parts, member.isdir())
-            if member.isdir():
-                dest.joinpath(*parts).mkdir(parents=True, exist_ok=True)
+            parts = budget.admit(dest, member.name, member.isdir(), member.size)
+            if parts is None:
                 continue
-            budget.add_file()
-            if member.size > limits.max_file_bytes or budget.total + member.size > limits.max_total_bytes:
-                raise PayloadTooLarge(f"{member.name!r}: expected at most {limits.max_total_bytes} bytes "
-                                      f"uncompressed in total, found a member of {member.size}")
             src = tf.extractfile(member)
             if src is None:
                 raise InvalidPrompt(f"archive member {member.name!r} could not be read")

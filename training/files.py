@@ -57,6 +57,14 @@ class FileLimits:
     max_tenant_bytes: int = 256 << 20       # all of one tenant's files together (429 above)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link where the filesystem has them (no bytes copied), a copy elsewhere."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def write_json_atomic(path: Path, data: dict, staging: Path, fsync: bool = True) -> None:
     """Write to ROOT/tmp and rename over `path`: readers see the old or the new JSON, never half of one."""
     tmp = staging / f"{path.name}.{uuid.uuid4().hex}"
@@ -170,10 +178,7 @@ class FileStore:
         stage = self.staging / f"file-{uuid.uuid4().hex}"
         stage.mkdir(parents=True)
         try:
-            try:
-                os.link(src, stage / DATA_NAME)
-            except OSError:  # a filesystem without hard links
-                shutil.copyfile(src, stage / DATA_NAME)
+            link_or_copy(src, stage / DATA_NAME)
             return self._publish(stage, tenant, filename, OUTPUT_PURPOSE, (stage / DATA_NAME).stat().st_size,
                                  lines, [], quota=False, file_id=file_id)
         except OSError:  # another runner published it between the check and the rename
