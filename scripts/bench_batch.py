@@ -2,7 +2,7 @@
 """Interactive latency beside a batch (issue 25): p95 time to first token and time per output token of a light
 interactive load with no batch, then while a large batch runs on the same server, then with no batch again.
 
-    python -m scripts.bench_batch                                   # default model, --batch-share 0.25
+    python -m scripts.bench_batch                                   # default model, --batch-share 0
     python -m scripts.bench_batch --batch-share 0 --requests 20 --json out.json
 
 It starts `python -m server` (scripts/common.py ServerProcess), makes a hard generate task, and sends Poisson
@@ -74,7 +74,8 @@ def batch_tokens(c: httpx.Client) -> float:
     return metric(c, "promptserve_batch_tokens_total")
 
 
-PREEMPTED = 'promptserve_batch_requests_total{outcome="preempted"}'
+PREEMPTED = 'promptserve_preemptions_total{reason="priority"}'
+ABANDONED = "promptserve_background_steps_abandoned_total"
 
 
 def main(argv=None) -> int:
@@ -87,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=16, help="tokens of each interactive request")
     ap.add_argument("--batch-lines", type=int, default=2000)
     ap.add_argument("--batch-tokens", type=int, default=16, help="tokens of each batch line")
-    ap.add_argument("--batch-share", type=float, default=0.25)
+    ap.add_argument("--batch-share", type=float, default=0.0)
     ap.add_argument("--batch-max-in-flight", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--json")
@@ -123,13 +124,14 @@ def main(argv=None) -> int:
                 time.sleep(0.2)
             done0, tok0, t0 = c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"], \
                 batch_tokens(c), time.monotonic()
-            pre0 = metric(c, PREEMPTED)
+            pre0, ab0 = metric(c, PREEMPTED), metric(c, ABANDONED)
             out["batch"] = summary(asyncio.run(open_loop(srv.url, a.rate, a.requests, a.max_new_tokens, 1)))
             done1, tok1, t1 = c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"], \
                 batch_tokens(c), time.monotonic()
             out["batch"]["batch_lines_per_s"] = round((done1 - done0) / (t1 - t0), 2)
             out["batch"]["batch_tokens_per_s"] = round((tok1 - tok0) / (t1 - t0), 1)
-            out["batch"]["preempted_lines"] = int(metric(c, PREEMPTED) - pre0)
+            out["batch"]["preempted_rows"] = int(metric(c, PREEMPTED) - pre0)    # batch rows recomputed later
+            out["batch"]["abandoned_steps"] = int(metric(c, ABANDONED) - ab0)   # batch-only steps stopped early
             print("batch ", {k: v for k, v in out["batch"].items() if k != "ttft_ms"}, flush=True)
             time.sleep(5)  # the batch alone: what idle capacity gives it
             done2, tok2, t2 = c.get(f"/v1/batches/{b['id']}").json()["request_counts"]["completed"], \

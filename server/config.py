@@ -13,7 +13,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import TypeAliasType
 
-from server.engine.config import EngineConfig, SchedulerConfig
+from server.engine.config import EngineConfig, SchedulerConfig, batch_rows
 
 # named so that `--help` shows `--auth-file PATH` rather than the union's parts
 PATH = TypeAliasType("PATH", Path | None)
@@ -103,10 +103,11 @@ class Settings(BaseSettings):
     batch_runner: bool = Field(True, description="run queued batches (/v1/batches) in this process, on the resident "
                                                  "model (off: leave them to `python -m server.batch_worker` or "
                                                  "other replicas)")
-    batch_share: float = Field(0.25, ge=0.0, le=1.0, description="while interactive requests are in flight, the "
-                               "share of --max-batch-size rows that batch lines may hold; lines beyond it are "
-                               "preempted and run again later (0: batches run only when no interactive request is "
-                               "in flight); an idle engine gives batches full capacity")
+    batch_share: float = Field(0.0, ge=0.0, le=1.0, description="while interactive requests run or wait, the share "
+                               "of --max-batch-size rows that batch lines may use in a step; the others pause in "
+                               "place (0: batch rows run only when no interactive request does, and a step of them "
+                               "stops at its next layer when one arrives); an idle engine gives batches full "
+                               "capacity. On a CPU every extra row in a step slows the interactive ones")
     batch_max_in_flight: int = Field(16, ge=1, description="batch lines in flight in this process, all batches "
                                                            "together (memory is bounded by this, not by file sizes)")
     max_batches_per_tenant: int = Field(4, ge=1, description="batches one tenant may have queued or running (429 "
@@ -145,7 +146,8 @@ class Settings(BaseSettings):
         """The engine's limits, field by field (tenant weights come from the auth file, not from settings)."""
         return EngineConfig(scheduler=SchedulerConfig(max_batch_size=self.max_batch_size,
                                                       max_prefill_tokens=self.max_prefill_tokens,
-                                                      tenant_weights=dict(tenant_weights or {})),
+                                                      tenant_weights=dict(tenant_weights or {}),
+                                                      batch_rows=batch_rows(self.batch_share, self.max_batch_size)),
                             max_input_tokens=self.max_input_tokens, max_new_tokens=self.max_new_tokens,
                             kv_cache_bytes=self.kv_cache_mb << 20, kv_block_size=self.kv_block_size,
                             prefix_caching=self.prefix_caching, batch_invariant=self.batch_invariant,

@@ -146,13 +146,15 @@ class Metrics:
         self.preemptions = Counter("promptserve_preemptions", "sequences preempted (recomputed later) by reason: "
                                    "memory (no free key/value block), fairness (a starved tenant), priority (an "
                                    "interactive request over batch work)", ["reason"], registry=r)
+        self.abandoned = Counter("promptserve_background_steps_abandoned", "steps of batch rows alone stopped "
+                                 "between two layers because interactive work arrived (their rows run again)",
+                                 registry=r)
         # batches (server/batches): lines are counted as they finish, tokens as their engine requests end
         self.batch_requests = Counter("promptserve_batch_requests", "batch lines by outcome: completed (2xx, output "
-                                      "file), failed (error file), preempted (cancelled to make room for "
-                                      "interactive traffic; it runs again)", ["outcome"], registry=r)
+                                      "file), failed (error file)", ["outcome"], registry=r)
         self.batch_tokens = Counter("promptserve_batch_tokens", "prompt + generated tokens of batch lines",
                                     registry=r)
-        for outcome in ("completed", "failed", "preempted"):
+        for outcome in ("completed", "failed"):
             self.batch_requests.labels(outcome)
         self.batch_counts: Callable[[], Mapping[str, int]] = dict  # status -> batches; set once the store opens
         r.register(BatchCollector(lambda: self.batch_counts()))
@@ -185,6 +187,9 @@ class Metrics:
 
     def preempted(self, reason: str) -> None:
         self.preemptions.labels(reason).inc()
+
+    def step_abandoned(self) -> None:
+        self.abandoned.inc()
 
     def constrained_request(self, kind: str) -> None:
         self.constrained.labels(kind).inc()

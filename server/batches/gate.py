@@ -4,21 +4,22 @@ Interactive work is what the engine runs for network requests; batch work is wha
 by `server.api.serving.EngineCall` in `Runtime.work`). The rule, checked before every line starts:
 
 - no interactive request in flight for `quiet_s` (1 s): batch lines run up to `--batch-max-in-flight` (the runner's
-  own bound). (Without the quiet second, lines started in each short gap of a steady light load were preempted by
-  the next request, and each cost that request a batch step of waiting.)
+  own bound);
 - interactive requests in flight and some engine request waiting for a row: no new batch line;
 - interactive requests in flight, nothing waiting: batch engine requests stay below `--batch-share` of
-  `--max-batch-size` rows (0: none while interactive traffic is present);
-- and batch lines running beyond that share when interactive traffic arrives are preempted (`excess`): the runner
-  cancels its newest lines (their rows are freed at the engine's next step, as for a client that left) and runs
-  them again later. Only the runner's calls into the app do this; the engine's scheduler (EngineRequest.priority)
-  is where batch rows will also give way inside a step (admitted after, preempted before interactive ones).
+  `--max-batch-size` rows (0: none while interactive traffic is present).
+
+Lines already running are never cancelled for interactive traffic. The engine's scheduler keeps them in place
+(server/engine/scheduler.py): while an interactive request runs or waits, only the share's rows of batch work join
+a step and the others pause with their key/value blocks kept; an interactive request short of memory takes blocks
+from batch rows first; and a step of batch rows alone stops at its next layer when an interactive request arrives.
 """
 
 from __future__ import annotations
 
-import math
 import time
+
+from server.engine.config import batch_rows
 
 
 class Gate:
@@ -27,15 +28,11 @@ class Gate:
     def open(self) -> bool:
         return True
 
-    def excess(self) -> int:
-        """Batch engine requests to preempt now (0: none)."""
-        return 0
-
 
 class IdleCapacity(Gate):
     def __init__(self, work, engine, share: float, max_batch_size: int, quiet_s: float = 1.0):
-        self.work, self.engine, self.share, self.quiet_s = work, engine, share, quiet_s
-        self.rows = math.floor(share * max_batch_size)
+        self.work, self.engine, self.quiet_s = work, engine, quiet_s
+        self.rows = batch_rows(share, max_batch_size)
         self.held = 0                     # times a line was held back (for tests and debugging)
 
     def open(self) -> bool:
@@ -50,8 +47,3 @@ class IdleCapacity(Gate):
             return True
         self.held += 1
         return False
-
-    def excess(self) -> int:
-        if self.work.interactive <= 0:
-            return 0
-        return max(0, self.work.batch - self.rows)

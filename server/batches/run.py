@@ -7,7 +7,7 @@ Stops, and what each leaves (first one wins, except that a shutdown or a lost le
 - shutdown (the runner stops): lines in flight are cancelled, the lease is released; whoever claims the batch next
   resumes it: lines already in the output or error file are skipped (output.recover), the rest run.
 - lost (another runner holds the lease: this one was presumed dead): stop at once and write nothing more.
-A line preempted to make room for interactive traffic (gate.py) is cancelled and queued to run again, first.
+Interactive traffic never cancels a line: the engine pauses batch rows in place while it runs (scheduler.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 from typing import TYPE_CHECKING
 
 from .executor import Answer
@@ -45,8 +44,6 @@ class BatchRun:
         self.in_flight = 0
         self.cap = max(1, runner.cap_for(rec))
         self.tasks: dict[asyncio.Task, tuple[float, int, bytes]] = {}   # (started, line, raw) of lines in flight
-        self.preempted: set[asyncio.Task] = set()      # cancelled to make room: they run again
-        self.requeue: deque[tuple[int, bytes]] = deque()
         self.stop: str | None = None
         self.stopped = asyncio.Event()
         self.out: Appender | None = None
@@ -116,19 +113,17 @@ class BatchRun:
 
     # ---- lines
     async def _feed(self, executor) -> None:
-        """Every line not done, and every preempted line again (first), until none is left or a stop."""
+        """Every line not done, until none is left or a stop."""
         with open(self.dir / INPUT_NAME, "rb") as f:
             lines = enumerate(f, start=1)
             exhausted = False
             while self.stop is None:
-                if self.requeue:
-                    n, raw = self.requeue.popleft()
-                elif not exhausted:
+                if not exhausted:
                     n, raw = next(lines, (0, b""))
                     exhausted = n == 0
                     if exhausted or n in self.done or not raw.strip():
                         continue
-                elif self.tasks:  # the file is read: wait for a line to end (or to come back, preempted)
+                elif self.tasks:  # the file is read: wait for the lines in flight
                     await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)
                     continue
                 else:
@@ -140,12 +135,6 @@ class BatchRun:
                 task = asyncio.create_task(self._line(executor, n, raw))
                 self.tasks[task] = (time.monotonic(), n, raw)
                 task.add_done_callback(self._line_done)
-
-    def preempt(self, task: asyncio.Task) -> None:
-        """Cancel a running line to free its rows for interactive work; it is queued to run again."""
-        if task in self.tasks and task not in self.preempted and self.stop is None:
-            self.preempted.add(task)
-            task.cancel()
 
     async def _admit(self) -> bool:
         """Wait for a slot (this batch's cap, the runner's bound) and for the gate; False once stopped."""
@@ -164,15 +153,10 @@ class BatchRun:
         return False
 
     def _line_done(self, task: asyncio.Task) -> None:
-        _, n, raw = self.tasks.pop(task)
+        self.tasks.pop(task)
         self.in_flight -= 1
         self.runner.line_ended()
-        if task in self.preempted:
-            self.preempted.discard(task)
-            if task.cancelled() and n not in self.done:
-                self.requeue.append((n, raw))
-                self.runner.on_line("preempted")
-        elif not task.cancelled() and task.exception() is not None:
+        if not task.cancelled() and task.exception() is not None:
             log.error("a line of %s failed in the runner: %r", self.rec.id, task.exception())
 
     async def _line(self, executor, n: int, raw: bytes) -> None:

@@ -4,7 +4,7 @@ Its own loop means that nothing a batch does (reading its file, JSON, fsync, tok
 submit) holds up the event loop that serves HTTP. Up to `max_batches` batches run at once and share
 `max_in_flight` lines in flight, so one tenant's huge batch does not hold every other batch back (the engine's fair
 share then splits rows between their tenants). A line starts only when the gate says so (gate.py: idle capacity,
-`--batch-share`), and lines beyond the share are preempted when interactive traffic arrives.
+`--batch-share`); inside the engine, batch rows pause while interactive work runs.
 
 The runner never touches the engine: a line is a call into the app (executor.py), so the same code runs in the
 server and in `python -m server.batch_worker`.
@@ -109,14 +109,13 @@ class BatchRunner:
     # ---- the loop
     def _main(self) -> None:
         # (not at a lower OS priority, unlike the training runner: its own work is light, and on a busy CPU a
-        # lowered thread answered late, so preempted lines held their rows for several more engine steps)
+        # lowered thread answered late)
         asyncio.run(self._serve())
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._wake, self.slot = asyncio.Event(), asyncio.Event()
         tasks: set[asyncio.Task] = set()
-        preempting = asyncio.create_task(self._preempt())
         while not self._stopping:
             rec = None
             if len(self.running) < self.config.max_batches:
@@ -137,20 +136,6 @@ class BatchRunner:
             self._wake.clear()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        preempting.cancel()
-
-    async def _preempt(self) -> None:
-        """While interactive traffic needs the rows batch lines hold (gate.excess), cancel the newest lines (the
-        least work lost); each is queued to run again."""
-        while not self._stopping:
-            excess = self.gate.excess()
-            if excess > 0:
-                lines = [(started, run, task) for run in self.running.values()
-                         for task, (started, _, _) in run.tasks.items() if task not in run.preempted]
-                pending = sum(len(run.preempted) for run in self.running.values())  # cancelled, not yet gone
-                for _, run, task in sorted(lines, key=lambda x: x[0], reverse=True)[:max(0, excess - pending)]:
-                    run.preempt(task)
-            await asyncio.sleep(self.config.gate_poll_s)
 
     def _mine(self, rec: BatchRecord) -> bool:
         """Only batches made on the model this runner serves (another model would answer differently)."""

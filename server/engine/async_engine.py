@@ -157,11 +157,14 @@ class AsyncEngine:
                 raise EngineOverloaded(f"request id {request.request_id} is already in flight")
             self._streams[request.request_id] = stream
         self._inbox.put(("add", seq))
+        if request.priority != "batch":
+            self.engine.interrupt.set()  # a step of batch rows alone gives way now, not when it ends
         self._wake.set()
         return stream
 
     # ---- the loop thread
     def _drain_inbox(self) -> None:
+        self.engine.interrupt.clear()  # what arrives from here on sets it again
         while True:
             try:
                 kind, seq = self._inbox.get_nowait()

@@ -28,6 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,12 +131,17 @@ class QueryMeta:
     seg_start: torch.Tensor  # start of its own segment [seg_start, slot]
 
 
+class StepAbandoned(Exception):
+    """A background step gave way to interactive work between two layers; nothing it computed is kept."""
+
+
 @dataclass
 class PagedStep:
     queries: QueryMeta
     groups: list[GroupStep]
     layer_group: list[int]       # group of each layer
     block_size: int
+    abandon: Callable[[], bool] | None = None   # asked before each layer's attention: True stops the step
     _args: dict = field(default_factory=dict)   # kernel arguments, built once per step and layout
 
     def kernel_args(self, group: int, q: torch.Tensor, out: torch.Tensor, B: int, Hkv: int, scale: float,
@@ -177,6 +183,8 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layer:
            softcap: float | None, step: PagedStep) -> torch.Tensor:
     """query [1, Hq, T, D]; keys [NB, Hkv, D, B] and values [NB, Hkv, B, D] (the layer's pools).
     Returns [1, T, Hq, D] (the layout the model's attention output takes)."""
+    if step.abandon is not None and step.abandon():
+        raise StepAbandoned(f"abandoned at layer {layer}")
     q = query[0].transpose(0, 1)                                        # [T, Hq, D] (a view)
     if q.stride(-1) != 1:
         q = q.contiguous()

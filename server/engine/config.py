@@ -7,10 +7,17 @@ the command line does not load torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 CPU_KV_CACHE_BYTES = 2 << 30   # the key/value budget on a CPU unless set (the default model: 22.5 KiB a token in bf16)
 GPU_KV_CACHE_SHARE = 0.8       # on a GPU: this share of the memory free once the model is loaded
+
+
+def batch_rows(share: float, max_batch_size: int) -> int:
+    """Rows of batch work that may run beside interactive work, from --batch-share (the batch gate's bound and the
+    scheduler's)."""
+    return math.floor(share * max_batch_size)
 
 
 @dataclass
@@ -22,10 +29,14 @@ class SchedulerConfig:
     input_cost: float = 1.0
     output_cost: float = 2.0
     preempt: bool = True             # free a row for a tenant with nothing running when the batch is full
+    batch_rows: int = 0              # batch-priority rows that run beside interactive ones (0: batch rows pause,
+    #                                  keeping their blocks, whenever an interactive request runs or waits)
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be positive")
+        if self.batch_rows < 0:
+            raise ValueError("batch_rows must be >= 0")
         if any(w <= 0 for w in self.tenant_weights.values()):
             raise ValueError("tenant weights must be positive")
 

@@ -9,6 +9,7 @@ in the caller before it reaches the loop.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Protocol
 
@@ -21,6 +22,7 @@ from prompt_core.invariant import make_batch_invariant
 from prompt_core.model import LoadedModel
 
 from . import attention
+from .attention import StepAbandoned
 from .block_manager import BlockManager
 from .config import CPU_KV_CACHE_BYTES, GPU_KV_CACHE_SHARE, EngineConfig
 from .constraints import GrammarCache
@@ -40,7 +42,7 @@ class EngineObserver(Protocol):
     def step_done(self, batch_size: int, running: int, waiting: int) -> None: ...
     def request_finished(self, out: RequestOutput, tenant: str, task_key: str) -> None: ...
     # optional: grammar_compiled(kind, seconds), grammar_masked(seconds, rows), constrained_request(kind),
-    # preempted(reason)
+    # preempted(reason), step_abandoned()
 
 
 class LLMEngine:
@@ -71,6 +73,9 @@ class LLMEngine:
                                   [g.window or 0 for g in groups], processor=self.processor,
                                   intercept_sdpa=intercept)
         self.scheduler = Scheduler(sched, self.blocks)
+        # set (from any thread) when interactive work arrives: a step of batch rows alone stops at its next layer
+        self.interrupt = threading.Event()
+        self.abandoned_steps = 0
         self.tokens = SharedTokenizer(loaded.tokenizer)
         self.output_processor = OutputProcessor(self.tokens, on_finish=self._finished)
         eos = model.generation_config.eos_token_id
@@ -178,12 +183,12 @@ class LLMEngine:
         schedule = self.scheduler.schedule()
         self._preempted(schedule)
         if schedule.scheduled:
-            outputs += self._run(schedule.scheduled)
+            outputs += self._run(schedule.scheduled, self.interrupt.is_set if schedule.background else None)
         if self.observer:
             self.observer.step_done(len(schedule.scheduled), self.scheduler.num_running, self.scheduler.num_waiting)
         return outputs
 
-    def _run(self, scheduled: list[Scheduled]) -> list[RequestOutput]:
+    def _run(self, scheduled: list[Scheduled], abandon=None) -> list[RequestOutput]:
         now = time.monotonic()
         ready, outputs = [], []
         for item in scheduled:  # a prompt that fails to load fails its own request only
@@ -198,7 +203,14 @@ class LLMEngine:
                                                                 error=f"task prompt could not be loaded: {e}"))
                     continue
             ready.append(item)
-        for item, res in self._forward(ready, outputs):
+        try:
+            results = self._forward(ready, outputs, abandon)
+        except StepAbandoned:  # batch rows only, and interactive work arrived: they run again at a later step
+            self.abandoned_steps += 1
+            if (hook := self._hook("step_abandoned")) is not None:
+                hook()
+            return outputs
+        for item, res in results:
             s = item.seq
             self.scheduler.advance(s, item.count)
             if s.computed >= s.plan.num_tokens:
@@ -212,12 +224,14 @@ class LLMEngine:
         self._release_finished([item.seq for item in scheduled])
         return outputs
 
-    def _forward(self, items: list[Scheduled], outputs: list[RequestOutput]):
+    def _forward(self, items: list[Scheduled], outputs: list[RequestOutput], abandon=None):
         """Run together; if the step fails, run each sequence alone so a bad request fails alone."""
         if not items:
             return []
         try:
-            return list(zip(items, self.runner.run(items)))
+            return list(zip(items, self.runner.run(items, abandon)))
+        except StepAbandoned:
+            raise
         except Exception as e:
             if len(items) == 1:
                 log.exception("step failed for %s", items[0].seq.request_id)

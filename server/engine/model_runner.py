@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -76,12 +77,14 @@ class ModelRunner:
 
     # ---- one step
     @torch.inference_mode()
-    def run(self, batch: list[Scheduled]) -> list[RunResult]:
+    def run(self, batch: list[Scheduled], abandon: Callable[[], bool] | None = None) -> list[RunResult]:
         """Compute every scheduled query in one forward; sample the rows that complete. Sequence state changes
-        only once everything succeeded."""
+        only once everything succeeded. `abandon`, asked between layers, may stop the forward (StepAbandoned):
+        the keys/values it wrote sit in slots that no sequence counts as computed, so the step's rerun overwrites
+        them."""
         layout = self._layout(batch)
         self._write_prefixes(batch)
-        hidden = self._forward(layout, batch)                                   # [T, D]
+        hidden = self._forward(layout, batch, abandon)                          # [T, D]
         results = [RunResult() for _ in batch]
         prompt_lps = self._prompt_logprobs(hidden, batch, layout)
         for i, scores in self._label_scores(hidden, batch, layout).items():
@@ -144,7 +147,8 @@ class ModelRunner:
             out.tables.append(table)
         return table_of[id(table)]
 
-    def _forward(self, layout: StepLayout, batch: list[Scheduled]) -> torch.Tensor:
+    def _forward(self, layout: StepLayout, batch: list[Scheduled],
+                 abandon: Callable[[], bool] | None = None) -> torch.Tensor:
         dev = self.device
         L = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         i32 = lambda x: torch.tensor(x, dtype=torch.int32, device=dev)  # noqa: E731
@@ -159,7 +163,8 @@ class ModelRunner:
             writes.append(self.cache.flat_index(L(blocks), L([s % B for s in layout.slot])))
         queries = QueryMeta(seq=i32(layout.seq), slot=i32(layout.slot), pos=i32(layout.pos),
                             ctx_end=i32(layout.ctx_end), seg_start=i32(layout.seg_start))
-        step = PagedStep(queries=queries, groups=groups, layer_group=self.cache.layer_group, block_size=B)
+        step = PagedStep(queries=queries, groups=groups, layer_group=self.cache.layer_group, block_size=B,
+                         abandon=abandon)
         table = torch.cat([t.to(device=dev, dtype=self.dtype) for t in layout.tables]) if layout.tables else None
         embeds = fwd.embed(self.model, SimpleNamespace(ids=L(layout.ids)[None], virt=L(layout.virt)[None],
                                                        virtual_table=table))       # [1, T, D]

@@ -13,8 +13,12 @@ head once).
 Tenants share capacity by weighted virtual-token counters (S-LoRA's VTC): admitting a request charges its tenant
 for input tokens, each generated token charges it again, and the next admission goes to the waiting tenant with
 the smallest counter. A tenant that returns from idle starts at the smallest active counter, so it cannot bank
-credit, and a flooding tenant cannot starve a light one. Batch-priority requests (the Batch API) are admitted only
-when no interactive request waits.
+credit, and a flooding tenant cannot starve a light one.
+
+Batch-priority requests (the Batch API) run from idle capacity: they are admitted only when no interactive request
+waits, and while any interactive request runs or waits, only `batch_rows` of them (the earliest admitted) join a
+step; the others pause with their blocks kept and resume where they stopped. A step of batch rows alone is marked
+`background`, so the engine may abandon it the moment an interactive request arrives.
 
 Preemption (recompute, as vLLM does: the sequence goes back to the head of its queue and later prefills its
 prompt plus what it had generated):
@@ -36,6 +40,10 @@ from .request import Sequence, Status
 from .sequences import block_keys, cache_limit
 
 
+def is_batch(seq: Sequence) -> bool:
+    return seq.request.priority == "batch"
+
+
 @dataclass
 class Scheduled:
     """One sequence's part of a step: queries [start, start + count) of its query list."""
@@ -54,6 +62,7 @@ class Schedule:
     scheduled: list[Scheduled] = field(default_factory=list)
     admitted: list[Sequence] = field(default_factory=list)              # taken from the queues at this step
     preempted: list[tuple[Sequence, str]] = field(default_factory=list)  # (sequence, reason); waiting again
+    background: bool = False     # batch-priority rows only: the step may be abandoned for interactive work
 
 
 class Scheduler:
@@ -89,7 +98,17 @@ class Scheduler:
         if tenant not in active:
             floor = min((self.counters.get(t, 0.0) for t in active), default=0.0)
             self.counters[tenant] = max(self.counters.get(tenant, 0.0), floor)
-        self.waiting.setdefault(tenant, deque()).append(seq)
+        self._enqueue(seq, front=False)
+
+    def _enqueue(self, seq: Sequence, front: bool) -> None:
+        """A tenant's queue holds its interactive requests before its batch ones (the head is what admission sees);
+        `front`: first of its kind (a preempted sequence resumes before the others)."""
+        queue = self.waiting.setdefault(seq.tenant, deque())
+        first_batch = next((i for i, s in enumerate(queue) if is_batch(s)), len(queue))
+        if is_batch(seq):
+            queue.insert(first_batch if front else len(queue), seq)
+        else:
+            queue.insert(0 if front else first_batch, seq)
 
     def remove_waiting(self, seq: Sequence) -> bool:
         """Take a sequence out of its tenant's queue; False if it is not waiting."""
@@ -113,10 +132,11 @@ class Scheduler:
         for victim in self._preempt_for_rows():
             out.preempted.append(victim)
         budget = self.config.max_prefill_tokens
+        paused = self._paused()
         # decoding rows first (one token each), then chunks of prompts being prefilled, in admission order
         for seq in sorted(self.running, key=lambda s: s.prefilling):
-            if seq.status is not Status.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not Status.RUNNING or seq in paused:
+                continue  # preempted earlier in this loop, or a batch row giving way to interactive work
             count = 1 if not seq.prefilling else self._chunk(seq, budget)
             if count <= 0:
                 continue
@@ -125,7 +145,19 @@ class Scheduler:
             out.scheduled.append(Scheduled(seq, seq.computed, count))
             budget -= count
         self._admit(out, budget)
+        out.background = bool(out.scheduled) and all(is_batch(s.seq) for s in out.scheduled)
         return out
+
+    def _interactive_present(self) -> bool:
+        return any(not is_batch(s) for s in self.running) or \
+            any(not is_batch(s) for q in self.waiting.values() for s in q)
+
+    def _paused(self) -> set[Sequence]:
+        """Running batch rows that sit this step out: all but the first `batch_rows` while interactive work is
+        present."""
+        if not self._interactive_present():
+            return set()
+        return set([s for s in self.running if is_batch(s)][self.config.batch_rows:])
 
     def _admit(self, out: Schedule, budget: int) -> None:
         pending = self._pending_keys(out.scheduled)
@@ -136,6 +168,9 @@ class Scheduler:
             if tenant is None:
                 break
             seq = self.waiting[tenant][0]
+            if is_batch(seq) and self._interactive_present() and \
+                    sum(1 for s in self.running if is_batch(s)) >= self.config.batch_rows:
+                break  # only batch work waits, and interactive work holds the engine
             keys = block_keys(seq, self.blocks.block_size) if self.blocks.prefix_caching else []
             hit = self.blocks.lookup(keys, cache_limit(seq))
             if hit < len(keys) and keys[hit] in pending and hit * self.blocks.block_size < cache_limit(seq):
@@ -145,9 +180,9 @@ class Scheduler:
             count = self._chunk(seq, budget, start)
             upto = seq.plan.prefix + start + count
             need = self.blocks.needed(seq.blocks, upto, seq.plan.prefix + start)
-            if not self.blocks.can_allocate(need, admitting=True, hits=keys[:hit]):
+            if not self._room(seq, need, keys[:hit], out):
                 break  # it stays at the head of its queue for the next step
-            self.waiting[tenant].popleft()
+            self.waiting[tenant].remove(seq)  # (a batch row of this tenant preempted for room went before it)
             self.blocks.match_prefix(seq.blocks, keys, hit, seq.plan.prefix + seq.plan.num_tokens)
             self.blocks.allocate(seq.blocks, upto, seq.plan.prefix + start)
             seq.computed = start
@@ -161,12 +196,22 @@ class Scheduler:
                 self.counters[tenant] = self.counters.get(tenant, 0.0) + \
                     self.config.input_cost * seq.cost_tokens / self._weight(tenant)
 
+    def _room(self, seq: Sequence, need, hits: list[bytes], out: Schedule) -> bool:
+        """Free blocks for an admission; an interactive request takes them from batch rows (paused ones would
+        otherwise hold them until it left)."""
+        while not self.blocks.can_allocate(need, admitting=True, hits=hits):
+            batch = [s for s in self.running if is_batch(s)]
+            if is_batch(seq) or not batch:
+                return False
+            self._preempt(batch[-1], "priority", out)
+        return True
+
     def _next_tenant(self, exclude: set[str]) -> str | None:
         """The waiting tenant with the smallest counter, interactive requests before batch ones."""
         heads = [(t, q[0]) for t, q in self.waiting.items() if q and t not in exclude]
         if not heads:
             return None
-        interactive = [t for t, s in heads if s.request.priority != "batch"]
+        interactive = [t for t, s in heads if not is_batch(s)]
         candidates = interactive or [t for t, _ in heads]
         return min(candidates, key=lambda t: self.counters.get(t, 0.0))
 
@@ -211,7 +256,7 @@ class Scheduler:
 
     def _rank(self, seq: Sequence) -> tuple[int, int]:
         """Higher keeps its blocks longer: interactive over batch, then earlier admission."""
-        return (seq.request.priority != "batch", -self.running.index(seq))
+        return (not is_batch(seq), -self.running.index(seq))
 
     def _victim(self, exclude: Sequence) -> Sequence | None:
         others = [s for s in self.running if s is not exclude]
@@ -226,7 +271,7 @@ class Scheduler:
         seq.preemptions += 1
         out.scheduled = [s for s in out.scheduled if s.seq is not seq]
         out.admitted = [s for s in out.admitted if s is not seq]
-        self.waiting.setdefault(seq.tenant, deque()).appendleft(seq)
+        self._enqueue(seq, front=True)
         self.preemptions[reason] = self.preemptions.get(reason, 0) + 1
         out.preempted.append((seq, reason))
 
@@ -237,8 +282,8 @@ class Scheduler:
         out = Schedule()
         if not self.config.preempt or len(self.running) < self.config.max_batch_size:
             return []
-        waiting_interactive = sum(1 for q in self.waiting.values() for s in q if s.request.priority != "batch")
-        for victim in [s for s in reversed(self.running) if s.request.priority == "batch"][:waiting_interactive]:
+        waiting_interactive = sum(1 for q in self.waiting.values() for s in q if not is_batch(s))
+        for victim in [s for s in reversed(self.running) if is_batch(s)][:waiting_interactive]:
             self._preempt(victim, "priority", out)
         rows: dict[str, int] = {}
         for s in self.running:

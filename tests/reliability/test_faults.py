@@ -221,12 +221,12 @@ def test_engine_exception_fails_one_request_and_its_batch_completes(server, acme
     real_run = runner.run
     batches: list[list[str]] = []
 
-    def run_step(batch):
+    def run_step(batch, *rest):
         texts = [item.seq.request.text for item in batch]
         batches.append(texts)
         if FAILING in texts:
             raise RuntimeError("injected fault")
-        return real_run(batch)
+        return real_run(batch, *rest)
 
     reference = {x: generate(acme, "qa", x, 6).json()["text"] for x in INPUTS}
     ref_cls = acme.post("/v1/tasks/cls/classify", json={"input": "alpha"}).json()

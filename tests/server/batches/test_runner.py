@@ -126,42 +126,6 @@ def test_a_runner_that_lost_its_lease_writes_nothing_more(rig):
     assert rec.status == "in_progress" and rec.lease_owner == "elsewhere:1:alive"
 
 
-class Crowded(Gate):
-    """While `on`: no line may start, and every running line is in excess (as --batch-share 0 under traffic)."""
-
-    def __init__(self):
-        self.on, self.runner = False, None
-
-    def open(self) -> bool:
-        return not self.on
-
-    def excess(self) -> int:
-        return self.runner.in_flight if self.on else 0
-
-
-def test_lines_preempted_for_interactive_traffic_run_again_and_nothing_is_lost(rig):
-    b = rig.batch(rig.file(40))
-    stub = Stub(delay_s=0.2)
-    runner = rig.runner(stub, max_in_flight=4)
-    runner.gate = gate = Crowded()
-    gate.runner = runner
-    runner.start()
-    deadline = time.monotonic() + 30
-    while stub.now < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    gate.on = True                       # interactive traffic arrives: the four running lines give way
-    while runner.in_flight:
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-    assert rig.outcomes["preempted"] == 4 and stub.calls == 0 and stub.now == 0
-    gate.on = False
-    rec = rig.wait(b.id)
-    assert rec.status == "completed" and rec.completed == 40 and stub.calls == 40 and stub.started == 44
-    out = rig.lines(rec.output_file_id)
-    assert sorted(o["custom_id"] for o in out) == sorted(f"r{i}" for i in range(40))
-
-
 def test_the_gate_gives_batches_idle_capacity_and_a_share_while_interactive_traffic_runs():
     class Work:
         interactive = batch = 0
@@ -181,18 +145,13 @@ def test_the_gate_gives_batches_idle_capacity_and_a_share_while_interactive_traf
     assert not gate.open()                               # 12 batch rows: over the share
     work.batch = 3
     assert gate.open()
-    assert gate.excess() == 0
-    work.batch = 6
-    assert gate.excess() == 2                            # 2 rows over the share: preempted
-    work.batch = 3
     engine.waiting = 1
     assert not gate.open()                               # someone waits for a row: no new batch line
     assert not IdleCapacity(work, engine, share=0.0, max_batch_size=16).open()
-    assert IdleCapacity(work, engine, share=0.0, max_batch_size=16).excess() == 3
     engine.waiting, work.interactive = 0, 0
     work.interactive_at = time.monotonic()                # the last interactive request just ended
     quiet = IdleCapacity(work, engine, share=0.0, max_batch_size=16, quiet_s=1.0)
-    assert not quiet.open() and quiet.excess() == 0       # a quiet second first: no start, and no preemption
+    assert not quiet.open()                               # a quiet second first
     work.interactive_at -= 1.0
     assert quiet.open()
 

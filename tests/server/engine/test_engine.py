@@ -89,8 +89,8 @@ def scripted(engine, monkeypatch, tokens: list[int]) -> None:
     script = iter(tokens)
     real = engine.runner.run
 
-    def run_scripted(batch):
-        results = real(batch)
+    def run_scripted(batch, *rest):
+        results = real(batch, *rest)
         for r in results:
             if r.token is not None:
                 r.token = next(script)
@@ -154,10 +154,10 @@ def test_an_exception_in_the_batched_forward_fails_only_its_request(loaded, monk
     engine = new_engine(loaded)
     real = engine.runner.run
 
-    def flaky(batch):  # injected fault: any step holding request "x" raises
+    def flaky(batch, *rest):  # injected fault: any step holding request "x" raises
         if any(item.seq.request_id == "x" for item in batch):
             raise RuntimeError("injected")
-        return real(batch)
+        return real(batch, *rest)
 
     monkeypatch.setattr(engine.runner, "run", flaky)
     requests = [EngineRequest(i, HARD, f"input {i}", sampling=greedy(4)) for i in ("a", "x", "b")]
@@ -243,3 +243,49 @@ def test_min_tokens_holds_back_end_of_sequence_and_stop_strings(loaded):
     assert later.completion_tokens >= 3 and later.text.startswith(word)
     with pytest.raises(InvalidRequest, match="min_tokens"):
         SamplingParams(max_new_tokens=2, min_tokens=3)
+
+
+def test_a_step_of_batch_rows_gives_way_between_layers_and_every_answer_stays_exact(loaded):
+    """Interactive work arriving while a step of batch rows alone runs stops that step at its next layer: the step
+    returns nothing, no sequence moves, and the rows' reruns give every request the tokens and log-probabilities
+    it gets alone (the keys/values the abandoned layers wrote are overwritten)."""
+    prefix = prompt_ref("prefix@1", PromptSpec(PromptKind.PREFIX_TUNING, 4, "Q: {input}"),
+                        random_prompt(loaded, PromptKind.PREFIX_TUNING, 4, 1))
+    pt = prompt_ref("pt@1", PromptSpec(PromptKind.PROMPT_TUNING, 4, "{input}"),
+                    random_prompt(loaded, PromptKind.PROMPT_TUNING, 4, 2))
+    reqs = [EngineRequest(f"b{i}", task, text, sampling=greedy(6), logprobs=2, priority="batch")
+            for i, (task, text) in enumerate([(HARD, "one two three four five six"), (prefix, "seven eight"),
+                                              (pt, "nine ten eleven twelve")])]
+    chat = EngineRequest("i0", HARD, "an interactive question", sampling=greedy(4), logprobs=2)
+    alone = {r.request_id: run(new_engine(loaded), [r])[r.request_id] for r in reqs + [chat]}
+
+    engine = new_engine(loaded, max_prefill_tokens=8)        # prompts chunked: abandoned mid-prefill too
+    layer = engine.runner.model.model.layers[0]
+    hook = layer.register_forward_hook(lambda *_: engine.interrupt.set())  # "arrives" after layer 0's attention
+    seqs = [engine.add_request(r) for r in reqs]
+    assert engine.step() == [] and engine.abandoned_steps == 1
+    hook.remove()
+    engine.interrupt.clear()
+    assert engine.scheduler.running and all(s.computed == 0 and not s.output_ids for s in seqs)
+    finals, steps = {}, 0
+    while engine.has_work():
+        if steps == 2:                                       # one more abandoned step, at a decode this time
+            engine.interrupt.set()
+            assert engine.step() == [] and engine.abandoned_steps == 2
+            engine.interrupt.clear()
+            engine.add_request(chat)                         # what arrived; batch rows pause while it runs
+        finals.update({o.request_id: o for o in engine.step() if o.finished})
+        steps += 1
+    for r in reqs + [chat]:
+        got, want = finals[r.request_id], alone[r.request_id]
+        assert got.new_token_ids == want.new_token_ids, r.request_id
+        assert [(x.token, x.logprob, x.top) for x in got.logprobs] == \
+            [(x.token, x.logprob, x.top) for x in want.logprobs], r.request_id
+
+
+def test_an_interrupt_does_not_stop_a_step_with_interactive_rows(loaded):
+    engine = new_engine(loaded)
+    engine.add_request(EngineRequest("i", HARD, "hello there", sampling=greedy(2)))
+    engine.add_request(EngineRequest("b", HARD, "hello there", sampling=greedy(2), priority="batch"))
+    engine.interrupt.set()
+    assert engine.step() != [] and engine.abandoned_steps == 0

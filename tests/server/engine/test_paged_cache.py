@@ -38,9 +38,9 @@ def test_a_burst_four_times_the_budget_completes_exactly_within_it():
     peak = []
     real = engine.runner.run
 
-    def watch(batch):
+    def watch(batch, *rest):
         peak.append(engine.blocks.stats()["used"])
-        return real(batch)
+        return real(batch, *rest)
 
     engine.runner.run = watch
     outs = run(engine, reqs)

@@ -94,7 +94,7 @@ def test_admission_waits_for_blocks_and_growth_preempts_the_latest_admitted():
 
 
 def test_batch_work_is_admitted_after_interactive_and_preempted_first():
-    s = Scheduler(SchedulerConfig(max_batch_size=2, max_prefill_tokens=1000))
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_prefill_tokens=1000, batch_rows=1))
     bulk = [seq(i, "b", priority="batch") for i in range(3)]
     for q in bulk:
         s.add(q)
@@ -104,6 +104,52 @@ def test_batch_work_is_admitted_after_interactive_and_preempted_first():
     out = s.schedule()                                   # full: the batch row gives way to the interactive one
     assert [(q.request_id, r) for q, r in out.preempted] == [("b0", "priority")]
     assert [q.request_id for q in out.admitted] == ["i1"]
+
+
+def test_batch_rows_pause_in_place_while_interactive_work_runs_and_resume_after():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=1000))
+    bulk = [seq(i, "b", priority="batch") for i in range(3)]
+    for q in bulk:
+        s.add(q)
+    out = run_step(s)
+    assert out.admitted == bulk and out.background              # batch rows alone: the step may be abandoned
+    s.add(seq(0, "i"))
+    s.add(q := seq(3, "b", priority="batch"))
+    out = run_step(s)                                           # the interactive row runs alone
+    assert [x.seq.request_id for x in out.scheduled] == ["i0"] and not out.background
+    assert out.preempted == [] and all(b.status is Status.RUNNING and b.computed == 10 for b in bulk)
+    assert q.status is Status.WAITING                           # no batch admission beside interactive work
+    i0 = out.scheduled[0].seq
+    run_step(s)
+    s.finish([i0])
+    out = run_step(s)                                           # it left: the paused rows go on where they were
+    assert [(x.seq.request_id, x.start) for x in out.scheduled] == [("b0", 10), ("b1", 10), ("b2", 10), ("b3", 0)]
+    assert out.background and s.preemptions == {}
+
+
+def test_a_batch_share_runs_the_earliest_batch_rows_beside_interactive_ones():
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=1000, batch_rows=2))
+    bulk = [seq(i, "b", priority="batch") for i in range(3)]
+    for q in bulk:
+        s.add(q)
+    run_step(s)
+    s.add(seq(0, "i"))
+    out = run_step(s)
+    assert sorted(x.seq.request_id for x in out.scheduled) == ["b0", "b1", "i0"] and not out.background
+
+
+def test_an_interactive_request_short_of_blocks_takes_them_from_paused_batch_rows():
+    blocks = BlockManager([GroupSpec(6, None, ())], 16, prefix_caching=False, watermark=0.0)
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=1000), blocks)
+    bulk = [seq(i, "b", tokens=32, priority="batch") for i in range(3)]
+    for q in bulk:
+        s.add(q)
+    run_step(s)
+    assert blocks.pools[0].num_free == 0
+    s.add(seq(0, "i", tokens=20))
+    out = run_step(s)           # the batch rows would pause holding every block: the newest gives its two back
+    assert [(q.request_id, r) for q, r in out.preempted] == [("b2", "priority")]
+    assert [x.seq.request_id for x in out.scheduled] == ["i0"] and bulk[2].status is Status.WAITING
 
 
 def test_a_flooding_tenant_cannot_starve_a_light_one():
@@ -232,3 +278,16 @@ def test_remove_waiting_only_removes_a_waiting_sequence():
     assert not s.remove_waiting(first)  # running, not waiting
     assert s.remove_waiting(second) and not s.remove_waiting(second)
     assert s.num_waiting == 0 and s.running == [first]
+
+
+def test_a_tenants_interactive_request_goes_before_its_own_queued_batch_work():
+    """Batch lines are charged to their tenant: its interactive request must not wait behind them in its queue."""
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_prefill_tokens=1000))
+    s.add(seq(0, "a", priority="batch"))
+    s.add(seq(1, "a", priority="batch"))
+    run_step(s)
+    s.add(seq(2, "a", priority="batch"))
+    s.add(seq(3, "a"))
+    out = run_step(s)
+    assert [x.seq.request_id for x in out.scheduled] == ["a3"]
+    assert [q.request_id for q in s.waiting["a"]] == ["a2"]
