@@ -152,11 +152,12 @@ def main() -> None:
     p.add_argument("--http", action="store_true", help="the HTTP burst instead of the in-process workloads")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "raw" / "kv_cache.json")
     args = p.parse_args()
-    res = {"command": command_line(), "load_avg": load_avg(), "when": time.strftime("%Y-%m-%d %H:%M")}
-    if args.http:
-        res["http_burst"] = http_burst(args.budget_mb or 256, 64, 1500, 32)
+    run = {"command": command_line(), "load_avg": load_avg(), "when": time.strftime("%Y-%m-%d %H:%M")}
+    if args.http:  # kept beside the in-process results, with its own command line and time
+        res = {"http_burst": {**run, **http_burst(args.budget_mb or 256, 64, 1500, 32)}}
         print(json.dumps(res["http_burst"], indent=1))
     else:
+        res = run
         from prompt_core.model import load_model
 
         loaded = load_model(dtype=args.dtype, serving=True)

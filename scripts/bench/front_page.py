@@ -103,7 +103,8 @@ def kv(res: dict | None) -> list[str]:
                 f"({burst['new_tokens']} new) at once against `--kv-cache-mb {burst['budget_bytes'] // MIB}` "
                 f"({burst['dtype']}): statuses {burst['status_counts']}, {burst['preemptions']:.0f} preemptions, "
                 f"RSS {burst['rss_ready_bytes'] / MIB:.0f} MiB at ready -> {burst['rss_peak_bytes'] / MIB:.0f} MiB "
-                f"peak: growth {burst['growth_over_budget']:.2f}x the budget, {burst['seconds']:.0f} s."]
+                f"peak: growth {burst['growth_over_budget']:.2f}x the budget, {burst['seconds']:.0f} s"
+                + (f" (`{burst['command']}`, {burst['when']})." if "command" in burst else ".")]
     return out + [""]
 
 

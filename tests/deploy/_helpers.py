@@ -32,6 +32,7 @@ METRICS = {
     "promptserve_batches": "gauge",
     "promptserve_batch_requests_total": "counter",
     "promptserve_batch_tokens_total": "counter",
+    "promptserve_background_steps_abandoned_total": "counter",
 }
 METRIC_LABELS = {
     "promptserve_requests_total": {"endpoint", "status"},
