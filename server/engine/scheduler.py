@@ -132,7 +132,8 @@ class Scheduler:
         for victim in self._preempt_for_rows():
             out.preempted.append(victim)
         budget = self.config.max_prefill_tokens
-        paused = self._paused()
+        interactive = self._interactive_present()   # (preemption and admission below do not change it)
+        paused = self._paused() if interactive else set()
         # decoding rows first (one token each), then chunks of prompts being prefilled, in admission order
         for seq in sorted(self.running, key=lambda s: s.prefilling):
             if seq.status is not Status.RUNNING or seq in paused:
@@ -144,7 +145,7 @@ class Scheduler:
                 continue  # it was preempted itself
             out.scheduled.append(Scheduled(seq, seq.computed, count))
             budget -= count
-        self._admit(out, budget)
+        self._admit(out, budget, interactive)
         out.background = bool(out.scheduled) and all(is_batch(s.seq) for s in out.scheduled)
         return out
 
@@ -153,13 +154,11 @@ class Scheduler:
             any(not is_batch(s) for q in self.waiting.values() for s in q)
 
     def _paused(self) -> set[Sequence]:
-        """Running batch rows that sit this step out: all but the first `batch_rows` while interactive work is
-        present."""
-        if not self._interactive_present():
-            return set()
+        """Running batch rows that sit this step out while interactive work is present: all but the first
+        `batch_rows`."""
         return set([s for s in self.running if is_batch(s)][self.config.batch_rows:])
 
-    def _admit(self, out: Schedule, budget: int) -> None:
+    def _admit(self, out: Schedule, budget: int, interactive: bool) -> None:
         pending = self._pending_keys(out.scheduled)
         # a sequence preempted in this step does not come straight back; neither does a deferred tenant
         deferred: set[str] = {seq.tenant for seq, _ in out.preempted}
@@ -168,7 +167,7 @@ class Scheduler:
             if tenant is None:
                 break
             seq = self.waiting[tenant][0]
-            if is_batch(seq) and self._interactive_present() and \
+            if is_batch(seq) and interactive and \
                     sum(1 for s in self.running if is_batch(s)) >= self.config.batch_rows:
                 break  # only batch work waits, and interactive work holds the engine
             keys = block_keys(seq, self.blocks.block_size) if self.blocks.prefix_caching else []
