@@ -3,18 +3,21 @@
 torch's bf16 and fp32 matmuls choose their blocking by the number of rows: on this project's reference CPU (AMX)
 a bf16 `F.linear` gives rows 1..32 one result and rows 33 and up another (1 to 245 of 256 rows differ in the last
 bit), and fp32 gives a single row one result and two or more another. So a request's answer changed with what else
-was batched. The fix keeps torch's own oneDNN kernels and fixes their shapes:
+was batched. Two fixes, one per layer:
 
-- the weight is prepacked once (`mkldnn._reorder_linear_weight`, as inductor's CPU freezing does), which fixes the
-  kernel's reduction blocking in the packed layout (and reads the weights faster at small batch: 13.3 vs 19.1 ms for
-  the default model's 30 layers at one row);
-- rows go through in tiles of at most `tile` rows (a tile of one row padded to `pad`), a size at which every tile
-  gives each row the bits it gets alone.
+- float32 layers, and bf16 layers where oneDNN has no bf16 kernel (a CPU without AVX-512), run the row kernel
+  (prompt_core/row_linear.py, csrc/row_linear.c): each output element is one multiply-add chain over k in order,
+  invariant by construction, and faster than torch's own at small batch (30 vs 49 ms for the default model's
+  layers at one row on an AVX2 host);
+- bf16 layers where oneDNN packs bf16 (AVX-512, AMX) keep torch's oneDNN kernel with fixed shapes: the weight is
+  prepacked once (`mkldnn._reorder_linear_weight`, as inductor's CPU freezing does), which fixes the kernel's
+  reduction blocking in the packed layout, and rows go through in tiles of at most `tile` rows (a tile of one row
+  padded to `pad`), a size at which every tile gives each row the bits it gets alone.
 
 Which tile and padding hold is measured, not assumed: `calibrate` runs each distinct layer shape at every row
-count up to the tile and compares with rows run one at a time; a shape for which no tile holds is left as it was,
-and the model is reported as not batch-invariant (the server then says so and warns). The results are kept in the
-cache directory, keyed by CPU, torch version, shape, dtype and threads, so later starts skip the measurement.
+count up to the tile and compares with rows run one at a time; a shape for which no tile holds runs the row kernel.
+The results are kept in the cache directory, keyed by CPU, torch version, shape, dtype and threads, so later
+starts skip the measurement.
 
 With gradients enabled (training on the resident model) a layer runs the plain `F.linear` on the same weight.
 """
@@ -32,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prompt_core import row_linear
+
 log = logging.getLogger(__name__)
 
 TILES = (1024, 512, 256, 128, 64, 32, 16, 8)   # tried largest first (a prefill chunk up to 1024 rows in one call)
@@ -47,17 +52,19 @@ class Tiling:
     pad: int
 
 
-class InvariantLinear(nn.Module):
-    """nn.Linear with a prepacked weight run in fixed row tiles (see the module docstring)."""
+class _ServedLinear(nn.Module):
+    """A frozen linear layer in a serving-time form: the model's own weight and bias are kept (ties and state_dict
+    too), `product` computes x @ W.T in that form; with gradients enabled (training on the resident model) the plain
+    F.linear runs on the same weight."""
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tiling: Tiling, bias_after: bool = False):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, bias_after: bool = False):
         super().__init__()
-        self.weight, self.bias = weight, bias            # the model's own parameters (ties and state_dict kept)
+        self.weight, self.bias = weight, bias
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.tiling = tiling
         self.bias_after = bias_after                     # (x @ W.T) + b, rounded twice, as some models write it
-        with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+    def product(self, x: torch.Tensor, fused_bias: bool) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
@@ -65,13 +72,13 @@ class InvariantLinear(nn.Module):
                 return x @ self.weight.T + (self.bias if self.bias is not None else 0)
             return F.linear(x, self.weight, self.bias)
         if self.bias_after:
-            out = tiled(self.packed, None, x, self.tiling)
+            out = self.product(x, fused_bias=False)
             return out if self.bias is None else out + self.bias
-        return tiled(self.packed, self.bias, x, self.tiling)
+        return self.product(x, fused_bias=True)
 
     def __deepcopy__(self, memo):
-        """A copy is a plain nn.Linear with copied weights (the prepacked layout is a serving-time form of them that
-        torch cannot copy; a copy is made to change dtype or device, where it no longer applies)."""
+        """A copy is a plain nn.Linear with copied weights (the serving-time layout is a form of them that torch
+        cannot copy; a copy is made to change dtype or device, where it no longer applies)."""
         import copy
 
         plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -79,8 +86,37 @@ class InvariantLinear(nn.Module):
         plain.bias = copy.deepcopy(self.bias, memo) if self.bias is not None else None
         return plain
 
+
+class InvariantLinear(_ServedLinear):
+    """oneDNN's kernel on a prepacked weight, in fixed row tiles (see the module docstring)."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, tiling: Tiling, bias_after: bool = False):
+        super().__init__(weight, bias, bias_after)
+        self.tiling = tiling
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+    def product(self, x: torch.Tensor, fused_bias: bool) -> torch.Tensor:
+        return tiled(self.packed, self.bias if fused_bias else None, x, self.tiling)
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, tile={self.tiling.tile}, pad={self.tiling.pad}"
+
+
+class RowLinear(_ServedLinear):
+    """The row kernel (prompt_core/row_linear.py): invariant by construction, no tiles to measure."""
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, bias_after: bool = False):
+        super().__init__(weight, bias, bias_after)
+        with torch.no_grad():
+            self.packed = row_linear.pack(weight)
+            self.bias32 = None if bias is None else bias.detach().float().contiguous()
+
+    def product(self, x: torch.Tensor, fused_bias: bool) -> torch.Tensor:
+        return row_linear.row_linear(x, self.packed, self.bias32 if fused_bias else None, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, row kernel"
 
 
 def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -177,9 +213,9 @@ def _key(weight: torch.Tensor, has_bias: bool) -> str:
 
 
 def make_batch_invariant(model: nn.Module, cache_file: Path | None = None) -> list[str]:
-    """Replace the model's linear layers by InvariantLinear where a tiling holds. Returns the shapes for which
-    none does (empty: every linear layer is batch-invariant). CPU, bf16/fp32 weights only; others are left alone
-    and reported."""
+    """Replace the model's linear layers by batch-invariant ones (InvariantLinear where a oneDNN tiling holds,
+    RowLinear otherwise). Returns the layers left alone (empty: every linear layer is batch-invariant): CPU,
+    bf16/fp32 weights only; others, and quantized layers for which no tiling holds, are reported."""
     known: dict[str, list[int] | None] = {}
     if cache_file is not None and cache_file.is_file():
         try:
@@ -194,21 +230,24 @@ def make_batch_invariant(model: nn.Module, cache_file: Path | None = None) -> li
     for parent, name, module, weight, transposed, bias_after in list(_linears(model)):
         bias = module.bias
         w = weight.detach().t().contiguous() if transposed else weight
-        if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32) or \
-                not torch.backends.mkldnn.is_available():
+        if w.device.type != "cpu" or w.dtype not in (torch.bfloat16, torch.float32):
             failed.append(f"{name} {tuple(w.shape)} {w.dtype} on {w.device}")
             continue
-        fused = None if bias_after else bias
-        key = _key(w, fused is not None)
-        if key not in known:
-            t = calibrate(w, fused)
-            known[key] = [t.tile, t.pad] if t else None
-            changed = True
-        if known[key] is None:
-            failed.append(f"{name} {tuple(w.shape)} {w.dtype}")
-            continue
         weight_param = nn.Parameter(w, requires_grad=False) if transposed else weight
-        setattr(parent, name, InvariantLinear(weight_param, bias, Tiling(*known[key]), bias_after=bias_after))
+        tiling = None
+        if w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():  # oneDNN's bf16 tiles, where they hold
+            fused = None if bias_after else bias
+            key = _key(w, fused is not None)
+            if key not in known:
+                t = calibrate(w, fused)
+                known[key] = [t.tile, t.pad] if t else None
+                changed = True
+            tiling = known[key]
+        if tiling is None:
+            layer = RowLinear(weight_param, bias, bias_after=bias_after)
+        else:
+            layer = InvariantLinear(weight_param, bias, Tiling(*tiling), bias_after=bias_after)
+        setattr(parent, name, layer)
     if changed and cache_file is not None:
         try:
             cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -288,4 +327,4 @@ def _has_int4(model: nn.Module) -> bool:
 
 
 def is_batch_invariant_linear(module: nn.Module) -> bool:
-    return isinstance(module, (InvariantLinear, TiledQuantized))
+    return isinstance(module, (_ServedLinear, TiledQuantized))

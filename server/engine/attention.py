@@ -18,13 +18,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import fcntl
-import hashlib
 import logging
 import math
-import os
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+from prompt_core import kernels
 from prompt_core.arch import UnsupportedModel, architecture
 
 log = logging.getLogger(__name__)
@@ -52,61 +48,14 @@ class _Dims(ctypes.Structure):
                [("window", ctypes.c_int32), ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
 
 
-def _cache_dir() -> Path:
-    from prompt_core.model import cache_root
-
-    return cache_root() / "kernels"
-
-
-def _build_key(flags: list[str]) -> str:
-    try:
-        compiler = subprocess.run(["gcc", "--version"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        compiler = ""
-    cpu = ""
-    with contextlib.suppress(OSError):
-        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    blob = "\n".join([SOURCE.read_text(), " ".join(flags), compiler, cpu, platform.machine()])
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 def build(cache_dir: Path | None = None) -> Path:
-    """Compile the kernel for this machine once (a few seconds) and keep it under the cache directory; later starts
-    load the kept file. Raises RuntimeError with the compiler's message when there is no C compiler."""
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-    target_dir = (cache_dir or _cache_dir()) / _build_key(flags)
-    target = target_dir / "paged_attention.so"
-    if target.is_file():
-        return target
-    target_dir.mkdir(parents=True, exist_ok=True)
-    with open(target_dir / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)       # another process building the same kernel: wait for it
-        if target.is_file():
-            return target
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        try:
-            subprocess.run(["gcc", *flags, "-o", str(tmp), str(SOURCE)], capture_output=True, text=True,
-                           check=True)
-        except FileNotFoundError as e:
-            raise RuntimeError("the paged-attention kernel needs a C compiler (gcc) on this machine") from e
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError(f"compiling the paged-attention kernel failed:\n{e.stderr.strip()}") from e
-        os.replace(tmp, target)
-    return target
-
-
-_LIB: ctypes.CDLL | None = None
+    """The kernel compiled for this machine (built once, then kept under the cache directory)."""
+    return kernels.build(SOURCE, cache_dir)
 
 
 def kernel() -> ctypes.CDLL:
     """The compiled kernel library, built on first use."""
-    global _LIB
-    if _LIB is None:
-        lib = ctypes.CDLL(str(build()))
-        for name in ("paged_attention_bf16", "paged_attention_f32"):
-            getattr(lib, name).restype = None
-        _LIB = lib
-    return _LIB
+    return kernels.load(SOURCE, ("paged_attention_bf16", "paged_attention_f32"))
 
 
 def kernel_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:

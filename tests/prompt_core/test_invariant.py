@@ -1,5 +1,5 @@
-"""prompt_core/invariant.py: calibrated row tiles give each row the bits it gets alone; what cannot be packed is
-reported instead of crashing the start; the calibration is kept and reused."""
+"""prompt_core/invariant.py: calibrated row tiles give each row the bits it gets alone; float32 layers, and bf16
+layers oneDNN cannot pack, run the row kernel; the calibration is kept and reused."""
 
 from __future__ import annotations
 
@@ -37,35 +37,54 @@ def test_calibrated_tiles_give_each_row_its_bits_alone():
     torch.testing.assert_close(batched, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-def test_a_weight_the_kernel_cannot_pack_is_reported_not_raised(monkeypatch):
-    """bf16 on a CPU without AVX-512: oneDNN refuses to pack the weight. The start goes on, not invariant."""
+@torch.inference_mode()
+def test_bf16_runs_the_row_kernel_where_onednn_cannot_pack_it(monkeypatch):
+    """bf16 on a CPU without AVX-512: oneDNN refuses to pack the weight, so no tiling holds; the row kernel serves
+    those layers and the model is still batch-invariant."""
     def refuse(*_a, **_k):
         raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
     assert inv.calibrate(torch.randn(16, 8), None) is None
-    model = tiny_llama().model
-    gaps = inv.make_batch_invariant(model)
-    assert gaps and all("float32" in g for g in gaps)
+    model = tiny_llama().model.to(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 2, 7], [3, 3, 8, 1, 0]])
+    want = model(ids).logits.float()
+    assert inv.make_batch_invariant(model) == []
     assert not any(isinstance(m, inv.InvariantLinear) for m in model.modules())
+    assert any(isinstance(m, inv.RowLinear) for m in model.modules())
+    got = model(ids).logits.float()
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
 
 
 @torch.inference_mode()
-def test_the_model_keeps_its_outputs_and_the_calibration_is_reused(tmp_path, monkeypatch):
+def test_float32_layers_run_the_row_kernel_and_keep_the_outputs():
     loaded = tiny_llama()
     ids = torch.tensor([[1, 5, 9, 2, 7]])
     want = loaded.model(ids).logits
-    cache = tmp_path / "invariance.json"
-    assert inv.make_batch_invariant(loaded.model, cache) == []
-    assert cache.is_file()
-    replaced = [m for m in loaded.model.modules() if isinstance(m, inv.InvariantLinear)]
+    assert inv.make_batch_invariant(loaded.model) == []
+    replaced = [m for m in loaded.model.modules() if isinstance(m, inv.RowLinear)]
     assert len(replaced) == sum(1 for m in tiny_llama().model.modules() if type(m) is nn.Linear)
+    assert all(inv.is_batch_invariant_linear(m) for m in replaced)
     torch.testing.assert_close(loaded.model(ids).logits, want, rtol=1e-4, atol=1e-4)
     plain = copy.deepcopy(replaced[0])                       # a copy (to another dtype or device) is a plain layer
     assert type(plain) is nn.Linear and torch.equal(plain.weight, replaced[0].weight)
+
+
+def test_training_on_the_resident_model_runs_the_plain_linear():
+    layer = inv.RowLinear(nn.Parameter(torch.randn(24, 16)), None)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()                                # gradients flow through F.linear on the same weight
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+@torch.inference_mode()
+def test_the_bf16_calibration_is_kept_and_reused(tmp_path, monkeypatch):
+    cache = tmp_path / "invariance.json"
+    assert inv.make_batch_invariant(tiny_llama().model.to(torch.bfloat16), cache) == []
+    assert cache.is_file()
 
     def no_calibration(*_a, **_k):
         raise AssertionError("the kept calibration should have been used")
 
     monkeypatch.setattr(inv, "calibrate", no_calibration)
-    assert inv.make_batch_invariant(tiny_llama().model, cache) == []
+    assert inv.make_batch_invariant(tiny_llama().model.to(torch.bfloat16), cache) == []
