@@ -5,14 +5,14 @@ a bf16 `F.linear` gives rows 1..32 one result and rows 33 and up another (1 to 2
 bit), and fp32 gives a single row one result and two or more another. So a request's answer changed with what else
 was batched. Two fixes, one per layer:
 
-- float32 layers, and bf16 layers where oneDNN has no bf16 kernel (a CPU without AVX-512), run the row kernel
-  (prompt_core/row_linear.py, csrc/row_linear.c): each output element is one multiply-add chain over k in order,
-  invariant by construction, and faster than torch's own at small batch (30 vs 49 ms for the default model's
-  layers at one row on an AVX2 host);
-- bf16 layers where oneDNN packs bf16 (AVX-512, AMX) keep torch's oneDNN kernel with fixed shapes: the weight is
-  prepacked once (`mkldnn._reorder_linear_weight`, as inductor's CPU freezing does), which fixes the kernel's
-  reduction blocking in the packed layout, and rows go through in tiles of at most `tile` rows (a tile of one row
-  padded to `pad`), a size at which every tile gives each row the bits it gets alone.
+- float32 layers, and bf16 layers on a CPU without native bf16 (oneDNN emulates it there, or has no kernel at
+  all without AVX-512), run the row kernel (prompt_core/row_linear.py, csrc/row_linear.c): each output element is
+  one multiply-add chain over k in order, invariant by construction, and faster than torch's own at small batch
+  (30 vs 49 ms for the default model's layers at one row on an AVX2 host);
+- bf16 layers on a CPU with native bf16 (AVX-512 BF16, AMX) keep torch's oneDNN kernel with fixed shapes: the
+  weight is prepacked once (`mkldnn._reorder_linear_weight`, as inductor's CPU freezing does), which fixes the
+  kernel's reduction blocking in the packed layout, and rows go through in tiles of at most `tile` rows (a tile of
+  one row padded to `pad`), a size at which every tile gives each row the bits it gets alone.
 
 Which tile and padding hold is measured, not assumed: `calibrate` runs each distinct layer shape at every row
 count up to the tile and compares with rows run one at a time; a shape for which no tile holds runs the row kernel.
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prompt_core import row_linear
+from prompt_core.model import cpu_has_native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ def make_batch_invariant(model: nn.Module, cache_file: Path | None = None) -> li
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     failed += tile_quantized(model, torch.bfloat16 if _has_int4(model) else dtype, known)
     changed = len(known) != before
+    native_bf16 = torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
     for parent, name, module, weight, transposed, bias_after in list(_linears(model)):
         bias = module.bias
         w = weight.detach().t().contiguous() if transposed else weight
@@ -235,7 +237,7 @@ def make_batch_invariant(model: nn.Module, cache_file: Path | None = None) -> li
             continue
         weight_param = nn.Parameter(w, requires_grad=False) if transposed else weight
         tiling = None
-        if w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():  # oneDNN's bf16 tiles, where they hold
+        if w.dtype == torch.bfloat16 and native_bf16:          # oneDNN's bf16 kernel in tiles, where they hold
             fused = None if bias_after else bias
             key = _key(w, fused is not None)
             if key not in known:

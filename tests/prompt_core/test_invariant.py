@@ -45,6 +45,7 @@ def test_bf16_runs_the_row_kernel_where_onednn_cannot_pack_it(monkeypatch):
         raise RuntimeError("mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx512bw")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", refuse)
+    monkeypatch.setattr(inv, "cpu_has_native_bf16", lambda: True)   # oneDNN is tried first, and refuses
     assert inv.calibrate(torch.randn(16, 8), None) is None
     model = tiny_llama().model.to(torch.bfloat16)
     ids = torch.tensor([[1, 5, 9, 2, 7], [3, 3, 8, 1, 0]])
@@ -79,6 +80,7 @@ def test_training_on_the_resident_model_runs_the_plain_linear():
 
 @torch.inference_mode()
 def test_the_bf16_calibration_is_kept_and_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr(inv, "cpu_has_native_bf16", lambda: True)
     cache = tmp_path / "invariance.json"
     assert inv.make_batch_invariant(tiny_llama().model.to(torch.bfloat16), cache) == []
     assert cache.is_file()
@@ -88,3 +90,16 @@ def test_the_bf16_calibration_is_kept_and_reused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(inv, "calibrate", no_calibration)
     assert inv.make_batch_invariant(tiny_llama().model.to(torch.bfloat16), cache) == []
+
+
+@torch.inference_mode()
+def test_without_native_bf16_nothing_is_calibrated_and_the_row_kernel_serves_bf16(monkeypatch):
+    """oneDNN emulates bf16 on such a CPU (slower than the row kernel), so it is not even tried."""
+    def no_calibration(*_a, **_k):
+        raise AssertionError("no oneDNN tiling should be measured without native bf16")
+
+    monkeypatch.setattr(inv, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(inv, "calibrate", no_calibration)
+    model = tiny_llama().model.to(torch.bfloat16)
+    assert inv.make_batch_invariant(model) == []
+    assert all(type(m) is not nn.Linear for m in model.modules())
