@@ -36,7 +36,13 @@ typedef float vf __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vh __attribute__((vector_size(VL * 2)));
 
-static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf splat(float x) {  /* a broadcast ((vf){0} + x would add a zero: an instruction of its own) */
+#if VL == 16
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+    return (vf){x, x, x, x, x, x, x, x};
+#endif
+}
 
 static inline vf load_f32(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 

@@ -30,7 +30,9 @@ typedef int32_t vi __attribute__((vector_size(LANES * 4)));
 typedef uint32_t vu __attribute__((vector_size(LANES * 4)));
 typedef uint16_t vh __attribute__((vector_size(LANES * 2)));
 
-static inline vf splat(float x) { return (vf){0} + x; }
+static inline vf splat(float x) {  /* a broadcast ((vf){0} + x would add a zero: an instruction of its own) */
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+}
 
 static inline vf select_f(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
