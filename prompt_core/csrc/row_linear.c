@@ -80,32 +80,35 @@ void row_linear_pack_bf16(const uint16_t *w, uint16_t *pack, int32_t N, int32_t 
             }
 }
 
-/* One register tile: ROWS rows by one panel. Every row runs the same statement, so each element is the same chain
- * of multiply-adds whichever slot of the tile its row has. */
-#define TILE(NAME, WTYPE, LOADW)                                                                                 \
+/* One register tile: R rows by one panel. Every row runs the same statement, so each element is the same chain of
+ * multiply-adds whichever slot of the tile its row has, and whichever R (ROWS, or 1 for a row on its own: reading
+ * the weights with a sixth of the multiplies). */
+#define TILE(NAME, WTYPE, LOADW, R)                                                                               \
     static inline void NAME(const float *const xr[ROWS], const WTYPE *panel, int32_t K, float out[ROWS][LANES]) { \
-        vf acc[ROWS][NV];                                                                                        \
-        _Pragma("GCC unroll 16") for (int i = 0; i < ROWS; i++)                                                  \
+        vf acc[R][NV];                                                                                           \
+        _Pragma("GCC unroll 16") for (int i = 0; i < R; i++)                                                     \
             _Pragma("GCC unroll 4") for (int j = 0; j < NV; j++) acc[i][j] = splat(0.0f);                       \
         _Pragma("GCC unroll 4") for (int32_t k = 0; k < K; k++) {                                              \
             vf w[NV];                                                                                            \
             _Pragma("GCC unroll 4") for (int j = 0; j < NV; j++) w[j] = LOADW(panel + (int64_t)k * LANES + j * VL); \
-            _Pragma("GCC unroll 16") for (int i = 0; i < ROWS; i++) {                                            \
+            _Pragma("GCC unroll 16") for (int i = 0; i < R; i++) {                                               \
                 const vf xi = splat(xr[i][k]);                                                                   \
                 _Pragma("GCC unroll 4") for (int j = 0; j < NV; j++) acc[i][j] += xi * w[j];                    \
             }                                                                                                    \
         }                                                                                                        \
-        _Pragma("GCC unroll 16") for (int i = 0; i < ROWS; i++)                                                  \
+        _Pragma("GCC unroll 16") for (int i = 0; i < R; i++)                                                     \
             _Pragma("GCC unroll 4") for (int j = 0; j < NV; j++) memcpy(&out[i][j * VL], &acc[i][j], sizeof(vf)); \
     }
 
-TILE(tile_f32, float, load_f32)
-TILE(tile_bf16, uint16_t, load_bf16)
+TILE(tile_f32, float, load_f32, ROWS)
+TILE(tile_bf16, uint16_t, load_bf16, ROWS)
+TILE(tile1_f32, float, load_f32, 1)
+TILE(tile1_bf16, uint16_t, load_bf16, 1)
 
 #define STORE_F32(ptr, v) (*(ptr) = (v))
 #define STORE_BF16(ptr, v) (*(ptr) = f32_to_bf16(v))
 
-#define DEFINE_LINEAR(NAME, WTYPE, OTYPE, TILEFN, STORE)                                                         \
+#define DEFINE_LINEAR(NAME, WTYPE, OTYPE, TILEFN, TILE1FN, STORE)                                                      \
     void NAME(const float *x, int64_t xs, const WTYPE *pack, const float *bias, OTYPE *out, int64_t os,         \
               int32_t M, int32_t N, int32_t K, int32_t threads) {                                               \
         const int32_t P = (N + LANES - 1) / LANES;                                                               \
@@ -119,7 +122,8 @@ TILE(tile_bf16, uint16_t, load_bf16)
                     const float *xr[ROWS];                                                                       \
                     for (int32_t i = 0; i < ROWS; i++) xr[i] = x + (int64_t)(r + i < m1 ? r + i : m1 - 1) * xs;  \
                     float acc[ROWS][LANES];                                                                      \
-                    TILEFN(xr, panel, K, acc);                                                                   \
+                    if (m1 - r == 1) TILE1FN(xr, panel, K, acc);                                                 \
+                    else TILEFN(xr, panel, K, acc);                                                              \
                     for (int32_t i = 0; i < ROWS && r + i < m1; i++) {                                           \
                         OTYPE *o = out + (int64_t)(r + i) * os + n0;                                             \
                         for (int32_t l = 0; l < width; l++)                                                      \
@@ -130,7 +134,7 @@ TILE(tile_bf16, uint16_t, load_bf16)
         }                                                                                                        \
     }
 
-DEFINE_LINEAR(row_linear_f32, float, float, tile_f32, STORE_F32)
-DEFINE_LINEAR(row_linear_bf16, uint16_t, uint16_t, tile_bf16, STORE_BF16)
+DEFINE_LINEAR(row_linear_f32, float, float, tile_f32, tile1_f32, STORE_F32)
+DEFINE_LINEAR(row_linear_bf16, uint16_t, uint16_t, tile_bf16, tile1_bf16, STORE_BF16)
 
 int32_t row_linear_abi(void) { return 1; }
