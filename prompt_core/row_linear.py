@@ -22,11 +22,19 @@ DTYPES = (torch.float32, torch.bfloat16)
 _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
 
 
-def _lib() -> ctypes.CDLL:
-    lib = kernels.load(SOURCE, ("row_linear_f32", "row_linear_bf16", "row_linear_pack_f32", "row_linear_pack_bf16"))
-    for name in ("row_linear_f32", "row_linear_bf16"):
-        getattr(lib, name).argtypes = [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32, _I32]
-    return lib
+_FNS: dict[str, ctypes._CFuncPtr] = {}
+
+
+def _fn(name: str) -> ctypes._CFuncPtr:
+    """A kernel function, looked up once (a decode step calls the kernel about 200 times)."""
+    fn = _FNS.get(name)
+    if fn is None:
+        lib = kernels.load(SOURCE, ("row_linear_f32", "row_linear_bf16", "row_linear_pack_f32",
+                                    "row_linear_pack_bf16"))
+        for n in ("row_linear_f32", "row_linear_bf16"):
+            getattr(lib, n).argtypes = [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32, _I32]
+        fn = _FNS[name] = getattr(lib, name)
+    return fn
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -38,7 +46,7 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     w = weight.detach().contiguous()
     N, K = w.shape
     out = torch.empty((N + LANES - 1) // LANES, K, LANES, dtype=w.dtype)
-    fn = _lib().row_linear_pack_f32 if w.dtype == torch.float32 else _lib().row_linear_pack_bf16
+    fn = _fn("row_linear_pack_f32" if w.dtype == torch.float32 else "row_linear_pack_bf16")
     fn(_P(w.data_ptr()), _P(out.data_ptr()), N, K)
     return out
 
@@ -53,7 +61,7 @@ def row_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
     M = rows.shape[0]
     out = torch.empty(M, out_features, dtype=packed.dtype)  # [M, N]
     if M:
-        fn = _lib().row_linear_f32 if packed.dtype == torch.float32 else _lib().row_linear_bf16
+        fn = _fn("row_linear_f32" if packed.dtype == torch.float32 else "row_linear_bf16")
         fn(rows.data_ptr(), rows.stride(0), packed.data_ptr(), None if bias is None else bias.data_ptr(),
            out.data_ptr(), out_features, M, out_features, K, torch.get_num_threads())
     return out.reshape(*shape[:-1], out_features)
