@@ -112,3 +112,28 @@ def test_every_request_gets_the_bits_it_gets_alone(copies):
     for r in reqs:
         same(outs[r.request_id], alone[r.request_id.split("#")[0]], r.request_id)
     assert torch.get_num_threads() >= 1
+
+
+def test_the_fast_default_path_gives_the_tokens_of_torchs_own_linear_layers():
+    """The invariant engine's linear layers are the row kernel (float32); with --no-batch-invariant they are torch's
+    own F.linear. Greedy tokens are the same for every prompt kind, log-probabilities within rounding."""
+    plain, fast = load_model(dtype="float32", serving=True), load_model(dtype="float32", serving=True)
+    kinds = [("hard@1", PromptSpec(PromptKind.HARD, 0, "Question: {input}\nAnswer:"), None)]
+    for i, (kind, text) in enumerate([(PromptKind.PROMPT_TUNING, "Question: {input}\nAnswer:"),
+                                      (PromptKind.P_TUNING, "<v:4>Question: {input}<v:4>\nAnswer:"),
+                                      (PromptKind.PREFIX_TUNING, "Question: {input}\nAnswer:")]):
+        kinds.append((f"{kind.value}@1", PromptSpec(kind, 8, text), random_prompt(plain, kind, 8, 10 + i)))
+    reqs = [EngineRequest(f"{tid}-{j}", prompt_ref(tid, spec, prompt), q, logprobs=1,
+                          sampling=SamplingParams(max_new_tokens=32, temperature=0.0, ignore_eos=True))
+            for tid, spec, prompt in kinds for j, q in enumerate(QUESTIONS[:2])]
+    torch_linear = new_engine(plain, batch_invariant=False)
+    assert not any(type(m).__name__ == "RowLinear" for m in plain.model.modules())
+    want = run(torch_linear, reqs)
+    row_kernel = new_engine(fast)
+    assert row_kernel.batch_invariant and any(type(m).__name__ == "RowLinear" for m in fast.model.modules())
+    got = run(row_kernel, reqs)
+    for r in reqs:
+        a, b = got[r.request_id], want[r.request_id]
+        assert a.text == b.text, r.request_id
+        torch.testing.assert_close([x.logprob for x in a.logprobs], [x.logprob for x in b.logprobs],
+                                   rtol=1e-3, atol=1e-3)
