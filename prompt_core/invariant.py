@@ -111,10 +111,12 @@ class RowLinear(_ServedLinear):
         super().__init__(weight, bias, bias_after)
         with torch.no_grad():
             self.packed = row_linear.pack(weight)
-            self.bias32 = None if bias is None else bias.detach().float().contiguous()
 
     def product(self, x: torch.Tensor, fused_bias: bool) -> torch.Tensor:
-        return row_linear.row_linear(x, self.packed, self.bias32 if fused_bias else None, self.out_features)
+        bias = self.bias if fused_bias else None             # read at each call: the model's own parameter
+        if bias is not None:
+            bias = bias.detach().float().contiguous()        # the kernel adds a float32 bias (a no-op for fp32)
+        return row_linear.row_linear(x, self.packed, bias, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, row kernel"

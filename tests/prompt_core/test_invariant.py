@@ -103,3 +103,13 @@ def test_without_native_bf16_nothing_is_calibrated_and_the_row_kernel_serves_bf1
     model = tiny_llama().model.to(torch.bfloat16)
     assert inv.make_batch_invariant(model) == []
     assert all(type(m) is not nn.Linear for m in model.modules())
+
+
+@torch.inference_mode()
+def test_the_row_kernel_reads_the_bias_the_model_holds_now():
+    """The layer keeps the model's own parameters: a bias set after serving started is the one added."""
+    w = torch.randn(20, 12)
+    layer = inv.RowLinear(nn.Parameter(w, requires_grad=False), None)
+    x = torch.randn(3, 12)
+    layer.bias = nn.Parameter(torch.arange(20.0), requires_grad=False)
+    torch.testing.assert_close(layer(x), F.linear(x, w, layer.bias), rtol=1e-5, atol=1e-5)
