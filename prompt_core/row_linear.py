@@ -12,6 +12,7 @@ import ctypes
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from prompt_core import kernels
 
@@ -29,11 +30,9 @@ def _fn(name: str) -> ctypes._CFuncPtr:
     """A kernel function, looked up once (a decode step calls the kernel about 200 times)."""
     fn = _FNS.get(name)
     if fn is None:
-        lib = kernels.load(SOURCE, ("row_linear_f32", "row_linear_bf16", "row_linear_pack_f32",
-                                    "row_linear_pack_bf16"))
-        for n in ("row_linear_f32", "row_linear_bf16"):
-            getattr(lib, n).argtypes = [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32, _I32]
+        lib = kernels.load(SOURCE, ("row_linear_f32", "row_linear_bf16"))
         fn = _FNS[name] = getattr(lib, name)
+        fn.argtypes = [_P, _I64, _P, _P, _P, _I64, _I32, _I32, _I32, _I32]
     return fn
 
 
@@ -43,12 +42,10 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     if weight.dtype not in DTYPES or weight.device.type != "cpu":
         raise ValueError(f"the row kernel takes float32 or bfloat16 weights on the CPU, not {weight.dtype} on "
                          f"{weight.device}")
-    w = weight.detach().contiguous()
-    N, K = w.shape
-    out = torch.empty((N + LANES - 1) // LANES, K, LANES, dtype=w.dtype)
-    fn = _fn("row_linear_pack_f32" if w.dtype == torch.float32 else "row_linear_pack_bf16")
-    fn(_P(w.data_ptr()), _P(out.data_ptr()), N, K)
-    return out
+    N, K = weight.shape
+    P = (N + LANES - 1) // LANES
+    w = F.pad(weight.detach(), (0, 0, 0, P * LANES - N))                  # [P * LANES, K], zero rows past N
+    return w.reshape(P, LANES, K).transpose(1, 2).contiguous()           # [P, K, LANES]
 
 
 def row_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:

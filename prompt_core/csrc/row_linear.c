@@ -13,7 +13,7 @@
  * Layouts (elements, row-major):
  *   x     [M, K] float32, row stride xs (bf16 activations are widened by the caller, exactly)
  *   pack  [P, K, LANES] the weight [N, K] cut into P = ceil(N / LANES) panels of LANES output columns, each stored
- *         k-major so a panel streams in order; columns past N are zero.  float32 or bf16 (row_linear_pack_*)
+ *         k-major so a panel streams in order; columns past N are zero.  float32 or bf16 (row_linear.pack)
  *   bias  [N] float32 or NULL
  *   out   [M, N] float32 or bf16, row stride os
  * `threads` splits the panels (torch's thread count, passed by the caller: OpenMP's default is per thread).
@@ -58,26 +58,6 @@ static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torc
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
-}
-
-void row_linear_pack_f32(const float *w, float *pack, int32_t N, int32_t K) {
-    const int32_t P = (N + LANES - 1) / LANES;
-    for (int32_t p = 0; p < P; p++)
-        for (int32_t k = 0; k < K; k++)
-            for (int32_t l = 0; l < LANES; l++) {
-                const int32_t n = p * LANES + l;
-                pack[((int64_t)p * K + k) * LANES + l] = n < N ? w[(int64_t)n * K + k] : 0.0f;
-            }
-}
-
-void row_linear_pack_bf16(const uint16_t *w, uint16_t *pack, int32_t N, int32_t K) {
-    const int32_t P = (N + LANES - 1) / LANES;
-    for (int32_t p = 0; p < P; p++)
-        for (int32_t k = 0; k < K; k++)
-            for (int32_t l = 0; l < LANES; l++) {
-                const int32_t n = p * LANES + l;
-                pack[((int64_t)p * K + k) * LANES + l] = n < N ? w[(int64_t)n * K + k] : 0;
-            }
 }
 
 /* One register tile: R rows by one panel. Every row runs the same statement, so each element is the same chain of
